@@ -1,1 +1,31 @@
+//! Shared core of txmap: everything the coordinator and the participant agree on.
+//!
+//! # Layout
+//! - [`codec`]: the only module that knows the wire encoding (bincode 2.0.1 behind a version
+//!   byte and a size limit).
+//! - [`proto`]: the messages, the transaction id, and the message-flow diagram.
+//! - [`machine`]: the 2PC logic as pure state machines (no I/O), tested step by step.
+//! - [`config`]: the per-node TOML config and its validation.
+//! - [`table`]: staging, building (`postmap`/`postalias`), verifying and installing a table.
+//! - [`journal`]: durable per-table state of a participant (atomic write + fsync).
+//! - [`tls`]: the cluster CA, node certificates, and mutual-TLS QUIC endpoints.
+//! - [`net`]: one request/response exchange over a QUIC stream.
+//! - [`exit`]: the documented exit codes of the CLI.
 
+pub mod codec;
+pub mod config;
+pub mod exit;
+pub mod journal;
+pub mod machine;
+pub mod net;
+pub mod proto;
+pub mod table;
+pub mod tls;
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,1 +1,76 @@
-fn main() {}
+//! `txmapd`: the participant daemon run on every Postfix node.
+//!
+//! It only parses arguments, sets up logging and calls [`server::run`]; everything else is in
+//! the modules so that tests can reason about them.
+
+mod server;
+
+use clap::Parser;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// txmap participant daemon: stages, builds, verifies and installs Postfix tables on this node
+/// when the coordinator says so.
+#[derive(Debug, Parser)]
+#[command(name = "txmapd", version)]
+struct Args {
+    /// Config file [default: $TXMAP_CONFIG, else /etc/txmap/txmap.toml].
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TXMAP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // Crash-only: a panic anywhere (including a `panic` failpoint) ends the whole daemon, and
+    // the journal-driven recovery at the next start takes over.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    let _failpoints = fail::FailScenario::setup();
+    let path = txmap_common::config::Config::resolve_path(args.config.as_deref());
+    let cfg = match txmap_common::config::Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("txmapd: {e}");
+            return ExitCode::from(txmap_common::exit::USAGE);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("txmapd: cannot start the runtime: {e}");
+            return ExitCode::from(txmap_common::exit::LOCAL);
+        }
+    };
+    match rt.block_on(server::run(cfg, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("txmapd: {e:#}");
+            ExitCode::from(txmap_common::exit::LOCAL)
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! One TOML file per node: who this node is, its TLS files, every node of the cluster, every table.
+//!
+//! Loading never stops at the first problem: [`Config::load`] gathers every problem it can find,
+//! each naming the file and the key, so that `txmap check-config` shows them all at once.
+//! Relative paths in the file are taken relative to the file's own directory.
+
+use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Where the config is read from when neither `--config` nor `TXMAP_CONFIG` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/txmap/txmap.toml";
+
+/// The indexed-file format of a table, as in Postfix's `type:name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TableType {
+    /// Berkeley DB hash, output `<path>.db`.
+    Hash,
+    /// Berkeley DB btree, output `<path>.db`.
+    Btree,
+    /// Constant database, output `<path>.cdb` (Debian package `postfix-cdb`).
+    Cdb,
+    /// LMDB, output `<path>.lmdb` (Debian package `postfix-lmdb`).
+    Lmdb,
+}
+
+impl TableType {
+    /// The Postfix type name (`hash`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TableType::Hash => "hash",
+            TableType::Btree => "btree",
+            TableType::Cdb => "cdb",
+            TableType::Lmdb => "lmdb",
+        }
+    }
+    /// The suffix Postfix appends to the source path for the indexed file.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            TableType::Hash | TableType::Btree => ".db",
+            TableType::Cdb => ".cdb",
+            TableType::Lmdb => ".lmdb",
+        }
+    }
+    /// Parses a Postfix type name.
+    pub fn parse(s: &str) -> Option<TableType> {
+        Some(match s {
+            "hash" => TableType::Hash,
+            "btree" => TableType::Btree,
+            "cdb" => TableType::Cdb,
+            "lmdb" => TableType::Lmdb,
+            _ => return None,
+        })
+    }
+}
+
+/// Which Postfix program builds the table: `postmap` (lookup tables) or `postalias` (aliases).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Builder {
+    /// `key value` lines.
+    Postmap,
+    /// `name: value` lines (aliases(5)).
+    Postalias,
+}
+
+impl Builder {
+    /// Program name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Builder::Postmap => "postmap",
+            Builder::Postalias => "postalias",
+        }
+    }
+}
+
+/// One table this node serves.
+#[derive(Debug, Clone)]
+pub struct TableConfig {
+    /// Cluster-wide name (`sympa_transport`); the only thing that crosses the wire.
+    pub name: String,
+    /// The live source path on this node; the indexed file is this plus the type's suffix.
+    pub path: PathBuf,
+    /// Where the coordinator reads the new content from (Sympa's file), if this node coordinates.
+    pub source: Option<PathBuf>,
+    /// Indexed format.
+    pub kind: TableType,
+    /// Builder program.
+    pub builder: Builder,
+    /// Accept builder warnings on stderr instead of failing the build.
+    pub allow_warnings: bool,
+}
+
+impl TableConfig {
+    /// Path of the live indexed file (`<path>.db`, ...).
+    pub fn live_indexed(&self) -> PathBuf {
+        crate::table::with_suffix(&self.path, self.kind.suffix())
+    }
+    /// The directory holding the live table (where staging happens).
+    pub fn dir(&self) -> &Path {
+        self.path.parent().unwrap_or_else(|| Path::new("/"))
+    }
+}
+
+/// One node of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// Node name; also the DNS name in its certificate.
+    pub name: String,
+    /// UDP address of its `txmapd`.
+    pub address: SocketAddr,
+}
+
+/// Deadlines used by the coordinator.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// QUIC handshake to one node.
+    pub connect: Duration,
+    /// Whole prepare phase (upload, build, verify, fsync) on one node.
+    pub prepare: Duration,
+    /// Commit or abort acknowledgement from one node.
+    pub commit: Duration,
+    /// How long a commit keeps retrying when another transaction holds the table.
+    pub busy_retry: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_millis(1500),
+            prepare: Duration::from_millis(5000),
+            commit: Duration::from_millis(2000),
+            busy_retry: Duration::from_millis(8000),
+        }
+    }
+}
+
+/// Postfix programs and configuration directory of this node.
+#[derive(Debug, Clone)]
+pub struct PostfixSettings {
+    /// Passed as `-c DIR` to postmap/postalias when set.
+    pub config_dir: Option<PathBuf>,
+    /// Path of `postmap`.
+    pub postmap: PathBuf,
+    /// Path of `postalias`.
+    pub postalias: PathBuf,
+}
+
+/// A node's whole configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// This node's name (must be one of `nodes`).
+    pub node: String,
+    /// Journal, decision log and history live here.
+    pub state_dir: PathBuf,
+    /// Where `txmapd` listens (UDP).
+    pub listen: SocketAddr,
+    /// Cluster CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This node's certificate (PEM).
+    pub cert: PathBuf,
+    /// This node's private key (PEM).
+    pub key: PathBuf,
+    /// Postfix programs.
+    pub postfix: PostfixSettings,
+    /// Deadlines.
+    pub timeouts: Timeouts,
+    /// Largest table source accepted, in bytes.
+    pub max_table_bytes: u64,
+    /// Every node of the cluster, this one included.
+    pub nodes: Vec<NodeConfig>,
+    /// Every table.
+    pub tables: Vec<TableConfig>,
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file.
+    pub file: PathBuf,
+    /// One line per problem: `key: what is wrong`.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {} problem(s)", self.file.display(), self.problems.len())?;
+        for p in &self.problems {
+            write!(f, "\n  {}: {p}", self.file.display())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node: Option<String>,
+    state_dir: Option<PathBuf>,
+    listen: Option<String>,
+    tls: Option<RawTls>,
+    postfix: Option<RawPostfix>,
+    timeouts: Option<RawTimeouts>,
+    max_table_bytes: Option<u64>,
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+    #[serde(default)]
+    tables: Vec<RawTable>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPostfix {
+    config_dir: Option<PathBuf>,
+    postmap: Option<PathBuf>,
+    postalias: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    connect_ms: Option<u64>,
+    prepare_ms: Option<u64>,
+    commit_ms: Option<u64>,
+    busy_retry_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    name: Option<String>,
+    address: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTable {
+    name: Option<String>,
+    path: Option<PathBuf>,
+    source: Option<PathBuf>,
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    builder: Option<String>,
+    #[serde(default)]
+    allow_warnings: bool,
+}
+
+/// A table name is a plain file-name-like word: it can never name a path.
+pub fn valid_table_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+}
+
+/// A node name is a DNS name (it is matched against certificate names).
+pub fn valid_node_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+impl Config {
+    /// Picks the config path: `--config`, else `TXMAP_CONFIG`, else [`DEFAULT_CONFIG_PATH`].
+    pub fn resolve_path(explicit: Option<&Path>) -> PathBuf {
+        if let Some(p) = explicit {
+            return p.to_path_buf();
+        }
+        match std::env::var_os("TXMAP_CONFIG") {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => PathBuf::from(DEFAULT_CONFIG_PATH),
+        }
+    }
+
+    /// Reads and validates a config file, reporting every problem found.
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let err = |problems: Vec<String>| ConfigError { file: file.to_path_buf(), problems };
+        let text = std::fs::read_to_string(file).map_err(|e| err(vec![format!("cannot read: {e}")]))?;
+        Config::parse(&text, file)
+    }
+
+    /// Validates config text; `file` names it in errors and anchors relative paths.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let err = |problems: Vec<String>| ConfigError { file: file.to_path_buf(), problems };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            let at = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    format!("line {line}: ")
+                })
+                .unwrap_or_default();
+            err(vec![format!("{at}{msg}")])
+        })?;
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let mut problems = Vec::new();
+        let need = |key: &str, v: Option<PathBuf>, problems: &mut Vec<String>| match v {
+            Some(p) => Some(abs(p)),
+            None => {
+                problems.push(format!("missing key `{key}`"));
+                None
+            }
+        };
+
+        let node = raw.node.clone();
+        if node.is_none() {
+            problems.push("missing key `node` (this node's name)".into());
+        }
+        let state_dir = need("state_dir", raw.state_dir, &mut problems);
+        let listen = match raw.listen.as_deref() {
+            None => {
+                problems.push("missing key `listen` (address:port of txmapd)".into());
+                None
+            }
+            Some(s) => match s.parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    problems.push(format!("key `listen`: `{s}` is not an address:port"));
+                    None
+                }
+            },
+        };
+        let (ca, cert, key) = match raw.tls {
+            None => {
+                problems.push("missing table `[tls]` (keys ca, cert, key)".into());
+                (None, None, None)
+            }
+            Some(t) => (
+                need("tls.ca", t.ca, &mut problems),
+                need("tls.cert", t.cert, &mut problems),
+                need("tls.key", t.key, &mut problems),
+            ),
+        };
+        let postfix = {
+            let p = raw.postfix.unwrap_or(RawPostfix { config_dir: None, postmap: None, postalias: None });
+            PostfixSettings {
+                config_dir: p.config_dir.map(&abs),
+                postmap: p.postmap.map(&abs).unwrap_or_else(|| PathBuf::from("/usr/sbin/postmap")),
+                postalias: p
+                    .postalias
+                    .map(&abs)
+                    .unwrap_or_else(|| PathBuf::from("/usr/sbin/postalias")),
+            }
+        };
+        let mut timeouts = Timeouts::default();
+        if let Some(t) = raw.timeouts {
+            let mut set = |key: &str, v: Option<u64>, slot: &mut Duration| {
+                if let Some(ms) = v {
+                    if ms == 0 || ms > 3_600_000 {
+                        problems.push(format!("key `timeouts.{key}`: {ms} is outside 1..=3600000"));
+                    } else {
+                        *slot = Duration::from_millis(ms);
+                    }
+                }
+            };
+            set("connect_ms", t.connect_ms, &mut timeouts.connect);
+            set("prepare_ms", t.prepare_ms, &mut timeouts.prepare);
+            set("commit_ms", t.commit_ms, &mut timeouts.commit);
+            set("busy_retry_ms", t.busy_retry_ms, &mut timeouts.busy_retry);
+        }
+
+        let mut nodes = Vec::new();
+        let mut names = BTreeSet::new();
+        let mut addrs = BTreeSet::new();
+        if raw.nodes.is_empty() {
+            problems.push("no `[[nodes]]`: the cluster needs at least this node".into());
+        }
+        for (i, n) in raw.nodes.into_iter().enumerate() {
+            let name = match n.name {
+                None => {
+                    problems.push(format!("missing key `nodes[{i}].name`"));
+                    continue;
+                }
+                Some(name) if !valid_node_name(&name) => {
+                    problems.push(format!("key `nodes[{i}].name`: `{name}` is not a DNS name"));
+                    continue;
+                }
+                Some(name) => name,
+            };
+            if !names.insert(name.clone()) {
+                problems.push(format!("key `nodes[{i}].name`: node `{name}` is listed twice"));
+            }
+            match n.address.as_deref().map(|a| (a, a.parse::<SocketAddr>())) {
+                None => problems.push(format!("missing key `nodes[{i}].address` (node {name})")),
+                Some((a, Err(_))) => {
+                    problems.push(format!("key `nodes[{i}].address`: `{a}` is not an address:port"))
+                }
+                Some((_, Ok(address))) => {
+                    if !addrs.insert(address) {
+                        problems.push(format!("key `nodes[{i}].address`: {address} is used twice"));
+                    }
+                    nodes.push(NodeConfig { name, address });
+                }
+            }
+        }
+        if let Some(n) = &node {
+            if !names.contains(n) {
+                problems.push(format!("key `node`: `{n}` is not one of the `[[nodes]]`"));
+            }
+        }
+
+        let mut tables = Vec::new();
+        let mut tnames = BTreeSet::new();
+        let mut tpaths = BTreeSet::new();
+        for (i, t) in raw.tables.into_iter().enumerate() {
+            let name = match t.name {
+                None => {
+                    problems.push(format!("missing key `tables[{i}].name`"));
+                    continue;
+                }
+                Some(n) if !valid_table_name(&n) => {
+                    problems.push(format!(
+                        "key `tables[{i}].name`: `{n}` is not a plain name (letters, digits, `_-.`)"
+                    ));
+                    continue;
+                }
+                Some(n) => n,
+            };
+            if !tnames.insert(name.clone()) {
+                problems.push(format!("key `tables[{i}].name`: table `{name}` is listed twice"));
+            }
+            let path = match t.path {
+                None => {
+                    problems.push(format!("missing key `tables[{i}].path` (table {name})"));
+                    None
+                }
+                Some(p) => {
+                    let p = abs(p);
+                    if p.file_name().is_none() || p.parent().is_none() {
+                        problems.push(format!("key `tables[{i}].path`: `{}` names no file", p.display()));
+                        None
+                    } else {
+                        if !tpaths.insert(p.clone()) {
+                            problems.push(format!("key `tables[{i}].path`: `{}` used twice", p.display()));
+                        }
+                        Some(p)
+                    }
+                }
+            };
+            let kind = match t.kind.as_deref() {
+                None => {
+                    problems.push(format!("missing key `tables[{i}].type` (table {name})"));
+                    None
+                }
+                Some(k) => TableType::parse(k).or_else(|| {
+                    problems.push(format!(
+                        "key `tables[{i}].type`: unknown type `{k}` (expected hash, btree, cdb or lmdb)"
+                    ));
+                    None
+                }),
+            };
+            let builder = match t.builder.as_deref() {
+                None | Some("postmap") => Some(Builder::Postmap),
+                Some("postalias") => Some(Builder::Postalias),
+                Some(b) => {
+                    problems.push(format!(
+                        "key `tables[{i}].builder`: unknown builder `{b}` (expected postmap or postalias)"
+                    ));
+                    None
+                }
+            };
+            if let (Some(path), Some(kind), Some(builder)) = (path, kind, builder) {
+                tables.push(TableConfig {
+                    name,
+                    path,
+                    source: t.source.map(&abs),
+                    kind,
+                    builder,
+                    allow_warnings: t.allow_warnings,
+                });
+            }
+        }
+
+        if !problems.is_empty() {
+            return Err(err(problems));
+        }
+        let (Some(node), Some(state_dir), Some(listen), Some(ca), Some(cert), Some(key)) =
+            (node, state_dir, listen, ca, cert, key)
+        else {
+            return Err(err(vec!["incomplete configuration".into()]));
+        };
+        Ok(Config {
+            file: file.to_path_buf(),
+            node,
+            state_dir,
+            listen,
+            ca,
+            cert,
+            key,
+            postfix,
+            timeouts,
+            max_table_bytes: raw.max_table_bytes.unwrap_or(1 << 30),
+            nodes,
+            tables,
+        })
+    }
+
+    /// The table named `name`, if this node serves it.
+    pub fn table(&self, name: &str) -> Option<&TableConfig> {
+        self.tables.iter().find(|t| t.name == name)
+    }
+
+    /// The node named `name`, if configured.
+    pub fn node_by_name(&self, name: &str) -> Option<&NodeConfig> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Problems that need the filesystem: unreadable TLS files, missing table directories,
+    /// missing builder programs. Empty when all is well.
+    pub fn check_files(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (key, p) in [("tls.ca", &self.ca), ("tls.cert", &self.cert), ("tls.key", &self.key)] {
+            if let Err(e) = std::fs::File::open(p) {
+                out.push(format!("key `{key}`: cannot open {}: {e}", p.display()));
+            }
+        }
+        for t in &self.tables {
+            if !t.dir().is_dir() {
+                out.push(format!(
+                    "table `{}`: directory {} does not exist",
+                    t.name,
+                    t.dir().display()
+                ));
+            }
+            let prog = match t.builder {
+                Builder::Postmap => &self.postfix.postmap,
+                Builder::Postalias => &self.postfix.postalias,
+            };
+            if !prog.is_file() {
+                out.push(format!(
+                    "table `{}`: builder {} not found (install Debian package postfix)",
+                    t.name,
+                    prog.display()
+                ));
+            }
+            if let Some(s) = &t.source {
+                if !s.is_file() {
+                    out.push(format!("table `{}`: source {} does not exist", t.name, s.display()));
+                }
+            }
+        }
+        if let Some(d) = &self.postfix.config_dir {
+            if !d.join("main.cf").is_file() {
+                out.push(format!("key `postfix.config_dir`: {} has no main.cf", d.display()));
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node = "node1"
+state_dir = "state"
+listen = "127.0.0.1:7401"
+[tls]
+ca = "ca.pem"
+cert = "node1.pem"
+key = "node1.key"
+[[nodes]]
+name = "node1"
+address = "127.0.0.1:7401"
+[[nodes]]
+name = "node2"
+address = "127.0.0.1:7402"
+[[tables]]
+name = "sympa_transport"
+path = "/etc/postfix/sympa_transport"
+source = "/var/lib/sympa/sympa_transport"
+type = "hash"
+"#;
+
+    #[test]
+    fn reads_a_good_file_and_anchors_relative_paths() {
+        let c = Config::parse(GOOD, Path::new("/etc/txmap/txmap.toml")).unwrap();
+        assert_eq!(c.node, "node1");
+        assert_eq!(c.state_dir, PathBuf::from("/etc/txmap/state"));
+        assert_eq!(c.nodes.len(), 2);
+        let t = c.table("sympa_transport").unwrap();
+        assert_eq!(t.kind, TableType::Hash);
+        assert_eq!(t.builder, Builder::Postmap);
+        assert_eq!(t.live_indexed(), PathBuf::from("/etc/postfix/sympa_transport.db"));
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_key() {
+        let bad = GOOD
+            .replace("listen = \"127.0.0.1:7401\"\n", "")
+            .replace("type = \"hash\"", "type = \"hsh\"")
+            .replace("name = \"node2\"", "name = \"node1\"");
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err();
+        let all = e.problems.join("\n");
+        assert!(all.contains("missing key `listen`"), "{all}");
+        assert!(all.contains("`tables[0].type`: unknown type `hsh`"), "{all}");
+        assert!(all.contains("node `node1` is listed twice"), "{all}");
+        assert_eq!(e.problems.len(), 3, "{all}");
+    }
+
+    #[test]
+    fn refuses_a_table_name_that_is_a_path() {
+        let bad = GOOD.replace("name = \"sympa_transport\"", "name = \"../../x\"");
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err();
+        assert!(e.problems[0].contains("not a plain name"), "{e}");
+        assert!(!valid_table_name(".."));
+        assert!(!valid_table_name("a/b"));
+        assert!(valid_table_name("sympa_aliases"));
+    }
+
+    #[test]
+    fn names_the_line_of_a_syntax_error_and_unknown_keys() {
+        let e = Config::parse("node = \"a\"\nbogus = 1\n", Path::new("x.toml")).unwrap_err();
+        assert!(e.problems[0].contains("line 2"), "{e}");
+        assert!(e.problems[0].contains("bogus"), "{e}");
+    }
+}

@@ -1,0 +1,19 @@
+//! Exit codes of `txmap` and `txmap-sympa`. They are part of the interface: Sympa and scripts
+//! read them. Never renumber; only add.
+
+/// Everything asked for was done (every node committed; status: all nodes agree).
+pub const OK: u8 = 0;
+/// The transaction was aborted and nothing changed anywhere: a node was unreachable or timed
+/// out, or refused (build failed, verify failed, storage error...). One line per node says why.
+pub const ABORTED: u8 = 1;
+/// Bad usage or configuration (unknown table, missing key, unreadable file).
+pub const USAGE: u8 = 2;
+/// The decision was *commit* but some node has not acknowledged it yet; it holds the prepared
+/// table and installs it when the decision reaches it. Not a failure of the change itself.
+pub const INCOMPLETE: u8 = 3;
+/// Other transactions kept the table busy past the retry deadline; nothing changed.
+pub const BUSY: u8 = 4;
+/// `status`: some node is unreachable, or nodes disagree on the generation.
+pub const DISAGREE: u8 = 5;
+/// A local failure on this node (cannot read the source, state directory, certificates).
+pub const LOCAL: u8 = 6;

@@ -1,0 +1,552 @@
+//! The two-phase-commit logic as pure functions: state + event → new state + actions.
+//!
+//! Nothing here touches the network, the disk or the clock (time is passed in). The async
+//! shells in `txmapd` and `txmap` execute the [`Action`]s in order and feed the results back as
+//! events, so every protocol decision can be tested step by step without I/O (the same split as
+//! quinn-proto/quinn and openraft's engine).
+//!
+//! # Participant, per table
+//! ```text
+//!            Prepare(gen > current, table free)
+//!   Idle ─────────────────────────────────────▶ Staging ──StageDone──▶ Prepared
+//!    ▲                                             │  (persist, reply)     │
+//!    │              StageFailed / Abort            │                       │ Commit
+//!    ├─────────────────────────────────────────────┘                       ▼
+//!    │◀──────────────── InstallDone (persist generation, unlock) ──── Installing
+//!    │◀──────────────── Abort (remove staged, persist, unlock) ─────── Prepared
+//! ```
+//! Only *Prepared* is journaled; a crash while *Staging* leaves no record, so restart removes
+//! the staged files (presumed abort) and the lock died with the process.
+
+use crate::proto::{PreparedInfo, Refusal, Response, Sha256, TableStatus, TxId};
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// How many finished transactions a table remembers, to answer repeated messages.
+pub const RECENT: usize = 64;
+
+/// How a transaction ended on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    /// Installed at this generation.
+    Committed(u64),
+    /// Dropped.
+    Aborted,
+}
+
+/// Phase of the transaction holding a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Receiving, building, verifying (not durable, not journaled).
+    Staging,
+    /// Built, verified, fsynced and journaled; waiting for the decision.
+    Prepared,
+    /// Commit received; renames under way.
+    Installing,
+}
+
+/// The transaction holding a table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Active {
+    /// Transaction.
+    pub txid: TxId,
+    /// Generation it installs.
+    pub generation: u64,
+    /// Coordinating node.
+    pub coordinator: String,
+    /// sha256 of the new source.
+    pub sha256: Sha256,
+    /// Entries in the new source.
+    pub entries: u64,
+    /// Phase.
+    pub phase: Phase,
+    /// An abort arrived while staging: finish by cleaning up, never by preparing.
+    pub abort_requested: bool,
+    /// Since when (ms since epoch).
+    pub since_ms: u64,
+}
+
+/// Everything a participant knows about one table; the journal stores exactly this.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableState {
+    /// Live generation.
+    pub generation: u64,
+    /// sha256 of the live source.
+    pub sha256: Option<Sha256>,
+    /// Entries in it.
+    pub entries: u64,
+    /// When it went live.
+    pub committed_at_ms: Option<u64>,
+    /// Transaction that made it live.
+    pub last_txid: Option<TxId>,
+    /// Node that coordinated that.
+    pub coordinator: Option<String>,
+    /// Transaction holding the table.
+    pub active: Option<Active>,
+    /// Recently finished transactions, newest last.
+    pub recent: VecDeque<(TxId, Outcome)>,
+}
+
+/// Input to the participant machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A prepare header arrived (the body is still on the stream).
+    Prepare {
+        /// Transaction.
+        txid: TxId,
+        /// Offered generation.
+        generation: u64,
+        /// Coordinator.
+        coordinator: String,
+        /// Announced sha256.
+        sha256: Sha256,
+        /// Announced entries.
+        entries: u64,
+    },
+    /// Staging finished: built, verified, fsynced.
+    StageDone {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// Staging failed (lock, upload, build, verify, storage).
+    StageFailed {
+        /// Transaction.
+        txid: TxId,
+        /// Why.
+        why: Refusal,
+    },
+    /// Commit decision arrived.
+    Commit {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// The renames are done and durable.
+    InstallDone {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// The renames failed.
+    InstallFailed {
+        /// Transaction.
+        txid: TxId,
+        /// Why.
+        why: Refusal,
+    },
+    /// Abort decision arrived.
+    Abort {
+        /// Transaction.
+        txid: TxId,
+    },
+}
+
+/// What the shell must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Take the table's lock, receive the body into the staged file, build, verify, fsync;
+    /// then feed `StageDone` or `StageFailed`.
+    Stage {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// Skip the body still on the stream (a repeated prepare).
+    DiscardBody,
+    /// Write the table state to the journal durably.
+    Persist,
+    /// Rename the staged files over the live ones; then feed `InstallDone`/`InstallFailed`.
+    Install {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// Remove the staged files of this transaction.
+    RemoveStaged {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// Release the table's lock.
+    Unlock,
+    /// Answer the request that caused this step.
+    Reply(Response),
+}
+
+impl TableState {
+    fn outcome_of(&self, txid: TxId) -> Option<Outcome> {
+        self.recent.iter().rev().find(|(t, _)| *t == txid).map(|(_, o)| *o)
+    }
+
+    fn remember(&mut self, txid: TxId, o: Outcome) {
+        self.recent.push_back((txid, o));
+        while self.recent.len() > RECENT {
+            self.recent.pop_front();
+        }
+    }
+
+    /// The status report of this table.
+    pub fn status(&self, table: &str) -> TableStatus {
+        TableStatus {
+            table: table.to_string(),
+            generation: self.generation,
+            sha256: self.sha256,
+            entries: self.entries,
+            committed_at_ms: self.committed_at_ms,
+            last_txid: self.last_txid,
+            coordinator: self.coordinator.clone(),
+            prepared: self.active.as_ref().map(|a| PreparedInfo {
+                txid: a.txid,
+                generation: a.generation,
+                coordinator: a.coordinator.clone(),
+                durable: a.phase != Phase::Staging,
+                since_ms: a.since_ms,
+            }),
+        }
+    }
+
+    /// Advances the machine by one event. `now_ms` is the wall clock, passed in.
+    pub fn step(&mut self, event: Event, now_ms: u64) -> Vec<Action> {
+        use Action as A;
+        let refuse = |r: Refusal| A::Reply(Response::Refused(r));
+        match event {
+            Event::Prepare { txid, generation, coordinator, sha256, entries } => {
+                match self.outcome_of(txid) {
+                    Some(Outcome::Committed(g)) => {
+                        return vec![A::DiscardBody, A::Reply(Response::Committed { txid, generation: g })]
+                    }
+                    Some(Outcome::Aborted) => {
+                        return vec![A::DiscardBody, refuse(Refusal::AlreadyAborted { txid })]
+                    }
+                    None => {}
+                }
+                if let Some(a) = &self.active {
+                    if a.txid == txid && a.phase == Phase::Prepared {
+                        return vec![A::DiscardBody, A::Reply(Response::Prepared { txid })];
+                    }
+                    return vec![
+                        A::DiscardBody,
+                        refuse(Refusal::Busy { txid: a.txid, generation: a.generation }),
+                    ];
+                }
+                if generation <= self.generation {
+                    return vec![
+                        A::DiscardBody,
+                        refuse(Refusal::StaleGeneration { offered: generation, current: self.generation }),
+                    ];
+                }
+                self.active = Some(Active {
+                    txid,
+                    generation,
+                    coordinator,
+                    sha256,
+                    entries,
+                    phase: Phase::Staging,
+                    abort_requested: false,
+                    since_ms: now_ms,
+                });
+                vec![A::Stage { txid }]
+            }
+            Event::StageDone { txid } => match &mut self.active {
+                Some(a) if a.txid == txid && a.phase == Phase::Staging => {
+                    if a.abort_requested {
+                        self.active = None;
+                        self.remember(txid, Outcome::Aborted);
+                        vec![
+                            A::RemoveStaged { txid },
+                            A::Persist,
+                            A::Unlock,
+                            refuse(Refusal::AlreadyAborted { txid }),
+                        ]
+                    } else {
+                        a.phase = Phase::Prepared;
+                        vec![A::Persist, A::Reply(Response::Prepared { txid })]
+                    }
+                }
+                _ => vec![refuse(Refusal::UnknownTransaction { txid })],
+            },
+            Event::StageFailed { txid, why } => match &self.active {
+                Some(a) if a.txid == txid && a.phase == Phase::Staging => {
+                    self.active = None;
+                    self.remember(txid, Outcome::Aborted);
+                    vec![A::RemoveStaged { txid }, A::Unlock, refuse(why)]
+                }
+                _ => vec![A::RemoveStaged { txid }, refuse(why)],
+            },
+            Event::Commit { txid } => {
+                if let Some(Outcome::Committed(g)) = self.outcome_of(txid) {
+                    return vec![A::Reply(Response::Committed { txid, generation: g })];
+                }
+                match &mut self.active {
+                    Some(a) if a.txid == txid && a.phase == Phase::Prepared => {
+                        // Journal the decision first: a crash before the renames finishes them.
+                        a.phase = Phase::Installing;
+                        vec![A::Persist, A::Install { txid }]
+                    }
+                    Some(a) if a.txid == txid && a.phase == Phase::Installing => {
+                        vec![A::Install { txid }]
+                    }
+                    Some(a) if a.txid == txid => vec![refuse(Refusal::Protocol {
+                        detail: format!("commit of {txid} before it was prepared"),
+                    })],
+                    _ => match self.outcome_of(txid) {
+                        Some(Outcome::Aborted) => vec![refuse(Refusal::AlreadyAborted { txid })],
+                        _ => vec![refuse(Refusal::UnknownTransaction { txid })],
+                    },
+                }
+            }
+            Event::InstallDone { txid } => match self.active.take() {
+                Some(a) if a.txid == txid && a.phase == Phase::Installing => {
+                    self.generation = a.generation;
+                    self.sha256 = Some(a.sha256);
+                    self.entries = a.entries;
+                    self.committed_at_ms = Some(now_ms);
+                    self.last_txid = Some(txid);
+                    self.coordinator = Some(a.coordinator);
+                    self.remember(txid, Outcome::Committed(a.generation));
+                    vec![
+                        A::Persist,
+                        A::Unlock,
+                        A::Reply(Response::Committed { txid, generation: a.generation }),
+                    ]
+                }
+                other => {
+                    self.active = other;
+                    vec![refuse(Refusal::UnknownTransaction { txid })]
+                }
+            },
+            Event::InstallFailed { txid, why } => {
+                // Stay prepared: the decision is commit, the rename must be retried.
+                if let Some(a) = &mut self.active {
+                    if a.txid == txid && a.phase == Phase::Installing {
+                        a.phase = Phase::Prepared;
+                    }
+                }
+                vec![refuse(why)]
+            }
+            Event::Abort { txid } => {
+                if let Some(Outcome::Committed(_)) = self.outcome_of(txid) {
+                    return vec![refuse(Refusal::AlreadyCommitted { txid })];
+                }
+                match &mut self.active {
+                    Some(a) if a.txid == txid && a.phase == Phase::Staging => {
+                        a.abort_requested = true;
+                        vec![A::Reply(Response::Aborted { txid })]
+                    }
+                    Some(a) if a.txid == txid && a.phase == Phase::Prepared => {
+                        self.active = None;
+                        self.remember(txid, Outcome::Aborted);
+                        vec![
+                            A::RemoveStaged { txid },
+                            A::Persist,
+                            A::Unlock,
+                            A::Reply(Response::Aborted { txid }),
+                        ]
+                    }
+                    Some(a) if a.txid == txid => vec![refuse(Refusal::Protocol {
+                        detail: format!("abort of {txid} after its commit began"),
+                    })],
+                    _ => {
+                        if self.outcome_of(txid).is_none() {
+                            // Presumed abort: remember it so a late prepare cannot resurrect it.
+                            self.remember(txid, Outcome::Aborted);
+                        }
+                        vec![A::Reply(Response::Aborted { txid })]
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A participant's vote as the coordinator sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vote {
+    /// Prepared.
+    Prepared,
+    /// Refused, with the participant's reason.
+    Refused(Refusal),
+    /// Could not be reached, or the exchange failed.
+    Unreachable(String),
+}
+
+/// The coordinator's decision for one round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Every node prepared.
+    Commit,
+    /// At least one did not; `retry` when every failure was a conflict with another transaction.
+    Abort {
+        /// The round may be retried with a new generation.
+        retry: bool,
+    },
+}
+
+/// Decides a round from the votes of every node (`None` while any vote is missing).
+pub fn decide(votes: &[Option<Vote>]) -> Option<Decision> {
+    if votes.iter().any(|v| v.is_none()) {
+        // An early abort is still safe; but waiting lets us report every node's cause.
+        return None;
+    }
+    let failures: Vec<&Vote> = votes.iter().flatten().filter(|v| **v != Vote::Prepared).collect();
+    if failures.is_empty() {
+        return Some(Decision::Commit);
+    }
+    let retry = failures.iter().all(|v| matches!(v, Vote::Refused(r) if r.is_conflict()));
+    Some(Decision::Abort { retry })
+}
+
+/// The generation to offer: one above anything any node reported, live or in progress.
+pub fn next_generation(statuses: &[TableStatus]) -> u64 {
+    statuses
+        .iter()
+        .map(|s| s.generation.max(s.prepared.as_ref().map(|p| p.generation).unwrap_or(0)))
+        .max()
+        .unwrap_or(0)
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prepare(txid: u128, generation: u64) -> Event {
+        Event::Prepare {
+            txid: TxId(txid),
+            generation,
+            coordinator: "node1".into(),
+            sha256: Sha256([1; 32]),
+            entries: 3,
+        }
+    }
+
+    fn replies(actions: &[Action]) -> Vec<&Response> {
+        actions.iter().filter_map(|a| if let Action::Reply(r) = a { Some(r) } else { None }).collect()
+    }
+
+    #[test]
+    fn a_prepare_then_commit_installs_and_persists_before_replying() {
+        let mut s = TableState::default();
+        assert_eq!(s.step(prepare(1, 1), 10), vec![Action::Stage { txid: TxId(1) }]);
+        assert_eq!(
+            s.step(Event::StageDone { txid: TxId(1) }, 11),
+            vec![Action::Persist, Action::Reply(Response::Prepared { txid: TxId(1) })]
+        );
+        assert_eq!(
+            s.step(Event::Commit { txid: TxId(1) }, 12),
+            vec![Action::Persist, Action::Install { txid: TxId(1) }]
+        );
+        let a = s.step(Event::InstallDone { txid: TxId(1) }, 13);
+        assert_eq!(a[0], Action::Persist);
+        assert_eq!(a[1], Action::Unlock);
+        assert_eq!(s.generation, 1);
+        assert_eq!(s.entries, 3);
+        assert!(s.active.is_none());
+    }
+
+    #[test]
+    fn repeated_messages_are_idempotent() {
+        let mut s = TableState::default();
+        s.step(prepare(1, 1), 0);
+        s.step(Event::StageDone { txid: TxId(1) }, 0);
+        // A duplicated prepare answers Prepared again without staging twice.
+        let a = s.step(prepare(1, 1), 0);
+        assert_eq!(a, vec![Action::DiscardBody, Action::Reply(Response::Prepared { txid: TxId(1) })]);
+        s.step(Event::Commit { txid: TxId(1) }, 0);
+        s.step(Event::InstallDone { txid: TxId(1) }, 0);
+        // A duplicated commit answers Committed, with no second install.
+        let a = s.step(Event::Commit { txid: TxId(1) }, 0);
+        assert_eq!(a, vec![Action::Reply(Response::Committed { txid: TxId(1), generation: 1 })]);
+        // An abort after commit is refused.
+        let a = s.step(Event::Abort { txid: TxId(1) }, 0);
+        assert_eq!(replies(&a), vec![&Response::Refused(Refusal::AlreadyCommitted { txid: TxId(1) })]);
+    }
+
+    #[test]
+    fn a_second_transaction_is_busy_and_an_old_generation_is_stale() {
+        let mut s = TableState::default();
+        s.step(prepare(1, 5), 0);
+        let a = s.step(prepare(2, 6), 0);
+        assert_eq!(
+            replies(&a),
+            vec![&Response::Refused(Refusal::Busy { txid: TxId(1), generation: 5 })]
+        );
+        s.step(Event::StageDone { txid: TxId(1) }, 0);
+        s.step(Event::Commit { txid: TxId(1) }, 0);
+        s.step(Event::InstallDone { txid: TxId(1) }, 0);
+        let a = s.step(prepare(3, 5), 0);
+        assert_eq!(
+            replies(&a),
+            vec![&Response::Refused(Refusal::StaleGeneration { offered: 5, current: 5 })]
+        );
+        assert!(s.active.is_none());
+    }
+
+    #[test]
+    fn abort_during_staging_never_becomes_prepared() {
+        let mut s = TableState::default();
+        s.step(prepare(1, 1), 0);
+        let a = s.step(Event::Abort { txid: TxId(1) }, 0);
+        assert_eq!(replies(&a), vec![&Response::Aborted { txid: TxId(1) }]);
+        let a = s.step(Event::StageDone { txid: TxId(1) }, 0);
+        assert!(a.contains(&Action::RemoveStaged { txid: TxId(1) }));
+        assert!(a.contains(&Action::Unlock));
+        assert!(s.active.is_none());
+        // And a late duplicate prepare cannot resurrect it.
+        let a = s.step(prepare(1, 1), 0);
+        assert_eq!(replies(&a), vec![&Response::Refused(Refusal::AlreadyAborted { txid: TxId(1) })]);
+    }
+
+    #[test]
+    fn abort_of_an_unknown_transaction_fences_it() {
+        let mut s = TableState::default();
+        let a = s.step(Event::Abort { txid: TxId(9) }, 0);
+        assert_eq!(replies(&a), vec![&Response::Aborted { txid: TxId(9) }]);
+        let a = s.step(prepare(9, 1), 0);
+        assert_eq!(replies(&a), vec![&Response::Refused(Refusal::AlreadyAborted { txid: TxId(9) })]);
+    }
+
+    #[test]
+    fn a_failed_stage_unlocks_and_reports_the_cause() {
+        let mut s = TableState::default();
+        s.step(prepare(1, 1), 0);
+        let why = Refusal::VerifyFailed { expected: 3, found: 2 };
+        let a = s.step(Event::StageFailed { txid: TxId(1), why: why.clone() }, 0);
+        assert_eq!(
+            a,
+            vec![Action::RemoveStaged { txid: TxId(1) }, Action::Unlock, Action::Reply(Response::Refused(why))]
+        );
+        assert_eq!(s.generation, 0);
+    }
+
+    #[test]
+    fn a_failed_install_stays_prepared_for_a_retry() {
+        let mut s = TableState::default();
+        s.step(prepare(1, 1), 0);
+        s.step(Event::StageDone { txid: TxId(1) }, 0);
+        s.step(Event::Commit { txid: TxId(1) }, 0);
+        let why = Refusal::Storage { op: "rename".into(), path: "x".into(), error: "EIO".into() };
+        s.step(Event::InstallFailed { txid: TxId(1), why }, 0);
+        assert_eq!(s.active.as_ref().map(|a| a.phase), Some(Phase::Prepared));
+        assert_eq!(
+            s.step(Event::Commit { txid: TxId(1) }, 0),
+            vec![Action::Persist, Action::Install { txid: TxId(1) }]
+        );
+    }
+
+    #[test]
+    fn the_coordinator_commits_only_on_unanimous_prepared() {
+        assert_eq!(decide(&[Some(Vote::Prepared), None]), None);
+        assert_eq!(decide(&[Some(Vote::Prepared), Some(Vote::Prepared)]), Some(Decision::Commit));
+        assert_eq!(
+            decide(&[Some(Vote::Prepared), Some(Vote::Unreachable("timeout".into()))]),
+            Some(Decision::Abort { retry: false })
+        );
+        let busy = Vote::Refused(Refusal::Busy { txid: TxId(1), generation: 1 });
+        assert_eq!(decide(&[Some(Vote::Prepared), Some(busy)]), Some(Decision::Abort { retry: true }));
+    }
+
+    #[test]
+    fn the_next_generation_is_above_live_and_in_progress_ones() {
+        let mut a = TableState { generation: 4, ..Default::default() };
+        let b = TableState { generation: 2, ..Default::default() };
+        assert_eq!(next_generation(&[a.status("t"), b.status("t")]), 5);
+        a.step(prepare(1, 9), 0);
+        assert_eq!(next_generation(&[a.status("t"), b.status("t")]), 10);
+    }
+}

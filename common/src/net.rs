@@ -1,0 +1,48 @@
+//! One request/response exchange over a fresh bidirectional QUIC stream.
+
+use crate::codec::{self, CodecError};
+use crate::proto::{Request, Response};
+use tokio::io::AsyncRead;
+
+/// Errors of one exchange.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// Opening the stream or the connection failed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// Sending failed.
+    #[error("send: {0}")]
+    Write(#[from] quinn::WriteError),
+    /// Finishing the stream failed.
+    #[error("send: stream closed")]
+    Closed(#[from] quinn::ClosedStream),
+    /// Encoding or decoding failed.
+    #[error("{0}")]
+    Codec(#[from] CodecError),
+    /// Reading the body to send failed.
+    #[error("reading the table to send: {0}")]
+    Body(std::io::Error),
+}
+
+/// Sends `req` (followed by `body`, if any, streamed in chunks) and reads one response.
+pub async fn exchange<B: AsyncRead + Unpin>(
+    conn: &quinn::Connection,
+    req: &Request,
+    body: Option<B>,
+) -> Result<Response, NetError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&codec::encode(req)?).await?;
+    if let Some(mut body) = body {
+        use tokio::io::AsyncReadExt;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = body.read(&mut buf).await.map_err(NetError::Body)?;
+            if n == 0 {
+                break;
+            }
+            send.write_all(&buf[..n]).await?;
+        }
+    }
+    send.finish()?;
+    Ok(codec::read_frame(&mut recv).await?)
+}

@@ -1,0 +1,419 @@
+//! Wire messages between the coordinator (`txmap`) and the participants (`txmapd`).
+//!
+//! Every request travels on its own bidirectional QUIC stream: one request frame (see
+//! [`crate::codec`]), for `Prepare` followed by exactly `source_len` raw bytes of the table, then
+//! the stream is finished; the participant answers with one response frame.
+//!
+//! ```text
+//!  coordinator (txmap commit)                 participant (txmapd) x N, in parallel
+//!  ─────────────────────────                  ─────────────────────────────────────
+//!  Status{table}                      ───────▶ reads its journal
+//!                                     ◀─────── Status[generation, sha256, prepared?]
+//!  gen = max(generations) + 1
+//!  Prepare{txid, gen, sha256, len} + bytes ──▶ try-lock table, stream to .<file>.txmap-<txid>,
+//!                                              check sha256/len, postmap/postalias it,
+//!                                              verify entry count, fsync files + dir,
+//!                                              journal "prepared" (fsync)
+//!                                     ◀─────── Prepared | Refused{why}
+//!  all Prepared?  ── yes: log decision COMMIT (fsync) ──┐
+//!                 ── no:  Abort{txid} to every node     │
+//!  Commit{txid}                       ───────▶ rename .db over live .db, then source;
+//!                                              fsync dir, journal generation, unlock
+//!                                     ◀─────── Committed{gen}
+//! ```
+//!
+//! Every message is idempotent, keyed by the transaction id: a repeated `Prepare` of a prepared
+//! transaction answers `Prepared` again, a repeated `Commit` of a committed one `Committed`, an
+//! `Abort` of an unknown one `Aborted`. Refusals are a serde enum, not strings, so the
+//! coordinator can act on them (retry on `Busy`, re-plan on `StaleGeneration`).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// ALPN protocol name; a peer speaking anything else is refused during the handshake.
+pub const ALPN: &[u8] = b"txmap/1";
+
+/// A transaction id: 128 random bits, shown as 32 hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct TxId(pub u128);
+
+impl TxId {
+    /// A fresh random id.
+    pub fn random() -> TxId {
+        use ring::rand::SecureRandom;
+        let mut b = [0u8; 16];
+        // The system RNG failing is not recoverable in any useful way; fall back to time+pid.
+        if ring::rand::SystemRandom::new().fill(&mut b).is_err() {
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            return TxId(t ^ ((std::process::id() as u128) << 96));
+        }
+        TxId(u128::from_be_bytes(b))
+    }
+    /// Parses 32 lowercase hex digits.
+    pub fn parse(s: &str) -> Option<TxId> {
+        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+            return None;
+        }
+        u128::from_str_radix(s, 16).ok().map(TxId)
+    }
+}
+
+impl fmt::Display for TxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+impl fmt::Debug for TxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TxId({self})")
+    }
+}
+
+impl Serialize for Sha256 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&crate::table::hex(&self.0))
+        } else {
+            s.serialize_bytes(&self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Sha256 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Sha256;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a sha256 digest (32 bytes, or 64 hex digits)")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Sha256, E> {
+                let arr: [u8; 32] = v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                Ok(Sha256(arr))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Sha256, E> {
+                let b = v.as_bytes();
+                if b.len() != 64 {
+                    return Err(E::invalid_length(b.len(), &self));
+                }
+                let mut arr = [0u8; 32];
+                for (i, pair) in b.chunks(2).enumerate() {
+                    let s = std::str::from_utf8(pair).map_err(E::custom)?;
+                    arr[i] = u8::from_str_radix(s, 16).map_err(E::custom)?;
+                }
+                Ok(Sha256(arr))
+            }
+        }
+        if d.is_human_readable() {
+            d.deserialize_str(V)
+        } else {
+            d.deserialize_bytes(V)
+        }
+    }
+}
+
+/// A sha256 digest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Sha256(pub [u8; 32]);
+
+impl fmt::Display for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&crate::table::hex(&self.0))
+    }
+}
+
+impl fmt::Debug for Sha256 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Sha256({self})")
+    }
+}
+
+/// A request from a coordinator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Report the state of one table, or of every table.
+    Status {
+        /// `None`: all tables.
+        table: Option<String>,
+    },
+    /// Stage, build, verify and lock a new content; `source_len` raw bytes follow the frame.
+    Prepare(Prepare),
+    /// Install a prepared transaction.
+    Commit {
+        /// Table name.
+        table: String,
+        /// Transaction.
+        txid: TxId,
+    },
+    /// Drop a transaction (prepared, in progress or unknown).
+    Abort {
+        /// Table name.
+        table: String,
+        /// Transaction.
+        txid: TxId,
+    },
+}
+
+/// The header of a prepare.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prepare {
+    /// Transaction.
+    pub txid: TxId,
+    /// Table name (must be configured on the participant).
+    pub table: String,
+    /// Generation this content will have; must be above the node's current one.
+    pub generation: u64,
+    /// Node that coordinates (asked for the outcome after a crash).
+    pub coordinator: String,
+    /// Bytes of source that follow.
+    pub source_len: u64,
+    /// sha256 of those bytes.
+    pub sha256: Sha256,
+    /// Entries the coordinator counted in the source.
+    pub entries: u64,
+}
+
+/// A participant's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Status of the requested tables.
+    Status(Vec<TableStatus>),
+    /// The transaction is prepared: built, verified, durable, locked.
+    Prepared {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// The transaction is installed.
+    Committed {
+        /// Transaction.
+        txid: TxId,
+        /// The generation now live.
+        generation: u64,
+    },
+    /// The transaction is aborted (or was never known).
+    Aborted {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// The request was refused; nothing changed.
+    Refused(Refusal),
+}
+
+/// What a participant knows about one table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TableStatus {
+    /// Table name.
+    pub table: String,
+    /// Live generation (0: never committed by txmap).
+    pub generation: u64,
+    /// sha256 of the live source as last committed.
+    pub sha256: Option<Sha256>,
+    /// Entries in it.
+    pub entries: u64,
+    /// When it was committed (ms since the Unix epoch).
+    pub committed_at_ms: Option<u64>,
+    /// Transaction that committed it.
+    pub last_txid: Option<TxId>,
+    /// Node that coordinated it.
+    pub coordinator: Option<String>,
+    /// A transaction holding the table, if any.
+    pub prepared: Option<PreparedInfo>,
+}
+
+/// A transaction in progress on a participant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PreparedInfo {
+    /// Transaction.
+    pub txid: TxId,
+    /// Generation it would install.
+    pub generation: u64,
+    /// Coordinating node.
+    pub coordinator: String,
+    /// `true` once prepared (durable); `false` while staging.
+    pub durable: bool,
+    /// Since when (ms since the Unix epoch).
+    pub since_ms: u64,
+}
+
+/// Why a participant refused a request. Nothing changed on that node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The table is not in this node's config.
+    UnknownTable {
+        /// The name asked for.
+        table: String,
+    },
+    /// Another transaction holds the table; retry later.
+    Busy {
+        /// The holder.
+        txid: TxId,
+        /// Its generation.
+        generation: u64,
+    },
+    /// The offered generation is not above the node's own.
+    StaleGeneration {
+        /// Offered.
+        offered: u64,
+        /// The node's current generation.
+        current: u64,
+    },
+    /// The source is larger than the node accepts.
+    TooLarge {
+        /// Announced length.
+        len: u64,
+        /// The node's limit.
+        max: u64,
+    },
+    /// The bytes received do not match the announced length or sha256.
+    ContentMismatch {
+        /// What differed.
+        detail: String,
+    },
+    /// The builder failed or warned.
+    BuildFailed {
+        /// Program.
+        program: String,
+        /// Exit status.
+        status: String,
+        /// Its stderr.
+        stderr: String,
+    },
+    /// The built table does not match the source.
+    VerifyFailed {
+        /// Source entries.
+        expected: u64,
+        /// Built entries.
+        found: u64,
+    },
+    /// A filesystem operation failed (permissions, disk full, ...).
+    Storage {
+        /// Operation.
+        op: String,
+        /// Path.
+        path: String,
+        /// OS error text.
+        error: String,
+    },
+    /// No such transaction is prepared here.
+    UnknownTransaction {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// The transaction was aborted here; it cannot be prepared or committed.
+    AlreadyAborted {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// The transaction was committed here; it cannot be aborted.
+    AlreadyCommitted {
+        /// Transaction.
+        txid: TxId,
+    },
+    /// The peer may not do this.
+    NotAuthorized {
+        /// Why.
+        detail: String,
+    },
+    /// The request was malformed.
+    Protocol {
+        /// What was wrong.
+        detail: String,
+    },
+}
+
+impl Refusal {
+    /// Refusals that a later retry of the whole transaction may overcome.
+    pub fn is_conflict(&self) -> bool {
+        matches!(self, Refusal::Busy { .. } | Refusal::StaleGeneration { .. })
+    }
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Refusal::UnknownTable { table } => write!(f, "unknown table `{table}`"),
+            Refusal::Busy { txid, generation } => {
+                write!(f, "busy: transaction {txid} (generation {generation}) holds the table")
+            }
+            Refusal::StaleGeneration { offered, current } => {
+                write!(f, "stale generation {offered}: node is at generation {current}")
+            }
+            Refusal::TooLarge { len, max } => write!(f, "table of {len} bytes exceeds the limit of {max}"),
+            Refusal::ContentMismatch { detail } => write!(f, "content mismatch: {detail}"),
+            Refusal::BuildFailed { program, status, stderr } => {
+                write!(f, "build failed: {program} ({status}): {stderr}")
+            }
+            Refusal::VerifyFailed { expected, found } => write!(
+                f,
+                "verify failed: source has {expected} entries, built table has {found}"
+            ),
+            Refusal::Storage { op, path, error } => write!(f, "storage: {op} {path}: {error}"),
+            Refusal::UnknownTransaction { txid } => write!(f, "unknown transaction {txid}"),
+            Refusal::AlreadyAborted { txid } => write!(f, "transaction {txid} was aborted"),
+            Refusal::AlreadyCommitted { txid } => write!(f, "transaction {txid} was committed"),
+            Refusal::NotAuthorized { detail } => write!(f, "not authorized: {detail}"),
+            Refusal::Protocol { detail } => write!(f, "protocol error: {detail}"),
+        }
+    }
+}
+
+impl From<crate::table::TableError> for Refusal {
+    fn from(e: crate::table::TableError) -> Refusal {
+        use crate::table::TableError as E;
+        match e {
+            E::Io { op, path, source } => Refusal::Storage {
+                op: op.to_string(),
+                path: path.display().to_string(),
+                error: source.to_string(),
+            },
+            E::BuildFailed { program, status, stderr } => Refusal::BuildFailed { program, status, stderr },
+            E::VerifyFailed { expected, found } => Refusal::VerifyFailed { expected, found },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn txid_round_trips_through_text() {
+        let t = TxId::random();
+        assert_eq!(TxId::parse(&t.to_string()), Some(t));
+        assert_eq!(TxId::parse("xyz"), None);
+        assert_eq!(TxId::parse(&"A".repeat(32)), None);
+    }
+
+    #[test]
+    fn messages_round_trip_through_the_codec() {
+        let p = Request::Prepare(Prepare {
+            txid: TxId(42),
+            table: "sympa_transport".into(),
+            generation: 7,
+            coordinator: "node1".into(),
+            source_len: 10,
+            sha256: Sha256([9; 32]),
+            entries: 2,
+        });
+        let f = crate::codec::encode(&p).unwrap();
+        assert_eq!(crate::codec::decode::<Request>(&f).unwrap(), p);
+        let r = Response::Refused(Refusal::Busy { txid: TxId(1), generation: 3 });
+        let f = crate::codec::encode(&r).unwrap();
+        assert_eq!(crate::codec::decode::<Response>(&f).unwrap(), r);
+    }
+
+    #[test]
+    fn sha256_is_hex_in_json() {
+        let s = Sha256([0xab; 32]);
+        let j = serde_json::to_string(&s).unwrap();
+        assert_eq!(j, format!("\"{}\"", "ab".repeat(32)));
+        let back: Sha256 = serde_json::from_str(&j).unwrap();
+        assert_eq!(back, s);
+        let short: Result<Sha256, _> = serde_json::from_str("\"abcd\"");
+        assert!(short.is_err());
+    }
+}

@@ -1,0 +1,473 @@
+//! Staging, building, verifying and installing one table on one node.
+//!
+//! The new content is written beside the live file as `.<file>.txmap-<txid>` (same directory,
+//! so the final `rename(2)` is atomic), built there with the node's own `postmap`/`postalias`,
+//! verified (no builder output on stderr, entry count equal to the source's logical lines),
+//! fsynced with its directory, and only then reported prepared. Commit renames the indexed file
+//! over the live one first and the source second, so the live indexed file is never missing and
+//! never older than its source; the old inode's link count drops to 0, which is how running
+//! Postfix daemons notice the change.
+
+use crate::config::{Builder, PostfixSettings, TableConfig};
+use crate::proto::TxId;
+use std::ffi::OsString;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+/// What can go wrong with a table on this node. Converted to a wire refusal by the participant.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// A filesystem operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was being done (`create`, `rename`, ...).
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The builder exited non-zero or wrote to stderr.
+    #[error("{program} failed ({status}): {stderr}")]
+    BuildFailed {
+        /// `postmap` or `postalias`.
+        program: String,
+        /// Exit status text.
+        status: String,
+        /// What it printed on stderr (trimmed).
+        stderr: String,
+    },
+    /// The built file does not hold what the source says.
+    #[error("verification failed: source has {expected} entries, built table has {found}")]
+    VerifyFailed {
+        /// Logical lines in the source.
+        expected: u64,
+        /// Entries dumped from the built file.
+        found: u64,
+    },
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TableError + 'a {
+    move |source| TableError::Io { op, path: path.to_path_buf(), source }
+}
+
+/// `path` with `suffix` appended to its file name (`a/b` + `.db` = `a/b.db`).
+pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s: OsString = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn file_name(t: &TableConfig) -> String {
+    t.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Prefix of every staged file of this table: `.<file>.txmap-`.
+pub fn staged_prefix(t: &TableConfig) -> String {
+    format!(".{}.txmap-", file_name(t))
+}
+
+/// The staged source and indexed paths of one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Staged {
+    /// `.<file>.txmap-<txid>` in the live directory.
+    pub source: PathBuf,
+    /// The same plus the type's suffix.
+    pub indexed: PathBuf,
+}
+
+/// Where transaction `txid` stages table `t`.
+pub fn staged_paths(t: &TableConfig, txid: TxId) -> Staged {
+    let source = t.dir().join(format!("{}{txid}", staged_prefix(t)));
+    let indexed = with_suffix(&source, t.kind.suffix());
+    Staged { source, indexed }
+}
+
+/// Staged files of this table left in its directory (by any transaction), found by their exact
+/// name shape; nothing else in the directory is ever touched.
+pub fn list_staged(t: &TableConfig) -> Vec<(TxId, PathBuf)> {
+    let prefix = staged_prefix(t);
+    let Ok(rd) = std::fs::read_dir(t.dir()) else { return Vec::new() };
+    let mut out = Vec::new();
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(&prefix) else { continue };
+        let (id, suffix) = rest.split_at(rest.len().min(32));
+        if suffix.is_empty() || suffix == t.kind.suffix() || suffix == ".cdb.tmp" {
+            if let Some(txid) = TxId::parse(id) {
+                out.push((txid, e.path()));
+            }
+        }
+    }
+    out
+}
+
+/// Removes the staged files of `txid` (missing files are fine).
+pub fn remove_staged(t: &TableConfig, txid: TxId) -> Result<(), TableError> {
+    let s = staged_paths(t, txid);
+    for p in [&s.indexed, &s.source, &with_suffix(&s.source, ".cdb.tmp")] {
+        match std::fs::remove_file(p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove", p)(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Counts the logical lines of a Postfix table source as it streams by: a line whose first
+/// byte is neither whitespace nor `#` starts an entry (postmap(1), "INPUT FILE FORMAT").
+#[derive(Debug, Clone, Default)]
+pub struct EntryCounter {
+    mid_line: bool,
+    entries: u64,
+}
+
+impl EntryCounter {
+    /// Feeds the next bytes of the source.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            if !self.mid_line && !matches!(b, b' ' | b'\t' | b'\n' | b'\r' | b'#' | 0x0b | 0x0c) {
+                self.entries += 1;
+            }
+            self.mid_line = b != b'\n';
+        }
+    }
+    /// Entries seen so far.
+    pub fn entries(&self) -> u64 {
+        self.entries
+    }
+}
+
+/// sha256 of a byte stream, hex.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// What one pass over a source file yields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceDigest {
+    /// sha256 of the bytes.
+    pub sha256: [u8; 32],
+    /// Length in bytes.
+    pub len: u64,
+    /// Logical lines (entries).
+    pub entries: u64,
+}
+
+/// Reads a whole file once (streaming) for its digest, length and entry count.
+pub fn digest_file(path: &Path) -> Result<SourceDigest, TableError> {
+    let mut f = File::open(path).map_err(io("open", path))?;
+    digest_reader(&mut f).map_err(io("read", path))
+}
+
+/// [`digest_file`] over any reader.
+pub fn digest_reader<R: Read>(r: &mut R) -> std::io::Result<SourceDigest> {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut counter = EntryCounter::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut len = 0u64;
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&buf[..n]);
+        counter.feed(&buf[..n]);
+        len += n as u64;
+    }
+    let mut sha256 = [0u8; 32];
+    sha256.copy_from_slice(ctx.finish().as_ref());
+    Ok(SourceDigest { sha256, len, entries: counter.entries() })
+}
+
+/// Writes an incoming source to its staged path, hashing and counting as it goes.
+pub struct SourceWriter {
+    path: PathBuf,
+    file: std::io::BufWriter<File>,
+    ctx: ring::digest::Context,
+    counter: EntryCounter,
+    len: u64,
+}
+
+impl std::fmt::Debug for SourceWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceWriter").field("path", &self.path).field("len", &self.len).finish()
+    }
+}
+
+impl SourceWriter {
+    /// Creates the staged source (it must not exist), with the live source's mode and owner
+    /// when there is one: postmap run as root drops to the source owner's privileges.
+    pub fn create(t: &TableConfig, staged: &Staged) -> Result<SourceWriter, TableError> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+        let live = std::fs::metadata(&t.path).ok();
+        let mode = live.as_ref().map(|m| m.mode() & 0o7777).unwrap_or(0o644);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&staged.source)
+            .map_err(io("create", &staged.source))?;
+        if let Some(m) = live {
+            // Best effort: only root may give a file away, and only root needs to.
+            let _ = std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid()));
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
+        }
+        Ok(SourceWriter {
+            path: staged.source.clone(),
+            file: std::io::BufWriter::with_capacity(256 * 1024, file),
+            ctx: ring::digest::Context::new(&ring::digest::SHA256),
+            counter: EntryCounter::default(),
+            len: 0,
+        })
+    }
+
+    /// Appends the next chunk.
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), TableError> {
+        self.ctx.update(chunk);
+        self.counter.feed(chunk);
+        self.len += chunk.len() as u64;
+        self.file.write_all(chunk).map_err(io("write", &self.path))
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True when nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Flushes and fsyncs the file; returns what was written.
+    pub fn finish(self) -> Result<SourceDigest, TableError> {
+        let path = self.path;
+        let file = self.file.into_inner().map_err(|e| io("write", &path)(e.into_error()))?;
+        file.sync_all().map_err(io("fsync", &path))?;
+        let mut sha256 = [0u8; 32];
+        sha256.copy_from_slice(self.ctx.finish().as_ref());
+        Ok(SourceDigest { sha256, len: self.len, entries: self.counter.entries() })
+    }
+}
+
+fn builder_command(postfix: &PostfixSettings, builder: Builder) -> tokio::process::Command {
+    let program = match builder {
+        Builder::Postmap => &postfix.postmap,
+        Builder::Postalias => &postfix.postalias,
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    if let Some(dir) = &postfix.config_dir {
+        cmd.arg("-c").arg(dir);
+    }
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+fn typed(t: &TableConfig, path: &Path) -> OsString {
+    let mut s = OsString::from(format!("{}:", t.kind.as_str()));
+    s.push(path.as_os_str());
+    s
+}
+
+fn clip(text: &[u8]) -> String {
+    let s = String::from_utf8_lossy(text);
+    let s = s.trim();
+    if s.len() > 2000 {
+        let mut end = 2000;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    } else {
+        s.to_string()
+    }
+}
+
+/// Builds the indexed file of a staged source with the configured builder. Any output on
+/// stderr fails the build unless the table allows warnings.
+pub async fn build(postfix: &PostfixSettings, t: &TableConfig, staged: &Staged) -> Result<(), TableError> {
+    let mut cmd = builder_command(postfix, t.builder);
+    cmd.arg(typed(t, &staged.source)).stdout(Stdio::null()).stderr(Stdio::piped());
+    let program = t.builder.as_str().to_string();
+    let out = cmd.output().await.map_err(|e| TableError::BuildFailed {
+        program: program.clone(),
+        status: "not started".into(),
+        stderr: format!("cannot run {program}: {e}"),
+    })?;
+    if !out.status.success() || (!out.stderr.is_empty() && !t.allow_warnings) {
+        return Err(TableError::BuildFailed {
+            program,
+            status: out.status.to_string(),
+            stderr: clip(&out.stderr),
+        });
+    }
+    Ok(())
+}
+
+/// Keys `postalias` adds on its own (sendmail/NIS compatibility); not counted as entries.
+const POSTALIAS_EXTRA_KEYS: [&str; 3] = ["@", "YP_LAST_MODIFIED", "YP_MASTER_NAME"];
+
+/// Counts the entries of a built table by dumping it (`postmap -s`), streaming the output.
+pub async fn count_built(postfix: &PostfixSettings, t: &TableConfig, path: &Path) -> Result<u64, TableError> {
+    let mut cmd = builder_command(postfix, t.builder);
+    cmd.arg("-s").arg(typed(t, path)).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let program = t.builder.as_str().to_string();
+    let fail = |status: String, stderr: String| TableError::BuildFailed {
+        program: format!("{program} -s"),
+        status,
+        stderr,
+    };
+    let mut child = cmd.spawn().map_err(|e| fail("not started".into(), e.to_string()))?;
+    let stdout = child.stdout.take().ok_or_else(|| fail("no stdout".into(), String::new()))?;
+    let mut stderr = child.stderr.take().ok_or_else(|| fail("no stderr".into(), String::new()))?;
+    let builder = t.builder;
+    // Stream the dump line by line: it can be hundreds of megabytes, never held whole.
+    let count = async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut r = tokio::io::BufReader::with_capacity(256 * 1024, stdout);
+        let mut line = Vec::new();
+        let mut n = 0u64;
+        loop {
+            line.clear();
+            if r.read_until(b'\n', &mut line).await? == 0 {
+                return Ok::<u64, std::io::Error>(n);
+            }
+            let extra = builder == Builder::Postalias
+                && POSTALIAS_EXTRA_KEYS
+                    .iter()
+                    .any(|k| line.starts_with(k.as_bytes()) && line.get(k.len()) == Some(&b':'));
+            if !extra {
+                n += 1;
+            }
+        }
+    };
+    let errs = async move {
+        use tokio::io::AsyncReadExt;
+        let mut v = Vec::new();
+        let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut v).await;
+        v
+    };
+    let (n, err_text) = tokio::join!(count, errs);
+    let n = n.map_err(|e| fail("read".into(), e.to_string()))?;
+    let status = child.wait().await.map_err(|e| fail("wait".into(), e.to_string()))?;
+    let out = std::process::Output { status, stdout: Vec::new(), stderr: err_text };
+    if !out.status.success() || !out.stderr.is_empty() {
+        return Err(fail(out.status.to_string(), clip(&out.stderr)));
+    }
+    Ok(n)
+}
+
+/// Checks the built table against the source's entry count.
+pub async fn verify(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    staged: &Staged,
+    expected: u64,
+) -> Result<(), TableError> {
+    let found = count_built(postfix, t, &staged.source).await?;
+    let ok = if t.allow_warnings { found <= expected && (found > 0 || expected == 0) } else { found == expected };
+    if ok {
+        Ok(())
+    } else {
+        Err(TableError::VerifyFailed { expected, found })
+    }
+}
+
+/// fsyncs a file given by path.
+pub fn fsync_path(p: &Path) -> Result<(), TableError> {
+    File::open(p).and_then(|f| f.sync_all()).map_err(io("fsync", p))
+}
+
+/// fsyncs a directory (makes renames and creations in it durable).
+pub fn fsync_dir(p: &Path) -> Result<(), TableError> {
+    File::open(p).and_then(|f| f.sync_all()).map_err(io("fsync directory", p))
+}
+
+/// Installs a prepared table: indexed file first, then the source, then fsync the directory.
+/// Idempotent: a staged file already renamed is skipped (a crash between the two renames is
+/// finished by calling this again).
+pub fn install(t: &TableConfig, staged: &Staged) -> Result<(), TableError> {
+    let live_indexed = t.live_indexed();
+    for (from, to) in [(&staged.indexed, &live_indexed), (&staged.source, &t.path)] {
+        match std::fs::rename(from, to) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !from.exists() => {}
+            Err(e) => return Err(io("rename", from)(e)),
+        }
+    }
+    fsync_dir(t.dir())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(s: &str) -> u64 {
+        let mut c = EntryCounter::default();
+        // Feed in awkward pieces: counting must not depend on chunk boundaries.
+        for piece in s.as_bytes().chunks(3) {
+            c.feed(piece);
+        }
+        c.entries()
+    }
+
+    #[test]
+    fn counts_logical_lines_like_postmap() {
+        assert_eq!(count(""), 0);
+        assert_eq!(count("a b\nc d\n"), 2);
+        assert_eq!(count("a b\nc d"), 2);
+        assert_eq!(count("# comment\n\n   \na b\n  continued\n\t# indented comment\nc d\n"), 2);
+        assert_eq!(count("owner: root,\n  other\nlist: \"| cmd\"\n"), 2);
+        assert_eq!(count("a b\r\n\r\nc d\r\n"), 2);
+    }
+
+    #[test]
+    fn digest_matches_counter_and_ring() {
+        let text = b"a b\n# x\nc d\n";
+        let d = digest_reader(&mut &text[..]).unwrap();
+        assert_eq!(d.len, text.len() as u64);
+        assert_eq!(d.entries, 2);
+        assert_eq!(hex(&d.sha256), hex(ring::digest::digest(&ring::digest::SHA256, text).as_ref()));
+    }
+
+    #[test]
+    fn appends_suffixes() {
+        assert_eq!(with_suffix(Path::new("/a/b"), ".db"), PathBuf::from("/a/b.db"));
+    }
+}
+
+/// The lock file that serializes transactions on one table: `<state_dir>/locks/<table>.lock`.
+/// It is a separate file (never the live `.db`) because Postfix readers take a shared `flock`
+/// on the live `.db` for every lookup: holding that exclusively would block mail.
+pub fn lock_path(state_dir: &Path, table: &str) -> PathBuf {
+    state_dir.join("locks").join(format!("{table}.lock"))
+}
+
+/// Takes the table's exclusive `flock` without waiting. `Ok(None)`: another process holds it.
+/// The lock is released when the returned file is dropped, or by the kernel when the process
+/// dies, so a crash can never leave it held.
+pub fn try_lock(path: &Path) -> Result<Option<File>, TableError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    }
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io("open lock", path))?;
+    match fs4::FileExt::try_lock(&f) {
+        Ok(()) => Ok(Some(f)),
+        Err(fs4::TryLockError::WouldBlock) => Ok(None),
+        Err(fs4::TryLockError::Error(e)) => Err(io("lock", path)(e)),
+    }
+}

@@ -1,0 +1,368 @@
+//! The participant's async shell: QUIC server, per-table state machines, journal, staging.
+//!
+//! Each table has a [`Slot`]: its [`TableState`] machine behind an async mutex, and the `flock`
+//! file held while a transaction owns the table. A request steps the machine and executes the
+//! [`Action`]s it returns, in order; the long part of a prepare (upload, build, verify) runs
+//! outside the mutex, so `status` and other tables are never blocked by it.
+
+use anyhow::Context as _;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{Mutex, MutexGuard};
+use tracing::{debug, info, info_span, warn, Instrument};
+use txmap_common::codec;
+use txmap_common::config::{Config, TableConfig};
+use txmap_common::journal::Journal;
+use txmap_common::machine::{Action, Event, Phase, TableState};
+use txmap_common::now_ms;
+use txmap_common::proto::{Prepare, Refusal, Request, Response, TxId};
+use txmap_common::table;
+
+/// How long a peer may take to send a request header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One table on this node.
+struct Slot {
+    table: TableConfig,
+    state: Mutex<TableState>,
+    /// The table's `flock`, held from the start of staging until commit or abort.
+    lock: std::sync::Mutex<Option<std::fs::File>>,
+}
+
+/// Everything the daemon serves.
+struct Node {
+    cfg: Config,
+    journal: Journal,
+    slots: HashMap<String, Arc<Slot>>,
+}
+
+/// Runs the daemon until `shutdown` completes.
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let node = Arc::new(Node::open(cfg)?);
+    let server = txmap_common::tls::server_config(&node.cfg).context("TLS setup")?;
+    let endpoint = quinn::Endpoint::server(server, node.cfg.listen)
+        .with_context(|| format!("cannot listen on {}", node.cfg.listen))?;
+    info!(node = %node.cfg.node, listen = %node.cfg.listen, tables = node.slots.len(), "txmapd ready");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            incoming = endpoint.accept() => match incoming {
+                None => break,
+                Some(inc) => {
+                    let node = node.clone();
+                    tokio::spawn(async move { node.connection(inc).await });
+                }
+            }
+        }
+    }
+    info!("shutting down");
+    endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    Ok(())
+}
+
+impl Node {
+    /// Loads every table's journal and recovers what a crash left behind.
+    fn open(cfg: Config) -> anyhow::Result<Node> {
+        std::fs::create_dir_all(&cfg.state_dir)
+            .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
+        let journal = Journal::open(&cfg.state_dir)?;
+        let mut slots = HashMap::new();
+        for t in &cfg.tables {
+            let mut state = journal.load(&t.name)?;
+            let mut lock = None;
+            let keep = state.active.as_ref().map(|a| a.txid);
+            for (txid, path) in table::list_staged(t) {
+                if Some(txid) != keep {
+                    info!(table = %t.name, %txid, path = %path.display(), "removing staged file of an unfinished transaction");
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+            if let Some(a) = state.active.clone() {
+                lock = Some(table::try_lock(&table::lock_path(&cfg.state_dir, &t.name))?.with_context(
+                    || format!("table {}: lock held by another process (another txmapd?)", t.name),
+                )?);
+                if a.phase == Phase::Installing {
+                    // The decision was commit and is journaled: finish the renames.
+                    info!(table = %t.name, txid = %a.txid, "finishing an interrupted commit");
+                    table::install(t, &table::staged_paths(t, a.txid))?;
+                    let actions = state.step(Event::InstallDone { txid: a.txid }, now_ms());
+                    debug!(?actions, "recovered");
+                    journal.store(&t.name, &state)?;
+                    lock = None;
+                } else {
+                    info!(table = %t.name, txid = %a.txid, generation = a.generation, "transaction still prepared; holding its lock until the decision arrives");
+                }
+            }
+            slots.insert(
+                t.name.clone(),
+                Arc::new(Slot { table: t.clone(), state: Mutex::new(state), lock: std::sync::Mutex::new(lock) }),
+            );
+        }
+        Ok(Node { cfg, journal, slots })
+    }
+
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(%remote, error = %e, "refused connection (handshake failed: no or foreign certificate?)");
+                return;
+            }
+        };
+        let Some(peer) = txmap_common::tls::peer_node(&conn, &self.cfg) else {
+            warn!(%remote, "refused connection: certificate names no configured node");
+            conn.close(quinn::VarInt::from_u32(1), b"not a configured node");
+            return;
+        };
+        debug!(%remote, %peer, "connection");
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            let node = self.clone();
+            let peer = peer.clone();
+            tokio::spawn(async move { node.stream(peer, send, recv).await });
+        }
+    }
+
+    async fn stream(self: Arc<Self>, peer: String, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let req = match tokio::time::timeout(HEADER_TIMEOUT, codec::read_frame::<_, Request>(&mut recv)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                warn!(%peer, error = %e, "bad request");
+                let _ = recv.stop(quinn::VarInt::from_u32(2));
+                self.reply(&mut send, Response::Refused(Refusal::Protocol { detail: e.to_string() })).await;
+                return;
+            }
+            Err(_) => {
+                warn!(%peer, "request header timed out");
+                return;
+            }
+        };
+        let resp = match req {
+            Request::Status { table } => self.status(table.as_deref()).await,
+            Request::Prepare(p) => {
+                let span = info_span!("prepare", txid = %p.txid, table = %p.table, node = %self.cfg.node);
+                self.prepare(&peer, p, &mut recv).instrument(span).await
+            }
+            Request::Commit { table, txid } => {
+                let span = info_span!("commit", %txid, %table, node = %self.cfg.node);
+                self.decide(&table, Event::Commit { txid }).instrument(span).await
+            }
+            Request::Abort { table, txid } => {
+                let span = info_span!("abort", %txid, %table, node = %self.cfg.node);
+                self.decide(&table, Event::Abort { txid }).instrument(span).await
+            }
+        };
+        self.reply(&mut send, resp).await;
+    }
+
+    async fn reply(&self, send: &mut quinn::SendStream, resp: Response) {
+        if let Err(e) = codec::write_frame(send, &resp).await {
+            debug!(error = %e, "could not send reply");
+        }
+        let _ = send.finish();
+    }
+
+    fn slot(&self, table: &str) -> Result<&Arc<Slot>, Response> {
+        self.slots
+            .get(table)
+            .ok_or_else(|| Response::Refused(Refusal::UnknownTable { table: table.to_string() }))
+    }
+
+    async fn status(&self, table: Option<&str>) -> Response {
+        let mut out = Vec::new();
+        match table {
+            Some(t) => match self.slot(t) {
+                Ok(s) => out.push(s.state.lock().await.status(t)),
+                Err(r) => return r,
+            },
+            None => {
+                let mut names: Vec<_> = self.slots.keys().collect();
+                names.sort();
+                for n in names {
+                    out.push(self.slots[n].state.lock().await.status(n));
+                }
+            }
+        }
+        Response::Status(out)
+    }
+
+    async fn prepare(&self, peer: &str, p: Prepare, recv: &mut quinn::RecvStream) -> Response {
+        let slot = match self.slot(&p.table) {
+            Ok(s) => s.clone(),
+            Err(r) => {
+                warn!(%peer, table = %p.table, "prepare for an unknown table");
+                let _ = recv.stop(quinn::VarInt::from_u32(3));
+                return r;
+            }
+        };
+        if p.coordinator != peer {
+            let _ = recv.stop(quinn::VarInt::from_u32(3));
+            return Response::Refused(Refusal::NotAuthorized {
+                detail: format!("peer {peer} may not coordinate as {}", p.coordinator),
+            });
+        }
+        if p.source_len > self.cfg.max_table_bytes {
+            let _ = recv.stop(quinn::VarInt::from_u32(3));
+            return Response::Refused(Refusal::TooLarge { len: p.source_len, max: self.cfg.max_table_bytes });
+        }
+        let event = Event::Prepare {
+            txid: p.txid,
+            generation: p.generation,
+            coordinator: p.coordinator.clone(),
+            sha256: p.sha256,
+            entries: p.entries,
+        };
+        let actions = slot.state.lock().await.step(event, now_ms());
+        if actions.first() != Some(&Action::Stage { txid: p.txid }) {
+            let _ = recv.stop(quinn::VarInt::from_u32(0));
+            return self.execute(&slot, slot.state.lock().await, actions).await;
+        }
+        let started = std::time::Instant::now();
+        let event = match self.stage(&slot, &p, recv).await {
+            Ok(()) => Event::StageDone { txid: p.txid },
+            Err(why) => {
+                warn!(error = %why, "prepare failed");
+                let _ = recv.stop(quinn::VarInt::from_u32(4));
+                Event::StageFailed { txid: p.txid, why }
+            }
+        };
+        let mut guard = slot.state.lock().await;
+        let actions = guard.step(event, now_ms());
+        let resp = self.execute(&slot, guard, actions).await;
+        if matches!(resp, Response::Prepared { .. }) {
+            info!(generation = p.generation, bytes = p.source_len, entries = p.entries, ms = started.elapsed().as_millis() as u64, "prepared");
+            fail::fail_point!("participant::after_prepared_durable");
+        }
+        resp
+    }
+
+    /// Lock, receive, build, verify, fsync. Any error leaves cleanup to the machine's actions.
+    async fn stage(&self, slot: &Slot, p: &Prepare, recv: &mut quinn::RecvStream) -> Result<(), Refusal> {
+        let t = &slot.table;
+        let lock_path = table::lock_path(&self.cfg.state_dir, &t.name);
+        let Some(lock) = table::try_lock(&lock_path)? else {
+            return Err(Refusal::Storage {
+                op: "lock".into(),
+                path: lock_path.display().to_string(),
+                error: "held by another process".into(),
+            });
+        };
+        if let Ok(mut l) = slot.lock.lock() {
+            *l = Some(lock);
+        }
+        let staged = table::staged_paths(t, p.txid);
+        table::remove_staged(t, p.txid)?;
+        let mut w = table::SourceWriter::create(t, &staged)?;
+        loop {
+            match recv.read_chunk(256 * 1024, true).await {
+                Ok(Some(chunk)) => {
+                    if w.len() + chunk.bytes.len() as u64 > p.source_len {
+                        return Err(Refusal::ContentMismatch {
+                            detail: format!("more than the announced {} bytes", p.source_len),
+                        });
+                    }
+                    w.write(&chunk.bytes)?;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Refusal::ContentMismatch {
+                        detail: format!("upload broken after {} bytes: {e}", w.len()),
+                    })
+                }
+            }
+        }
+        let got = w.finish()?;
+        if got.len != p.source_len || got.sha256 != p.sha256.0 {
+            return Err(Refusal::ContentMismatch {
+                detail: format!(
+                    "received {} bytes sha256 {}, announced {} bytes sha256 {}",
+                    got.len,
+                    table::hex(&got.sha256),
+                    p.source_len,
+                    p.sha256
+                ),
+            });
+        }
+        table::build(&self.cfg.postfix, t, &staged).await?;
+        table::verify(&self.cfg.postfix, t, &staged, got.entries).await?;
+        table::fsync_path(&staged.indexed)?;
+        table::fsync_dir(t.dir())?;
+        fail::fail_point!("participant::after_stage");
+        Ok(())
+    }
+
+    async fn decide(&self, table: &str, event: Event) -> Response {
+        let slot = match self.slot(table) {
+            Ok(s) => s.clone(),
+            Err(r) => return r,
+        };
+        let mut guard = slot.state.lock().await;
+        let actions = guard.step(event, now_ms());
+        self.execute(&slot, guard, actions).await
+    }
+
+    /// Executes actions in order, feeding install results back into the machine.
+    async fn execute(&self, slot: &Slot, mut state: MutexGuard<'_, TableState>, actions: Vec<Action>) -> Response {
+        let t = &slot.table;
+        let mut queue: VecDeque<Action> = actions.into();
+        let mut persist_error: Option<Refusal> = None;
+        let mut reply = Response::Refused(Refusal::Protocol { detail: "no reply".into() });
+        while let Some(a) = queue.pop_front() {
+            match a {
+                Action::Stage { .. } | Action::DiscardBody => {}
+                Action::Persist => {
+                    if let Err(e) = self.journal.store(&t.name, &state) {
+                        warn!(error = %e, "journal write failed");
+                        persist_error = Some(Refusal::Storage {
+                            op: "journal".into(),
+                            path: self.cfg.state_dir.display().to_string(),
+                            error: e.to_string(),
+                        });
+                    }
+                }
+                Action::RemoveStaged { txid } => {
+                    if let Err(e) = table::remove_staged(t, txid) {
+                        warn!(error = %e, "could not remove staged files");
+                    }
+                }
+                Action::Unlock => {
+                    if let Ok(mut l) = slot.lock.lock() {
+                        *l = None;
+                    }
+                }
+                Action::Install { txid } => {
+                    fail::fail_point!("participant::before_commit_rename");
+                    let ev = match table::install(t, &table::staged_paths(t, txid)) {
+                        Ok(()) => {
+                            fail::fail_point!("participant::after_commit_rename");
+                            Event::InstallDone { txid }
+                        }
+                        Err(e) => Event::InstallFailed { txid, why: e.into() },
+                    };
+                    queue.extend(state.step(ev, now_ms()));
+                }
+                Action::Reply(r) => reply = r,
+            }
+        }
+        if let (Some(why), Response::Prepared { txid }) = (persist_error, &reply) {
+            // Not durable, so not prepared: undo it all.
+            let txid: TxId = *txid;
+            if state.active.as_ref().is_some_and(|a| a.txid == txid) {
+                state.active = None;
+            }
+            let _ = table::remove_staged(t, txid);
+            if let Ok(mut l) = slot.lock.lock() {
+                *l = None;
+            }
+            return Response::Refused(why);
+        }
+        if let Response::Committed { txid, generation } = &reply {
+            info!(%txid, generation, "committed");
+        }
+        reply
+    }
+}
