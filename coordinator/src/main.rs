@@ -1,1 +1,362 @@
-fn main() {}
+//! `txmap`: the coordinator and admin CLI. Exit codes are listed in `txmap --help` and in
+//! `docs/operations.md`; they come from [`txmap_common::exit`] and never change meaning.
+
+mod cluster;
+mod commit;
+mod sandbox;
+
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use txmap_common::config::Config;
+use txmap_common::exit;
+use txmap_common::proto::{Request, Response, TableStatus};
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  done: every node committed (status: every node reachable and on one generation)
+  1  aborted: nothing changed anywhere; one line per node says why
+  2  usage or configuration error
+  3  commit decided but not yet acknowledged by every node (it completes on its own)
+  4  busy: other transactions held the table past the retry deadline; nothing changed
+  5  status: some node unreachable, or nodes disagree
+  6  local error (source unreadable, state directory, certificates)";
+
+/// txmap: update a Postfix lookup table on every node of a cluster as one transaction.
+#[derive(Debug, Parser)]
+#[command(name = "txmap", version, after_help = EXIT_CODES)]
+struct Cli {
+    /// Config file [default: $TXMAP_CONFIG, else /etc/txmap/txmap.toml].
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Distribute TABLE to every node as one two-phase transaction.
+    Commit {
+        /// Table name from the config.
+        table: String,
+        /// Read the new content from FILE instead of the table's configured `source`.
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every node's generation, sha256 and transaction in progress.
+    Status {
+        /// Only this table.
+        table: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the config file and report every problem with its key.
+    CheckConfig,
+    /// Make the cluster CA and node certificates.
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
+    /// Write a ready N-node cluster on 127.0.0.1 under DIR.
+    Sandbox {
+        /// Directory to create (must be new or empty).
+        dir: PathBuf,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// UDP port of node1; node i listens on base-port + i - 1.
+        #[arg(long, default_value_t = 7401)]
+        base_port: u16,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CertCmd {
+    /// Create DIR/ca.pem and DIR/ca.key.
+    InitCa {
+        /// Directory for the CA.
+        dir: PathBuf,
+    },
+    /// Issue NODE.pem and NODE.key signed by the CA.
+    Issue {
+        /// Node name (its DNS name in the certificate).
+        node: String,
+        /// CA directory.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Output directory [default: the current directory].
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TXMAP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+    let _failpoints = fail::FailScenario::setup();
+    ExitCode::from(run(cli))
+}
+
+fn load(cli_config: Option<&Path>) -> Result<Config, u8> {
+    let path = Config::resolve_path(cli_config);
+    Config::load(&path).map_err(|e| {
+        eprintln!("txmap: {e}");
+        exit::USAGE
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
+        eprintln!("txmap: cannot start the runtime: {e}");
+        exit::LOCAL
+    })
+}
+
+fn run(cli: Cli) -> u8 {
+    let r = match cli.cmd {
+        Cmd::Commit { table, source, json } => cmd_commit(cli.config.as_deref(), &table, source, json),
+        Cmd::Status { table, json } => cmd_status(cli.config.as_deref(), table, json),
+        Cmd::CheckConfig => cmd_check(cli.config.as_deref()),
+        Cmd::Cert { cmd } => cmd_cert(cmd),
+        Cmd::Sandbox { dir, nodes, base_port } => cmd_sandbox(&dir, nodes, base_port),
+    };
+    r.unwrap_or_else(|code| code)
+}
+
+fn cmd_commit(config: Option<&Path>, table: &str, source: Option<PathBuf>, json: bool) -> Result<u8, u8> {
+    let cfg = load(config)?;
+    let Some(t) = cfg.table(table) else {
+        let known: Vec<_> = cfg.tables.iter().map(|t| t.name.as_str()).collect();
+        eprintln!("txmap: unknown table `{table}` in {} (configured: {})", cfg.file.display(), known.join(", "));
+        return Err(exit::USAGE);
+    };
+    let Some(source) = source.or_else(|| t.source.clone()) else {
+        eprintln!("txmap: table `{table}` has no `source` in {}; pass --source FILE", cfg.file.display());
+        return Err(exit::USAGE);
+    };
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let cluster = match cluster::Cluster::new(cfg) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("txmap: {e:#}");
+                return Err(exit::LOCAL);
+            }
+        };
+        let r = commit::commit(&cluster, table, &source).await;
+        cluster.close().await;
+        Ok(r)
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    } else {
+        for n in &report.nodes {
+            println!("{}: {}", n.node, n.detail);
+        }
+        let what = match report.exit {
+            exit::OK => "committed",
+            exit::INCOMPLETE => "decided commit, not yet acknowledged everywhere",
+            exit::BUSY => "aborted (table busy)",
+            exit::LOCAL => "failed locally",
+            _ => "aborted, nothing changed",
+        };
+        let gen = report.generation.map(|g| format!(" generation {g}")).unwrap_or_default();
+        let tx = report.txid.as_deref().unwrap_or("-");
+        eprintln!(
+            "txmap: {table}{gen}: {what} (txid {tx}, {} attempt(s), {} ms)",
+            report.attempts, report.elapsed_ms
+        );
+    }
+    Ok(report.exit)
+}
+
+#[derive(serde::Serialize)]
+struct NodeStatus {
+    node: String,
+    reachable: bool,
+    error: Option<String>,
+    tables: Vec<TableStatus>,
+}
+
+fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Result<u8, u8> {
+    let cfg = load(config)?;
+    if let Some(t) = &table {
+        if cfg.table(t).is_none() {
+            eprintln!("txmap: unknown table `{t}` in {}", cfg.file.display());
+            return Err(exit::USAGE);
+        }
+    }
+    let rt = runtime()?;
+    let nodes: Vec<NodeStatus> = rt.block_on(async {
+        let cluster = cluster::Cluster::new(cfg).map_err(|e| {
+            eprintln!("txmap: {e:#}");
+            exit::LOCAL
+        })?;
+        let links = cluster.connect_all().await;
+        let req = Request::Status { table: table.clone() };
+        let answers =
+            cluster::join_all(links.iter().map(|(_, l)| cluster::ask(l, &req, cluster.cfg.timeouts.connect))).await;
+        cluster.close().await;
+        Ok::<_, u8>(
+            links
+                .iter()
+                .zip(answers)
+                .map(|((n, _), a)| match a {
+                    Ok(Response::Status(tables)) => {
+                        NodeStatus { node: n.name.clone(), reachable: true, error: None, tables }
+                    }
+                    Ok(Response::Refused(r)) => {
+                        NodeStatus { node: n.name.clone(), reachable: true, error: Some(r.to_string()), tables: vec![] }
+                    }
+                    Ok(other) => NodeStatus {
+                        node: n.name.clone(),
+                        reachable: true,
+                        error: Some(format!("unexpected answer {other:?}")),
+                        tables: vec![],
+                    },
+                    Err(e) => NodeStatus { node: n.name.clone(), reachable: false, error: Some(e), tables: vec![] },
+                })
+                .collect(),
+        )
+    })?;
+    let all_reachable = nodes.iter().all(|n| n.reachable && n.error.is_none());
+    let mut agree = true;
+    let mut names: Vec<&str> = nodes.iter().flat_map(|n| n.tables.iter().map(|t| t.table.as_str())).collect();
+    names.sort();
+    names.dedup();
+    for name in &names {
+        let gens: Vec<(u64, Option<_>)> = nodes
+            .iter()
+            .filter_map(|n| n.tables.iter().find(|t| t.table == *name))
+            .map(|t| (t.generation, t.sha256))
+            .collect();
+        if gens.windows(2).any(|w| w[0] != w[1]) || gens.len() != nodes.len() {
+            agree = false;
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&nodes).unwrap_or_default());
+    } else {
+        println!("{:<10} {:<18} {:>5} {:<16} {:>8} {:<20} {}", "NODE", "TABLE", "GEN", "SHA256", "ENTRIES", "COMMITTED", "IN PROGRESS");
+        for n in &nodes {
+            if let Some(e) = &n.error {
+                println!("{:<10} {}", n.node, if n.reachable { format!("error: {e}") } else { format!("UNREACHABLE: {e}") });
+                continue;
+            }
+            for t in &n.tables {
+                let sha = t.sha256.map(|s| s.to_string()[..16].to_string()).unwrap_or_else(|| "-".into());
+                let when = t
+                    .committed_at_ms
+                    .map(|ms| {
+                        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+                            .to_string()
+                    })
+                    .unwrap_or_else(|| "-".into());
+                let prep = t
+                    .prepared
+                    .as_ref()
+                    .map(|p| {
+                        format!(
+                            "{} gen {} from {} ({})",
+                            p.txid,
+                            p.generation,
+                            p.coordinator,
+                            if p.durable { "prepared" } else { "staging" }
+                        )
+                    })
+                    .unwrap_or_else(|| "-".into());
+                println!("{:<10} {:<18} {:>5} {:<16} {:>8} {:<20} {}", n.node, t.table, t.generation, sha, t.entries, when, prep);
+            }
+        }
+    }
+    Ok(if all_reachable && agree { exit::OK } else { exit::DISAGREE })
+}
+
+fn cmd_check(config: Option<&Path>) -> Result<u8, u8> {
+    let path = Config::resolve_path(config);
+    match Config::load(&path) {
+        Err(e) => {
+            eprintln!("{e}");
+            Ok(exit::USAGE)
+        }
+        Ok(cfg) => {
+            let problems = cfg.check_files();
+            for p in &problems {
+                eprintln!("{}: {p}", path.display());
+            }
+            if problems.is_empty() {
+                println!(
+                    "{}: ok (node {}, {} node(s), {} table(s))",
+                    path.display(),
+                    cfg.node,
+                    cfg.nodes.len(),
+                    cfg.tables.len()
+                );
+                Ok(exit::OK)
+            } else {
+                Ok(exit::USAGE)
+            }
+        }
+    }
+}
+
+fn cmd_cert(cmd: CertCmd) -> Result<u8, u8> {
+    let r = match cmd {
+        CertCmd::InitCa { dir } => txmap_common::tls::init_ca(&dir),
+        CertCmd::Issue { node, ca, out } => txmap_common::tls::issue_node(&ca, &node, &out),
+    };
+    match r {
+        Ok((cert, key)) => {
+            println!("wrote {} and {}", cert.display(), key.display());
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("txmap: {e}");
+            Ok(exit::LOCAL)
+        }
+    }
+}
+
+fn cmd_sandbox(dir: &Path, nodes: usize, base_port: u16) -> Result<u8, u8> {
+    match sandbox::create(dir, nodes, base_port) {
+        Ok(configs) => {
+            println!("sandbox of {} node(s) written to {}", configs.len(), dir.display());
+            println!("start each participant daemon:");
+            for c in &configs {
+                println!("  txmapd --config {} &", c.display());
+            }
+            if let Some(first) = configs.first() {
+                let shared = dir.join("shared/sympa_transport");
+                println!("then edit {} and commit it to every node:", shared.display());
+                println!("  txmap --config {} commit sympa_transport", first.display());
+                println!("  txmap --config {} status", first.display());
+            }
+            Ok(exit::OK)
+        }
+        Err(e) => {
+            eprintln!("txmap: sandbox: {e:#}");
+            Ok(exit::LOCAL)
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Talking to every node: connections, one exchange per node in parallel, with deadlines.
+
+use std::future::Future;
+use std::time::Duration;
+use txmap_common::config::{Config, NodeConfig};
+use txmap_common::net;
+use txmap_common::proto::{Request, Response};
+
+/// A QUIC client endpoint with this node's identity.
+pub struct Cluster {
+    pub cfg: Config,
+    endpoint: quinn::Endpoint,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("node", &self.cfg.node).finish()
+    }
+}
+
+/// A connection to one node, or why there is none.
+pub type Link = Result<quinn::Connection, String>;
+
+impl Cluster {
+    /// Sets up the endpoint (this node's certificate as client identity).
+    pub fn new(cfg: Config) -> anyhow::Result<Cluster> {
+        let client = txmap_common::tls::client_config(&cfg)?;
+        let any: std::net::SocketAddr =
+            if cfg.nodes.iter().all(|n| n.address.is_ipv4()) { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+        let mut endpoint = quinn::Endpoint::client(any)?;
+        endpoint.set_default_client_config(client);
+        Ok(Cluster { cfg, endpoint })
+    }
+
+    /// Connects to one node within the connect deadline.
+    pub async fn connect(&self, node: &NodeConfig) -> Link {
+        let connecting = self
+            .endpoint
+            .connect(node.address, &node.name)
+            .map_err(|e| format!("cannot connect to {}: {e}", node.address))?;
+        match tokio::time::timeout(self.cfg.timeouts.connect, connecting).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(format!("unreachable at {}: {e}", node.address)),
+            Err(_) => Err(format!(
+                "unreachable at {}: no answer within {} ms",
+                node.address,
+                self.cfg.timeouts.connect.as_millis()
+            )),
+        }
+    }
+
+    /// Connects to every node in parallel.
+    pub async fn connect_all(&self) -> Vec<(NodeConfig, Link)> {
+        let nodes = self.cfg.nodes.clone();
+        let links = join_all(nodes.iter().map(|n| self.connect(n))).await;
+        nodes.into_iter().zip(links).collect()
+    }
+
+    /// Closes every connection politely.
+    pub async fn close(&self) {
+        self.endpoint.close(quinn::VarInt::from_u32(0), b"done");
+        let _ = tokio::time::timeout(Duration::from_millis(300), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// One request to one node with a deadline; any failure is a string naming the cause.
+pub async fn ask(link: &Link, req: &Request, deadline: Duration) -> Result<Response, String> {
+    let conn = link.as_ref().map_err(|e| e.clone())?;
+    match tokio::time::timeout(deadline, net::exchange::<tokio::fs::File>(conn, req, None)).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {} ms", deadline.as_millis())),
+    }
+}
+
+/// Runs futures concurrently and returns their outputs in order.
+pub async fn join_all<F: Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.into_iter().map(Box::pin).collect();
+    let mut out = Vec::with_capacity(handles.len());
+    // Poll all together: spawn-free, so borrowed data stays usable.
+    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
+    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut all = true;
+        for (i, slot) in pending.iter_mut().enumerate() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        results[i] = Some(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => all = false,
+                }
+            }
+        }
+        if all {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    out.extend(results.into_iter().flatten());
+    out
+}
