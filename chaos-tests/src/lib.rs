@@ -1,1 +1,12 @@
+//! Test harness for txmap: real `txmapd` processes on loopback, the real `txmap` CLI, real
+//! `postmap`, real signals.
+//!
+//! # Layout
+//! - [`cluster`]: a sandbox cluster of N nodes in a temporary directory, with helpers to start,
+//!   kill (SIGKILL), freeze (SIGSTOP) and inspect each node.
+//!
+//! The binaries are built once per test process, with the `failpoints` feature, into
+//! `target/chaos` (a separate target directory, so the feature never forces a rebuild of the
+//! ordinary `target/debug` binaries).
 
+pub mod cluster;

@@ -55,10 +55,12 @@ fn config() -> impl bincode::config::Config {
 
 /// Encodes `msg` as one complete frame (header included).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
-    let payload =
-        bincode::serde::encode_to_vec(msg, config()).map_err(|e| CodecError::Encode(e.to_string()))?;
+    let payload = bincode::serde::encode_to_vec(msg, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
     if payload.len() > MAX_FRAME {
-        return Err(CodecError::TooLarge { len: payload.len() as u64 });
+        return Err(CodecError::TooLarge {
+            len: payload.len() as u64,
+        });
     }
     let mut out = Vec::with_capacity(5 + payload.len());
     out.push(PROTOCOL_VERSION);
@@ -70,7 +72,9 @@ pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
 /// Decodes one payload (without header). Trailing bytes are an error.
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecError> {
     if payload.len() > MAX_FRAME {
-        return Err(CodecError::TooLarge { len: payload.len() as u64 });
+        return Err(CodecError::TooLarge {
+            len: payload.len() as u64,
+        });
     }
     let (msg, used) = bincode::serde::decode_from_slice(payload, config())
         .map_err(|e| CodecError::Decode(e.to_string()))?;
@@ -86,7 +90,9 @@ pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, CodecErr
 /// Decodes one complete frame held in memory.
 pub fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, CodecError> {
     if frame.len() < 5 {
-        return Err(CodecError::Decode("frame shorter than its 5-byte header".into()));
+        return Err(CodecError::Decode(
+            "frame shorter than its 5-byte header".into(),
+        ));
     }
     if frame[0] != PROTOCOL_VERSION {
         return Err(CodecError::Version { got: frame[0] });
@@ -145,7 +151,10 @@ mod tests {
 
     #[test]
     fn round_trips_a_message() {
-        let m = Msg::A { x: 7, s: "sympa_transport".into() };
+        let m = Msg::A {
+            x: 7,
+            s: "sympa_transport".into(),
+        };
         let f = encode(&m).unwrap();
         assert_eq!(f[0], PROTOCOL_VERSION);
         assert_eq!(decode::<Msg>(&f).unwrap(), m);
@@ -155,14 +164,20 @@ mod tests {
     fn rejects_another_version() {
         let mut f = encode(&Msg::B(vec![1, 2])).unwrap();
         f[0] = 99;
-        assert!(matches!(decode::<Msg>(&f), Err(CodecError::Version { got: 99 })));
+        assert!(matches!(
+            decode::<Msg>(&f),
+            Err(CodecError::Version { got: 99 })
+        ));
     }
 
     #[test]
     fn rejects_an_oversized_length_before_reading_it() {
         let mut f = vec![PROTOCOL_VERSION];
         f.extend_from_slice(&(2u32 * 1024 * 1024 * 1024 - 1).to_be_bytes());
-        assert!(matches!(decode::<Msg>(&f), Err(CodecError::TooLarge { .. })));
+        assert!(matches!(
+            decode::<Msg>(&f),
+            Err(CodecError::TooLarge { .. })
+        ));
     }
 
     #[test]
@@ -186,7 +201,10 @@ mod tests {
 
     #[tokio::test]
     async fn reads_frames_from_a_stream() {
-        let m = Msg::A { x: 1, s: "x".into() };
+        let m = Msg::A {
+            x: 1,
+            s: "x".into(),
+        };
         let f = encode(&m).unwrap();
         let mut r = &f[..];
         assert_eq!(read_frame::<_, Msg>(&mut r).await.unwrap(), m);

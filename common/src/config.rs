@@ -190,7 +190,12 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {} problem(s)", self.file.display(), self.problems.len())?;
+        write!(
+            f,
+            "{}: {} problem(s)",
+            self.file.display(),
+            self.problems.len()
+        )?;
         for p in &self.problems {
             write!(f, "\n  {}: {p}", self.file.display())?;
         }
@@ -266,7 +271,9 @@ pub fn valid_table_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 128
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
 }
 
 /// A node name is a DNS name (it is matched against certificate names).
@@ -296,20 +303,31 @@ impl Config {
 
     /// Reads and validates a config file, reporting every problem found.
     pub fn load(file: &Path) -> Result<Config, ConfigError> {
-        let err = |problems: Vec<String>| ConfigError { file: file.to_path_buf(), problems };
-        let text = std::fs::read_to_string(file).map_err(|e| err(vec![format!("cannot read: {e}")]))?;
+        let err = |problems: Vec<String>| ConfigError {
+            file: file.to_path_buf(),
+            problems,
+        };
+        let text =
+            std::fs::read_to_string(file).map_err(|e| err(vec![format!("cannot read: {e}")]))?;
         Config::parse(&text, file)
     }
 
     /// Validates config text; `file` names it in errors and anchors relative paths.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let err = |problems: Vec<String>| ConfigError { file: file.to_path_buf(), problems };
+        let err = |problems: Vec<String>| ConfigError {
+            file: file.to_path_buf(),
+            problems,
+        };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             let msg = e.message().to_string();
             let at = e
                 .span()
                 .map(|s| {
-                    let line = text[..s.start.min(text.len())].lines().count().max(1);
+                    let line = text.as_bytes()[..s.start.min(text.len())]
+                        .iter()
+                        .filter(|b| **b == b'\n')
+                        .count()
+                        + 1;
                     format!("line {line}: ")
                 })
                 .unwrap_or_default();
@@ -356,10 +374,17 @@ impl Config {
             ),
         };
         let postfix = {
-            let p = raw.postfix.unwrap_or(RawPostfix { config_dir: None, postmap: None, postalias: None });
+            let p = raw.postfix.unwrap_or(RawPostfix {
+                config_dir: None,
+                postmap: None,
+                postalias: None,
+            });
             PostfixSettings {
                 config_dir: p.config_dir.map(&abs),
-                postmap: p.postmap.map(&abs).unwrap_or_else(|| PathBuf::from("/usr/sbin/postmap")),
+                postmap: p
+                    .postmap
+                    .map(&abs)
+                    .unwrap_or_else(|| PathBuf::from("/usr/sbin/postmap")),
                 postalias: p
                     .postalias
                     .map(&abs)
@@ -402,13 +427,15 @@ impl Config {
                 Some(name) => name,
             };
             if !names.insert(name.clone()) {
-                problems.push(format!("key `nodes[{i}].name`: node `{name}` is listed twice"));
+                problems.push(format!(
+                    "key `nodes[{i}].name`: node `{name}` is listed twice"
+                ));
             }
             match n.address.as_deref().map(|a| (a, a.parse::<SocketAddr>())) {
                 None => problems.push(format!("missing key `nodes[{i}].address` (node {name})")),
-                Some((a, Err(_))) => {
-                    problems.push(format!("key `nodes[{i}].address`: `{a}` is not an address:port"))
-                }
+                Some((a, Err(_))) => problems.push(format!(
+                    "key `nodes[{i}].address`: `{a}` is not an address:port"
+                )),
                 Some((_, Ok(address))) => {
                     if !addrs.insert(address) {
                         problems.push(format!("key `nodes[{i}].address`: {address} is used twice"));
@@ -441,7 +468,9 @@ impl Config {
                 Some(n) => n,
             };
             if !tnames.insert(name.clone()) {
-                problems.push(format!("key `tables[{i}].name`: table `{name}` is listed twice"));
+                problems.push(format!(
+                    "key `tables[{i}].name`: table `{name}` is listed twice"
+                ));
             }
             let path = match t.path {
                 None => {
@@ -451,11 +480,17 @@ impl Config {
                 Some(p) => {
                     let p = abs(p);
                     if p.file_name().is_none() || p.parent().is_none() {
-                        problems.push(format!("key `tables[{i}].path`: `{}` names no file", p.display()));
+                        problems.push(format!(
+                            "key `tables[{i}].path`: `{}` names no file",
+                            p.display()
+                        ));
                         None
                     } else {
                         if !tpaths.insert(p.clone()) {
-                            problems.push(format!("key `tables[{i}].path`: `{}` used twice", p.display()));
+                            problems.push(format!(
+                                "key `tables[{i}].path`: `{}` used twice",
+                                p.display()
+                            ));
                         }
                         Some(p)
                     }
@@ -533,7 +568,11 @@ impl Config {
     /// missing builder programs. Empty when all is well.
     pub fn check_files(&self) -> Vec<String> {
         let mut out = Vec::new();
-        for (key, p) in [("tls.ca", &self.ca), ("tls.cert", &self.cert), ("tls.key", &self.key)] {
+        for (key, p) in [
+            ("tls.ca", &self.ca),
+            ("tls.cert", &self.cert),
+            ("tls.key", &self.key),
+        ] {
             if let Err(e) = std::fs::File::open(p) {
                 out.push(format!("key `{key}`: cannot open {}: {e}", p.display()));
             }
@@ -559,13 +598,20 @@ impl Config {
             }
             if let Some(s) = &t.source {
                 if !s.is_file() {
-                    out.push(format!("table `{}`: source {} does not exist", t.name, s.display()));
+                    out.push(format!(
+                        "table `{}`: source {} does not exist",
+                        t.name,
+                        s.display()
+                    ));
                 }
             }
         }
         if let Some(d) = &self.postfix.config_dir {
             if !d.join("main.cf").is_file() {
-                out.push(format!("key `postfix.config_dir`: {} has no main.cf", d.display()));
+                out.push(format!(
+                    "key `postfix.config_dir`: {} has no main.cf",
+                    d.display()
+                ));
             }
         }
         out
@@ -606,7 +652,10 @@ type = "hash"
         let t = c.table("sympa_transport").unwrap();
         assert_eq!(t.kind, TableType::Hash);
         assert_eq!(t.builder, Builder::Postmap);
-        assert_eq!(t.live_indexed(), PathBuf::from("/etc/postfix/sympa_transport.db"));
+        assert_eq!(
+            t.live_indexed(),
+            PathBuf::from("/etc/postfix/sympa_transport.db")
+        );
     }
 
     #[test]
@@ -618,7 +667,10 @@ type = "hash"
         let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err();
         let all = e.problems.join("\n");
         assert!(all.contains("missing key `listen`"), "{all}");
-        assert!(all.contains("`tables[0].type`: unknown type `hsh`"), "{all}");
+        assert!(
+            all.contains("`tables[0].type`: unknown type `hsh`"),
+            "{all}"
+        );
         assert!(all.contains("node `node1` is listed twice"), "{all}");
         assert_eq!(e.problems.len(), 3, "{all}");
     }

@@ -37,7 +37,10 @@ impl Journal {
     /// Opens (creating if needed) `<state_dir>/tables`.
     pub fn open(state_dir: &Path) -> Result<Journal, JournalError> {
         let dir = state_dir.join("tables");
-        std::fs::create_dir_all(&dir).map_err(|source| JournalError::Io { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| JournalError::Io {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(Journal { dir })
     }
 
@@ -49,8 +52,10 @@ impl Journal {
     pub fn load(&self, table: &str) -> Result<TableState, JournalError> {
         let path = self.path(table);
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| JournalError::Corrupt { path, detail: e.to_string() }),
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| JournalError::Corrupt {
+                path,
+                detail: e.to_string(),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TableState::default()),
             Err(source) => Err(JournalError::Io { path, source }),
         }
@@ -60,19 +65,29 @@ impl Journal {
     /// prepared and later phases survive a crash.
     pub fn store(&self, table: &str, state: &TableState) -> Result<(), JournalError> {
         let mut durable = state.clone();
-        if durable.active.as_ref().is_some_and(|a| a.phase == crate::machine::Phase::Staging) {
+        if durable
+            .active
+            .as_ref()
+            .is_some_and(|a| a.phase == crate::machine::Phase::Staging)
+        {
             durable.active = None;
         }
         let path = self.path(table);
         let tmp = self.dir.join(format!(".{table}.json.tmp"));
-        let io = |source| JournalError::Io { path: path.clone(), source };
-        let bytes = serde_json::to_vec_pretty(&durable).map_err(|e| io(std::io::Error::other(e)))?;
+        let io = |source| JournalError::Io {
+            path: path.clone(),
+            source,
+        };
+        let bytes =
+            serde_json::to_vec_pretty(&durable).map_err(|e| io(std::io::Error::other(e)))?;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(&bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
         drop(f);
         std::fs::rename(&tmp, &path).map_err(io)?;
-        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
         Ok(())
     }
 }
@@ -100,7 +115,10 @@ mod tests {
             0,
         );
         j.store("t", &s).unwrap();
-        assert!(j.load("t").unwrap().active.is_none(), "staging must not be journaled");
+        assert!(
+            j.load("t").unwrap().active.is_none(),
+            "staging must not be journaled"
+        );
         s.step(Event::StageDone { txid: TxId(1) }, 0);
         j.store("t", &s).unwrap();
         let back = j.load("t").unwrap();

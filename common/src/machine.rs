@@ -170,7 +170,11 @@ pub enum Action {
 
 impl TableState {
     fn outcome_of(&self, txid: TxId) -> Option<Outcome> {
-        self.recent.iter().rev().find(|(t, _)| *t == txid).map(|(_, o)| *o)
+        self.recent
+            .iter()
+            .rev()
+            .find(|(t, _)| *t == txid)
+            .map(|(_, o)| *o)
     }
 
     fn remember(&mut self, txid: TxId, o: Outcome) {
@@ -205,10 +209,22 @@ impl TableState {
         use Action as A;
         let refuse = |r: Refusal| A::Reply(Response::Refused(r));
         match event {
-            Event::Prepare { txid, generation, coordinator, sha256, entries } => {
+            Event::Prepare {
+                txid,
+                generation,
+                coordinator,
+                sha256,
+                entries,
+            } => {
                 match self.outcome_of(txid) {
                     Some(Outcome::Committed(g)) => {
-                        return vec![A::DiscardBody, A::Reply(Response::Committed { txid, generation: g })]
+                        return vec![
+                            A::DiscardBody,
+                            A::Reply(Response::Committed {
+                                txid,
+                                generation: g,
+                            }),
+                        ]
                     }
                     Some(Outcome::Aborted) => {
                         return vec![A::DiscardBody, refuse(Refusal::AlreadyAborted { txid })]
@@ -221,13 +237,19 @@ impl TableState {
                     }
                     return vec![
                         A::DiscardBody,
-                        refuse(Refusal::Busy { txid: a.txid, generation: a.generation }),
+                        refuse(Refusal::Busy {
+                            txid: a.txid,
+                            generation: a.generation,
+                        }),
                     ];
                 }
                 if generation <= self.generation {
                     return vec![
                         A::DiscardBody,
-                        refuse(Refusal::StaleGeneration { offered: generation, current: self.generation }),
+                        refuse(Refusal::StaleGeneration {
+                            offered: generation,
+                            current: self.generation,
+                        }),
                     ];
                 }
                 self.active = Some(Active {
@@ -270,7 +292,10 @@ impl TableState {
             },
             Event::Commit { txid } => {
                 if let Some(Outcome::Committed(g)) = self.outcome_of(txid) {
-                    return vec![A::Reply(Response::Committed { txid, generation: g })];
+                    return vec![A::Reply(Response::Committed {
+                        txid,
+                        generation: g,
+                    })];
                 }
                 match &mut self.active {
                     Some(a) if a.txid == txid && a.phase == Phase::Prepared => {
@@ -302,7 +327,10 @@ impl TableState {
                     vec![
                         A::Persist,
                         A::Unlock,
-                        A::Reply(Response::Committed { txid, generation: a.generation }),
+                        A::Reply(Response::Committed {
+                            txid,
+                            generation: a.generation,
+                        }),
                     ]
                 }
                 other => {
@@ -383,11 +411,17 @@ pub fn decide(votes: &[Option<Vote>]) -> Option<Decision> {
         // An early abort is still safe; but waiting lets us report every node's cause.
         return None;
     }
-    let failures: Vec<&Vote> = votes.iter().flatten().filter(|v| **v != Vote::Prepared).collect();
+    let failures: Vec<&Vote> = votes
+        .iter()
+        .flatten()
+        .filter(|v| **v != Vote::Prepared)
+        .collect();
     if failures.is_empty() {
         return Some(Decision::Commit);
     }
-    let retry = failures.iter().all(|v| matches!(v, Vote::Refused(r) if r.is_conflict()));
+    let retry = failures
+        .iter()
+        .all(|v| matches!(v, Vote::Refused(r) if r.is_conflict()));
     Some(Decision::Abort { retry })
 }
 
@@ -395,7 +429,10 @@ pub fn decide(votes: &[Option<Vote>]) -> Option<Decision> {
 pub fn next_generation(statuses: &[TableStatus]) -> u64 {
     statuses
         .iter()
-        .map(|s| s.generation.max(s.prepared.as_ref().map(|p| p.generation).unwrap_or(0)))
+        .map(|s| {
+            s.generation
+                .max(s.prepared.as_ref().map(|p| p.generation).unwrap_or(0))
+        })
         .max()
         .unwrap_or(0)
         + 1
@@ -416,16 +453,31 @@ mod tests {
     }
 
     fn replies(actions: &[Action]) -> Vec<&Response> {
-        actions.iter().filter_map(|a| if let Action::Reply(r) = a { Some(r) } else { None }).collect()
+        actions
+            .iter()
+            .filter_map(|a| {
+                if let Action::Reply(r) = a {
+                    Some(r)
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     #[test]
     fn a_prepare_then_commit_installs_and_persists_before_replying() {
         let mut s = TableState::default();
-        assert_eq!(s.step(prepare(1, 1), 10), vec![Action::Stage { txid: TxId(1) }]);
+        assert_eq!(
+            s.step(prepare(1, 1), 10),
+            vec![Action::Stage { txid: TxId(1) }]
+        );
         assert_eq!(
             s.step(Event::StageDone { txid: TxId(1) }, 11),
-            vec![Action::Persist, Action::Reply(Response::Prepared { txid: TxId(1) })]
+            vec![
+                Action::Persist,
+                Action::Reply(Response::Prepared { txid: TxId(1) })
+            ]
         );
         assert_eq!(
             s.step(Event::Commit { txid: TxId(1) }, 12),
@@ -446,15 +498,32 @@ mod tests {
         s.step(Event::StageDone { txid: TxId(1) }, 0);
         // A duplicated prepare answers Prepared again without staging twice.
         let a = s.step(prepare(1, 1), 0);
-        assert_eq!(a, vec![Action::DiscardBody, Action::Reply(Response::Prepared { txid: TxId(1) })]);
+        assert_eq!(
+            a,
+            vec![
+                Action::DiscardBody,
+                Action::Reply(Response::Prepared { txid: TxId(1) })
+            ]
+        );
         s.step(Event::Commit { txid: TxId(1) }, 0);
         s.step(Event::InstallDone { txid: TxId(1) }, 0);
         // A duplicated commit answers Committed, with no second install.
         let a = s.step(Event::Commit { txid: TxId(1) }, 0);
-        assert_eq!(a, vec![Action::Reply(Response::Committed { txid: TxId(1), generation: 1 })]);
+        assert_eq!(
+            a,
+            vec![Action::Reply(Response::Committed {
+                txid: TxId(1),
+                generation: 1
+            })]
+        );
         // An abort after commit is refused.
         let a = s.step(Event::Abort { txid: TxId(1) }, 0);
-        assert_eq!(replies(&a), vec![&Response::Refused(Refusal::AlreadyCommitted { txid: TxId(1) })]);
+        assert_eq!(
+            replies(&a),
+            vec![&Response::Refused(Refusal::AlreadyCommitted {
+                txid: TxId(1)
+            })]
+        );
     }
 
     #[test]
@@ -464,7 +533,10 @@ mod tests {
         let a = s.step(prepare(2, 6), 0);
         assert_eq!(
             replies(&a),
-            vec![&Response::Refused(Refusal::Busy { txid: TxId(1), generation: 5 })]
+            vec![&Response::Refused(Refusal::Busy {
+                txid: TxId(1),
+                generation: 5
+            })]
         );
         s.step(Event::StageDone { txid: TxId(1) }, 0);
         s.step(Event::Commit { txid: TxId(1) }, 0);
@@ -472,7 +544,10 @@ mod tests {
         let a = s.step(prepare(3, 5), 0);
         assert_eq!(
             replies(&a),
-            vec![&Response::Refused(Refusal::StaleGeneration { offered: 5, current: 5 })]
+            vec![&Response::Refused(Refusal::StaleGeneration {
+                offered: 5,
+                current: 5
+            })]
         );
         assert!(s.active.is_none());
     }
@@ -489,7 +564,12 @@ mod tests {
         assert!(s.active.is_none());
         // And a late duplicate prepare cannot resurrect it.
         let a = s.step(prepare(1, 1), 0);
-        assert_eq!(replies(&a), vec![&Response::Refused(Refusal::AlreadyAborted { txid: TxId(1) })]);
+        assert_eq!(
+            replies(&a),
+            vec![&Response::Refused(Refusal::AlreadyAborted {
+                txid: TxId(1)
+            })]
+        );
     }
 
     #[test]
@@ -498,18 +578,36 @@ mod tests {
         let a = s.step(Event::Abort { txid: TxId(9) }, 0);
         assert_eq!(replies(&a), vec![&Response::Aborted { txid: TxId(9) }]);
         let a = s.step(prepare(9, 1), 0);
-        assert_eq!(replies(&a), vec![&Response::Refused(Refusal::AlreadyAborted { txid: TxId(9) })]);
+        assert_eq!(
+            replies(&a),
+            vec![&Response::Refused(Refusal::AlreadyAborted {
+                txid: TxId(9)
+            })]
+        );
     }
 
     #[test]
     fn a_failed_stage_unlocks_and_reports_the_cause() {
         let mut s = TableState::default();
         s.step(prepare(1, 1), 0);
-        let why = Refusal::VerifyFailed { expected: 3, found: 2 };
-        let a = s.step(Event::StageFailed { txid: TxId(1), why: why.clone() }, 0);
+        let why = Refusal::VerifyFailed {
+            expected: 3,
+            found: 2,
+        };
+        let a = s.step(
+            Event::StageFailed {
+                txid: TxId(1),
+                why: why.clone(),
+            },
+            0,
+        );
         assert_eq!(
             a,
-            vec![Action::RemoveStaged { txid: TxId(1) }, Action::Unlock, Action::Reply(Response::Refused(why))]
+            vec![
+                Action::RemoveStaged { txid: TxId(1) },
+                Action::Unlock,
+                Action::Reply(Response::Refused(why))
+            ]
         );
         assert_eq!(s.generation, 0);
     }
@@ -520,7 +618,11 @@ mod tests {
         s.step(prepare(1, 1), 0);
         s.step(Event::StageDone { txid: TxId(1) }, 0);
         s.step(Event::Commit { txid: TxId(1) }, 0);
-        let why = Refusal::Storage { op: "rename".into(), path: "x".into(), error: "EIO".into() };
+        let why = Refusal::Storage {
+            op: "rename".into(),
+            path: "x".into(),
+            error: "EIO".into(),
+        };
         s.step(Event::InstallFailed { txid: TxId(1), why }, 0);
         assert_eq!(s.active.as_ref().map(|a| a.phase), Some(Phase::Prepared));
         assert_eq!(
@@ -532,19 +634,37 @@ mod tests {
     #[test]
     fn the_coordinator_commits_only_on_unanimous_prepared() {
         assert_eq!(decide(&[Some(Vote::Prepared), None]), None);
-        assert_eq!(decide(&[Some(Vote::Prepared), Some(Vote::Prepared)]), Some(Decision::Commit));
         assert_eq!(
-            decide(&[Some(Vote::Prepared), Some(Vote::Unreachable("timeout".into()))]),
+            decide(&[Some(Vote::Prepared), Some(Vote::Prepared)]),
+            Some(Decision::Commit)
+        );
+        assert_eq!(
+            decide(&[
+                Some(Vote::Prepared),
+                Some(Vote::Unreachable("timeout".into()))
+            ]),
             Some(Decision::Abort { retry: false })
         );
-        let busy = Vote::Refused(Refusal::Busy { txid: TxId(1), generation: 1 });
-        assert_eq!(decide(&[Some(Vote::Prepared), Some(busy)]), Some(Decision::Abort { retry: true }));
+        let busy = Vote::Refused(Refusal::Busy {
+            txid: TxId(1),
+            generation: 1,
+        });
+        assert_eq!(
+            decide(&[Some(Vote::Prepared), Some(busy)]),
+            Some(Decision::Abort { retry: true })
+        );
     }
 
     #[test]
     fn the_next_generation_is_above_live_and_in_progress_ones() {
-        let mut a = TableState { generation: 4, ..Default::default() };
-        let b = TableState { generation: 2, ..Default::default() };
+        let mut a = TableState {
+            generation: 4,
+            ..Default::default()
+        };
+        let b = TableState {
+            generation: 2,
+            ..Default::default()
+        };
         assert_eq!(next_generation(&[a.status("t"), b.status("t")]), 5);
         a.step(prepare(1, 9), 0);
         assert_eq!(next_generation(&[a.status("t"), b.status("t")]), 10);

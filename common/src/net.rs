@@ -25,12 +25,29 @@ pub enum NetError {
 }
 
 /// Sends `req` (followed by `body`, if any, streamed in chunks) and reads one response.
+///
+/// A participant that refuses a prepare early stops reading the body; the refusal it sends is
+/// still read and returned, rather than the write error.
 pub async fn exchange<B: AsyncRead + Unpin>(
     conn: &quinn::Connection,
     req: &Request,
     body: Option<B>,
 ) -> Result<Response, NetError> {
     let (mut send, mut recv) = conn.open_bi().await?;
+    let sent = send_all(&mut send, req, body).await;
+    match sent {
+        Ok(()) => {}
+        Err(NetError::Write(quinn::WriteError::Stopped(_))) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(codec::read_frame(&mut recv).await?)
+}
+
+async fn send_all<B: AsyncRead + Unpin>(
+    send: &mut quinn::SendStream,
+    req: &Request,
+    body: Option<B>,
+) -> Result<(), NetError> {
     send.write_all(&codec::encode(req)?).await?;
     if let Some(mut body) = body {
         use tokio::io::AsyncReadExt;
@@ -44,5 +61,5 @@ pub async fn exchange<B: AsyncRead + Unpin>(
         }
     }
     send.finish()?;
-    Ok(codec::read_frame(&mut recv).await?)
+    Ok(())
 }

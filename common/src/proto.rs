@@ -54,7 +54,11 @@ impl TxId {
     }
     /// Parses 32 lowercase hex digits.
     pub fn parse(s: &str) -> Option<TxId> {
-        if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        if s.len() != 32
+            || !s
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
             return None;
         }
         u128::from_str_radix(s, 16).ok().map(TxId)
@@ -92,7 +96,9 @@ impl<'de> Deserialize<'de> for Sha256 {
                 f.write_str("a sha256 digest (32 bytes, or 64 hex digits)")
             }
             fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Sha256, E> {
-                let arr: [u8; 32] = v.try_into().map_err(|_| E::invalid_length(v.len(), &self))?;
+                let arr: [u8; 32] = v
+                    .try_into()
+                    .map_err(|_| E::invalid_length(v.len(), &self))?;
                 Ok(Sha256(arr))
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Sha256, E> {
@@ -337,14 +343,26 @@ impl fmt::Display for Refusal {
         match self {
             Refusal::UnknownTable { table } => write!(f, "unknown table `{table}`"),
             Refusal::Busy { txid, generation } => {
-                write!(f, "busy: transaction {txid} (generation {generation}) holds the table")
+                write!(
+                    f,
+                    "busy: transaction {txid} (generation {generation}) holds the table"
+                )
             }
             Refusal::StaleGeneration { offered, current } => {
-                write!(f, "stale generation {offered}: node is at generation {current}")
+                write!(
+                    f,
+                    "stale generation {offered}: node is at generation {current}"
+                )
             }
-            Refusal::TooLarge { len, max } => write!(f, "table of {len} bytes exceeds the limit of {max}"),
+            Refusal::TooLarge { len, max } => {
+                write!(f, "table of {len} bytes exceeds the limit of {max}")
+            }
             Refusal::ContentMismatch { detail } => write!(f, "content mismatch: {detail}"),
-            Refusal::BuildFailed { program, status, stderr } => {
+            Refusal::BuildFailed {
+                program,
+                status,
+                stderr,
+            } => {
                 write!(f, "build failed: {program} ({status}): {stderr}")
             }
             Refusal::VerifyFailed { expected, found } => write!(
@@ -370,7 +388,15 @@ impl From<crate::table::TableError> for Refusal {
                 path: path.display().to_string(),
                 error: source.to_string(),
             },
-            E::BuildFailed { program, status, stderr } => Refusal::BuildFailed { program, status, stderr },
+            E::BuildFailed {
+                program,
+                status,
+                stderr,
+            } => Refusal::BuildFailed {
+                program,
+                status,
+                stderr,
+            },
             E::VerifyFailed { expected, found } => Refusal::VerifyFailed { expected, found },
         }
     }
@@ -401,7 +427,10 @@ mod tests {
         });
         let f = crate::codec::encode(&p).unwrap();
         assert_eq!(crate::codec::decode::<Request>(&f).unwrap(), p);
-        let r = Response::Refused(Refusal::Busy { txid: TxId(1), generation: 3 });
+        let r = Response::Refused(Refusal::Busy {
+            txid: TxId(1),
+            generation: 3,
+        });
         let f = crate::codec::encode(&r).unwrap();
         assert_eq!(crate::codec::decode::<Response>(&f).unwrap(), r);
     }

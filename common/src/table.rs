@@ -50,7 +50,11 @@ pub enum TableError {
 }
 
 fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TableError + 'a {
-    move |source| TableError::Io { op, path: path.to_path_buf(), source }
+    move |source| TableError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// `path` with `suffix` appended to its file name (`a/b` + `.db` = `a/b.db`).
@@ -61,7 +65,10 @@ pub fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
 }
 
 fn file_name(t: &TableConfig) -> String {
-    t.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default()
+    t.path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// Prefix of every staged file of this table: `.<file>.txmap-`.
@@ -89,11 +96,15 @@ pub fn staged_paths(t: &TableConfig, txid: TxId) -> Staged {
 /// name shape; nothing else in the directory is ever touched.
 pub fn list_staged(t: &TableConfig) -> Vec<(TxId, PathBuf)> {
     let prefix = staged_prefix(t);
-    let Ok(rd) = std::fs::read_dir(t.dir()) else { return Vec::new() };
+    let Ok(rd) = std::fs::read_dir(t.dir()) else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(&prefix) else { continue };
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
         let (id, suffix) = rest.split_at(rest.len().min(32));
         if suffix.is_empty() || suffix == t.kind.suffix() || suffix == ".cdb.tmp" {
             if let Some(txid) = TxId::parse(id) {
@@ -144,10 +155,12 @@ impl EntryCounter {
 /// sha256 of a byte stream, hex.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// What one pass over a source file yields.
@@ -184,7 +197,11 @@ pub fn digest_reader<R: Read>(r: &mut R) -> std::io::Result<SourceDigest> {
     }
     let mut sha256 = [0u8; 32];
     sha256.copy_from_slice(ctx.finish().as_ref());
-    Ok(SourceDigest { sha256, len, entries: counter.entries() })
+    Ok(SourceDigest {
+        sha256,
+        len,
+        entries: counter.entries(),
+    })
 }
 
 /// Writes an incoming source to its staged path, hashing and counting as it goes.
@@ -198,7 +215,10 @@ pub struct SourceWriter {
 
 impl std::fmt::Debug for SourceWriter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SourceWriter").field("path", &self.path).field("len", &self.len).finish()
+        f.debug_struct("SourceWriter")
+            .field("path", &self.path)
+            .field("len", &self.len)
+            .finish()
     }
 }
 
@@ -250,11 +270,18 @@ impl SourceWriter {
     /// Flushes and fsyncs the file; returns what was written.
     pub fn finish(self) -> Result<SourceDigest, TableError> {
         let path = self.path;
-        let file = self.file.into_inner().map_err(|e| io("write", &path)(e.into_error()))?;
+        let file = self
+            .file
+            .into_inner()
+            .map_err(|e| io("write", &path)(e.into_error()))?;
         file.sync_all().map_err(io("fsync", &path))?;
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(self.ctx.finish().as_ref());
-        Ok(SourceDigest { sha256, len: self.len, entries: self.counter.entries() })
+        Ok(SourceDigest {
+            sha256,
+            len: self.len,
+            entries: self.counter.entries(),
+        })
     }
 }
 
@@ -293,9 +320,15 @@ fn clip(text: &[u8]) -> String {
 
 /// Builds the indexed file of a staged source with the configured builder. Any output on
 /// stderr fails the build unless the table allows warnings.
-pub async fn build(postfix: &PostfixSettings, t: &TableConfig, staged: &Staged) -> Result<(), TableError> {
+pub async fn build(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    staged: &Staged,
+) -> Result<(), TableError> {
     let mut cmd = builder_command(postfix, t.builder);
-    cmd.arg(typed(t, &staged.source)).stdout(Stdio::null()).stderr(Stdio::piped());
+    cmd.arg(typed(t, &staged.source))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let program = t.builder.as_str().to_string();
     let out = cmd.output().await.map_err(|e| TableError::BuildFailed {
         program: program.clone(),
@@ -316,18 +349,33 @@ pub async fn build(postfix: &PostfixSettings, t: &TableConfig, staged: &Staged) 
 const POSTALIAS_EXTRA_KEYS: [&str; 3] = ["@", "YP_LAST_MODIFIED", "YP_MASTER_NAME"];
 
 /// Counts the entries of a built table by dumping it (`postmap -s`), streaming the output.
-pub async fn count_built(postfix: &PostfixSettings, t: &TableConfig, path: &Path) -> Result<u64, TableError> {
+pub async fn count_built(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    path: &Path,
+) -> Result<u64, TableError> {
     let mut cmd = builder_command(postfix, t.builder);
-    cmd.arg("-s").arg(typed(t, path)).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.arg("-s")
+        .arg(typed(t, path))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let program = t.builder.as_str().to_string();
     let fail = |status: String, stderr: String| TableError::BuildFailed {
         program: format!("{program} -s"),
         status,
         stderr,
     };
-    let mut child = cmd.spawn().map_err(|e| fail("not started".into(), e.to_string()))?;
-    let stdout = child.stdout.take().ok_or_else(|| fail("no stdout".into(), String::new()))?;
-    let mut stderr = child.stderr.take().ok_or_else(|| fail("no stderr".into(), String::new()))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail("not started".into(), e.to_string()))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| fail("no stdout".into(), String::new()))?;
+    let mut stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| fail("no stderr".into(), String::new()))?;
     let builder = t.builder;
     // Stream the dump line by line: it can be hundreds of megabytes, never held whole.
     let count = async move {
@@ -357,8 +405,15 @@ pub async fn count_built(postfix: &PostfixSettings, t: &TableConfig, path: &Path
     };
     let (n, err_text) = tokio::join!(count, errs);
     let n = n.map_err(|e| fail("read".into(), e.to_string()))?;
-    let status = child.wait().await.map_err(|e| fail("wait".into(), e.to_string()))?;
-    let out = std::process::Output { status, stdout: Vec::new(), stderr: err_text };
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| fail("wait".into(), e.to_string()))?;
+    let out = std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr: err_text,
+    };
     if !out.status.success() || !out.stderr.is_empty() {
         return Err(fail(out.status.to_string(), clip(&out.stderr)));
     }
@@ -373,7 +428,11 @@ pub async fn verify(
     expected: u64,
 ) -> Result<(), TableError> {
     let found = count_built(postfix, t, &staged.source).await?;
-    let ok = if t.allow_warnings { found <= expected && (found > 0 || expected == 0) } else { found == expected };
+    let ok = if t.allow_warnings {
+        found <= expected && (found > 0 || expected == 0)
+    } else {
+        found == expected
+    };
     if ok {
         Ok(())
     } else {
@@ -383,12 +442,16 @@ pub async fn verify(
 
 /// fsyncs a file given by path.
 pub fn fsync_path(p: &Path) -> Result<(), TableError> {
-    File::open(p).and_then(|f| f.sync_all()).map_err(io("fsync", p))
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(io("fsync", p))
 }
 
 /// fsyncs a directory (makes renames and creations in it durable).
 pub fn fsync_dir(p: &Path) -> Result<(), TableError> {
-    File::open(p).and_then(|f| f.sync_all()).map_err(io("fsync directory", p))
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(io("fsync directory", p))
 }
 
 /// Installs a prepared table: indexed file first, then the source, then fsync the directory.
@@ -404,44 +467,6 @@ pub fn install(t: &TableConfig, staged: &Staged) -> Result<(), TableError> {
         }
     }
     fsync_dir(t.dir())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn count(s: &str) -> u64 {
-        let mut c = EntryCounter::default();
-        // Feed in awkward pieces: counting must not depend on chunk boundaries.
-        for piece in s.as_bytes().chunks(3) {
-            c.feed(piece);
-        }
-        c.entries()
-    }
-
-    #[test]
-    fn counts_logical_lines_like_postmap() {
-        assert_eq!(count(""), 0);
-        assert_eq!(count("a b\nc d\n"), 2);
-        assert_eq!(count("a b\nc d"), 2);
-        assert_eq!(count("# comment\n\n   \na b\n  continued\n\t# indented comment\nc d\n"), 2);
-        assert_eq!(count("owner: root,\n  other\nlist: \"| cmd\"\n"), 2);
-        assert_eq!(count("a b\r\n\r\nc d\r\n"), 2);
-    }
-
-    #[test]
-    fn digest_matches_counter_and_ring() {
-        let text = b"a b\n# x\nc d\n";
-        let d = digest_reader(&mut &text[..]).unwrap();
-        assert_eq!(d.len, text.len() as u64);
-        assert_eq!(d.entries, 2);
-        assert_eq!(hex(&d.sha256), hex(ring::digest::digest(&ring::digest::SHA256, text).as_ref()));
-    }
-
-    #[test]
-    fn appends_suffixes() {
-        assert_eq!(with_suffix(Path::new("/a/b"), ".db"), PathBuf::from("/a/b.db"));
-    }
 }
 
 /// The lock file that serializes transactions on one table: `<state_dir>/locks/<table>.lock`.
@@ -469,5 +494,52 @@ pub fn try_lock(path: &Path) -> Result<Option<File>, TableError> {
         Ok(()) => Ok(Some(f)),
         Err(fs4::TryLockError::WouldBlock) => Ok(None),
         Err(fs4::TryLockError::Error(e)) => Err(io("lock", path)(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(s: &str) -> u64 {
+        let mut c = EntryCounter::default();
+        // Feed in awkward pieces: counting must not depend on chunk boundaries.
+        for piece in s.as_bytes().chunks(3) {
+            c.feed(piece);
+        }
+        c.entries()
+    }
+
+    #[test]
+    fn counts_logical_lines_like_postmap() {
+        assert_eq!(count(""), 0);
+        assert_eq!(count("a b\nc d\n"), 2);
+        assert_eq!(count("a b\nc d"), 2);
+        assert_eq!(
+            count("# comment\n\n   \na b\n  continued\n\t# indented comment\nc d\n"),
+            2
+        );
+        assert_eq!(count("owner: root,\n  other\nlist: \"| cmd\"\n"), 2);
+        assert_eq!(count("a b\r\n\r\nc d\r\n"), 2);
+    }
+
+    #[test]
+    fn digest_matches_counter_and_ring() {
+        let text = b"a b\n# x\nc d\n";
+        let d = digest_reader(&mut &text[..]).unwrap();
+        assert_eq!(d.len, text.len() as u64);
+        assert_eq!(d.entries, 2);
+        assert_eq!(
+            hex(&d.sha256),
+            hex(ring::digest::digest(&ring::digest::SHA256, text).as_ref())
+        );
+    }
+
+    #[test]
+    fn appends_suffixes() {
+        assert_eq!(
+            with_suffix(Path::new("/a/b"), ".db"),
+            PathBuf::from("/a/b.db")
+        );
     }
 }

@@ -47,7 +47,10 @@ pub enum TlsError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
-    move |source| TlsError::Io { path: path.to_path_buf(), source }
+    move |source| TlsError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn setup<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> TlsError {
@@ -63,8 +66,13 @@ pub const CA_KEY: &str = "ca.key";
 fn ca_params() -> CertificateParams {
     let mut p = CertificateParams::default();
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.distinguished_name.push(DnType::CommonName, "txmap cluster CA");
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.distinguished_name
+        .push(DnType::CommonName, "txmap cluster CA");
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     p
 }
 
@@ -78,19 +86,25 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<(), TlsError> {
         .open(path)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::AlreadyExists {
-                TlsError::Exists { path: path.to_path_buf() }
+                TlsError::Exists {
+                    path: path.to_path_buf(),
+                }
             } else {
                 io(path)(e)
             }
         })?;
-    f.write_all(contents.as_bytes()).and_then(|_| f.sync_all()).map_err(io(path))
+    f.write_all(contents.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(io(path))
 }
 
 /// Creates `DIR/ca.pem` and `DIR/ca.key`. Refuses to overwrite.
 pub fn init_ca(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     let key = KeyPair::generate().map_err(setup("generate CA key"))?;
-    let cert = ca_params().self_signed(&key).map_err(setup("self-sign CA"))?;
+    let cert = ca_params()
+        .self_signed(&key)
+        .map_err(setup("self-sign CA"))?;
     let (cp, kp) = (dir.join(CA_CERT), dir.join(CA_KEY));
     write_new(&kp, &key.serialize_pem(), 0o600)?;
     write_new(&cp, &cert.pem(), 0o644)?;
@@ -100,22 +114,34 @@ pub fn init_ca(dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
 /// Issues `OUT/<node>.pem` and `OUT/<node>.key` signed by the CA in `ca_dir`.
 pub fn issue_node(ca_dir: &Path, node: &str, out: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
     if !crate::config::valid_node_name(node) {
-        return Err(TlsError::Setup(format!("`{node}` is not a valid node (DNS) name")));
+        return Err(TlsError::Setup(format!(
+            "`{node}` is not a valid node (DNS) name"
+        )));
     }
     let kp_path = ca_dir.join(CA_KEY);
     let ca_key_pem = std::fs::read_to_string(&kp_path).map_err(io(&kp_path))?;
-    let ca_key = KeyPair::from_pem(&ca_key_pem)
-        .map_err(|e| TlsError::BadFile { path: kp_path.clone(), detail: format!("not a CA key: {e}") })?;
+    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::BadFile {
+        path: kp_path.clone(),
+        detail: format!("not a CA key: {e}"),
+    })?;
     let issuer = Issuer::new(ca_params(), ca_key);
     let mut p = CertificateParams::new(vec![node.to_string()]).map_err(setup("node name"))?;
     p.distinguished_name.push(DnType::CommonName, node);
     p.use_authority_key_identifier_extension = true;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     let key = KeyPair::generate().map_err(setup("generate node key"))?;
-    let cert = p.signed_by(&key, &issuer).map_err(setup("sign node certificate"))?;
+    let cert = p
+        .signed_by(&key, &issuer)
+        .map_err(setup("sign node certificate"))?;
     std::fs::create_dir_all(out).map_err(io(out))?;
-    let (cp, kp) = (out.join(format!("{node}.pem")), out.join(format!("{node}.key")));
+    let (cp, kp) = (
+        out.join(format!("{node}.pem")),
+        out.join(format!("{node}.key")),
+    );
     write_new(&kp, &key.serialize_pem(), 0o600)?;
     write_new(&cp, &cert.pem(), 0o644)?;
     Ok((cp, kp))
@@ -125,9 +151,15 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = std::fs::read(path).map_err(io(path))?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut &pem[..])
         .collect::<Result<_, _>>()
-        .map_err(|e| TlsError::BadFile { path: path.to_path_buf(), detail: e.to_string() })?;
+        .map_err(|e| TlsError::BadFile {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::BadFile { path: path.to_path_buf(), detail: "no certificate in file".into() });
+        return Err(TlsError::BadFile {
+            path: path.to_path_buf(),
+            detail: "no certificate in file".into(),
+        });
     }
     Ok(certs)
 }
@@ -135,16 +167,23 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = std::fs::read(path).map_err(io(path))?;
     rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|e| TlsError::BadFile { path: path.to_path_buf(), detail: e.to_string() })?
-        .ok_or_else(|| TlsError::BadFile { path: path.to_path_buf(), detail: "no private key in file".into() })
+        .map_err(|e| TlsError::BadFile {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?
+        .ok_or_else(|| TlsError::BadFile {
+            path: path.to_path_buf(),
+            detail: "no private key in file".into(),
+        })
 }
 
 fn roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
     let mut store = rustls::RootCertStore::empty();
     for c in load_certs(ca)? {
-        store
-            .add(c)
-            .map_err(|e| TlsError::BadFile { path: ca.to_path_buf(), detail: e.to_string() })?;
+        store.add(c).map_err(|e| TlsError::BadFile {
+            path: ca.to_path_buf(),
+            detail: e.to_string(),
+        })?;
     }
     Ok(Arc::new(store))
 }
@@ -170,9 +209,10 @@ fn transport() -> Arc<quinn::TransportConfig> {
 
 /// The participant's QUIC server config: mutual TLS against the cluster CA.
 pub fn server_config(cfg: &Config) -> Result<quinn::ServerConfig, TlsError> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&cfg.ca)?, provider())
-        .build()
-        .map_err(setup("client verifier"))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(&cfg.ca)?, provider())
+            .build()
+            .map_err(setup("client verifier"))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(setup("TLS versions"))?
@@ -181,7 +221,8 @@ pub fn server_config(cfg: &Config) -> Result<quinn::ServerConfig, TlsError> {
         .map_err(setup("server certificate"))?;
     tls.alpn_protocols = vec![crate::proto::ALPN.to_vec()];
     tls.max_early_data_size = 0;
-    let quic = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(setup("QUIC server"))?;
+    let quic =
+        quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(setup("QUIC server"))?;
     let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
     sc.transport_config(transport());
     Ok(sc)
@@ -196,7 +237,8 @@ pub fn client_config(cfg: &Config) -> Result<quinn::ClientConfig, TlsError> {
         .with_client_auth_cert(load_certs(&cfg.cert)?, load_key(&cfg.key)?)
         .map_err(setup("client certificate"))?;
     tls.alpn_protocols = vec![crate::proto::ALPN.to_vec()];
-    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(setup("QUIC client"))?;
+    let quic =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(setup("QUIC client"))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(quic));
     cc.transport_config(transport());
     Ok(cc)
@@ -205,11 +247,16 @@ pub fn client_config(cfg: &Config) -> Result<quinn::ClientConfig, TlsError> {
 /// Which configured node a connected peer's certificate names (the chain was already verified
 /// against the cluster CA by the handshake). `None`: the peer is not a configured node.
 pub fn peer_node(conn: &quinn::Connection, cfg: &Config) -> Option<String> {
-    let chain = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
     let leaf = chain.first()?;
     let ee = webpki::EndEntityCert::try_from(leaf).ok()?;
     cfg.nodes.iter().find_map(|n| {
         let name = ServerName::try_from(n.name.as_str()).ok()?;
-        ee.verify_is_valid_for_subject_name(&name).ok().map(|_| n.name.clone())
+        ee.verify_is_valid_for_subject_name(&name)
+            .ok()
+            .map(|_| n.name.clone())
     })
 }

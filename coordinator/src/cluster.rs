@@ -14,7 +14,9 @@ pub struct Cluster {
 
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Cluster").field("node", &self.cfg.node).finish()
+        f.debug_struct("Cluster")
+            .field("node", &self.cfg.node)
+            .finish()
     }
 }
 
@@ -25,8 +27,12 @@ impl Cluster {
     /// Sets up the endpoint (this node's certificate as client identity).
     pub fn new(cfg: Config) -> anyhow::Result<Cluster> {
         let client = txmap_common::tls::client_config(&cfg)?;
-        let any: std::net::SocketAddr =
-            if cfg.nodes.iter().all(|n| n.address.is_ipv4()) { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+        let any: std::net::SocketAddr = if cfg.nodes.iter().all(|n| n.address.is_ipv4()) {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        }
+        .parse()?;
         let mut endpoint = quinn::Endpoint::client(any)?;
         endpoint.set_default_client_config(client);
         Ok(Cluster { cfg, endpoint })

@@ -90,20 +90,32 @@ async fn prepare_one(cluster: &Cluster, link: &Link, req: &Request, source: &Pat
     };
     let deadline = cluster.cfg.timeouts.prepare;
     let run = async {
-        let file = tokio::fs::File::open(source).await.map_err(|e| format!("cannot read source: {e}"))?;
-        net::exchange(conn, req, Some(file)).await.map_err(|e| e.to_string())
+        let file = tokio::fs::File::open(source)
+            .await
+            .map_err(|e| format!("cannot read source: {e}"))?;
+        net::exchange(conn, req, Some(file))
+            .await
+            .map_err(|e| e.to_string())
     };
     match tokio::time::timeout(deadline, run).await {
         Ok(Ok(Response::Prepared { .. })) => Vote::Prepared,
         Ok(Ok(Response::Refused(r))) => Vote::Refused(r),
         Ok(Ok(other)) => Vote::Unreachable(format!("unexpected answer {other:?}")),
         Ok(Err(e)) => Vote::Unreachable(e),
-        Err(_) => Vote::Unreachable(format!("no answer within the prepare deadline of {} ms", deadline.as_millis())),
+        Err(_) => Vote::Unreachable(format!(
+            "no answer within the prepare deadline of {} ms",
+            deadline.as_millis()
+        )),
     }
 }
 
 /// Sends `req` (a Commit) to one node, retrying until the commit deadline.
-async fn commit_one(cluster: &Cluster, node: &NodeConfig, link: &Link, req: &Request) -> Result<u64, String> {
+async fn commit_one(
+    cluster: &Cluster,
+    node: &NodeConfig,
+    link: &Link,
+    req: &Request,
+) -> Result<u64, String> {
     let until = Instant::now() + cluster.cfg.timeouts.commit;
     let mut link = link.clone();
     let mut last = String::new();
@@ -148,7 +160,11 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
         Ok(d) => d,
         Err(e) => {
             report.exit = exit::LOCAL;
-            report.nodes.push(NodeReport { node: cluster.cfg.node.clone(), ok: false, detail: format!("source: {e}") });
+            report.nodes.push(NodeReport {
+                node: cluster.cfg.node.clone(),
+                ok: false,
+                detail: format!("source: {e}"),
+            });
             return report;
         }
     };
@@ -158,19 +174,33 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
         report.attempts += 1;
         // Re-dial nodes whose connection failed or closed.
         for (node, link) in links.iter_mut() {
-            if link.as_ref().map(|c| c.close_reason().is_some()).unwrap_or(true) && report.attempts > 1 {
+            if link
+                .as_ref()
+                .map(|c| c.close_reason().is_some())
+                .unwrap_or(true)
+                && report.attempts > 1
+            {
                 *link = cluster.connect(node).await;
             }
         }
-        let sreq = Request::Status { table: Some(table_name.to_string()) };
-        let statuses = join_all(links.iter().map(|(_, l)| ask(l, &sreq, cluster.cfg.timeouts.connect))).await;
+        let sreq = Request::Status {
+            table: Some(table_name.to_string()),
+        };
+        let statuses = join_all(
+            links
+                .iter()
+                .map(|(_, l)| ask(l, &sreq, cluster.cfg.timeouts.connect)),
+        )
+        .await;
         let mut known: Vec<TableStatus> = Vec::new();
         let mut votes: Vec<Option<Vote>> = vec![None; links.len()];
         for (i, s) in statuses.into_iter().enumerate() {
             match s {
                 Ok(Response::Status(v)) => known.extend(v),
                 Ok(Response::Refused(r)) => votes[i] = Some(Vote::Refused(r)),
-                Ok(other) => votes[i] = Some(Vote::Unreachable(format!("unexpected answer {other:?}"))),
+                Ok(other) => {
+                    votes[i] = Some(Vote::Unreachable(format!("unexpected answer {other:?}")))
+                }
                 Err(e) => votes[i] = Some(Vote::Unreachable(e)),
             }
         }
@@ -188,12 +218,19 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
             entries: digest.entries,
         });
         if votes.iter().all(|v| v.is_none()) {
-            let fresh = join_all(links.iter().map(|(_, l)| prepare_one(cluster, l, &req, source))).await;
+            let fresh = join_all(
+                links
+                    .iter()
+                    .map(|(_, l)| prepare_one(cluster, l, &req, source)),
+            )
+            .await;
             votes = fresh.into_iter().map(Some).collect();
         } else {
             // Some node failed before prepare: abort without sending the table anywhere.
             for v in votes.iter_mut().filter(|v| v.is_none()) {
-                *v = Some(Vote::Unreachable("not asked: another node failed first".into()));
+                *v = Some(Vote::Unreachable(
+                    "not asked: another node failed first".into(),
+                ));
             }
         }
         let decision = decide(&votes).unwrap_or(Decision::Abort { retry: false });
@@ -218,13 +255,19 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                         report.nodes = vec![NodeReport {
                             node: cluster.cfg.node.clone(),
                             ok: false,
-                            detail: format!("decision log in {}: {e}", cluster.cfg.state_dir.display()),
+                            detail: format!(
+                                "decision log in {}: {e}",
+                                cluster.cfg.state_dir.display()
+                            ),
                         }];
                         break;
                     }
                 };
                 fail::fail_point!("coordinator::after_decision_durable");
-                let creq = Request::Commit { table: table_name.to_string(), txid };
+                let creq = Request::Commit {
+                    table: table_name.to_string(),
+                    txid,
+                };
                 let acks = join_all(links.iter().enumerate().map(|(i, (n, l))| {
                     let creq = &creq;
                     async move {
@@ -240,8 +283,16 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                     .iter()
                     .zip(&acks)
                     .map(|((n, _), a)| match a {
-                        Ok(g) => NodeReport { node: n.name.clone(), ok: true, detail: format!("committed generation {g}") },
-                        Err(e) => NodeReport { node: n.name.clone(), ok: false, detail: e.clone() },
+                        Ok(g) => NodeReport {
+                            node: n.name.clone(),
+                            ok: true,
+                            detail: format!("committed generation {g}"),
+                        },
+                        Err(e) => NodeReport {
+                            node: n.name.clone(),
+                            ok: false,
+                            detail: e.clone(),
+                        },
                     })
                     .collect();
                 if acks.iter().all(|a| a.is_ok()) {
@@ -259,12 +310,20 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                     .zip(&votes)
                     .map(|((n, _), v)| {
                         let v = v.clone().unwrap_or(Vote::Unreachable("no vote".into()));
-                        NodeReport { node: n.name.clone(), ok: v == Vote::Prepared, detail: vote_text(&v) }
+                        NodeReport {
+                            node: n.name.clone(),
+                            ok: v == Vote::Prepared,
+                            detail: vote_text(&v),
+                        }
                     })
                     .collect();
                 if retry && Instant::now() + Duration::from_millis(50) < busy_until {
                     let wait = backoff(report.attempts);
-                    info!(attempt = report.attempts, wait_ms = wait.as_millis() as u64, "conflict with another transaction; retrying");
+                    info!(
+                        attempt = report.attempts,
+                        wait_ms = wait.as_millis() as u64,
+                        "conflict with another transaction; retrying"
+                    );
                     tokio::time::sleep(wait).await;
                     continue;
                 }
@@ -278,15 +337,25 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
 }
 
 async fn abort_all(cluster: &Cluster, links: &[(NodeConfig, Link)], table_name: &str, txid: TxId) {
-    let req = Request::Abort { table: table_name.to_string(), txid };
-    let res = join_all(links.iter().map(|(_, l)| ask(l, &req, cluster.cfg.timeouts.commit))).await;
+    let req = Request::Abort {
+        table: table_name.to_string(),
+        txid,
+    };
+    let res = join_all(
+        links
+            .iter()
+            .map(|(_, l)| ask(l, &req, cluster.cfg.timeouts.commit)),
+    )
+    .await;
     for ((n, _), r) in links.iter().zip(res) {
         match r {
             Ok(Response::Aborted { .. }) => {}
             Ok(Response::Refused(Refusal::AlreadyCommitted { .. })) => {
                 warn!(node = %n.name, %txid, "abort refused: already committed (should be impossible)")
             }
-            other => info!(node = %n.name, %txid, result = ?other, "abort not acknowledged; the node resolves it by itself"),
+            other => {
+                info!(node = %n.name, %txid, result = ?other, "abort not acknowledged; the node resolves it by itself")
+            }
         }
     }
 }

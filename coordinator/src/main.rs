@@ -99,7 +99,11 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE } else { exit::OK });
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
         }
     };
     tracing_subscriber::fmt()
@@ -127,32 +131,55 @@ fn load(cli_config: Option<&Path>) -> Result<Config, u8> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, u8> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| {
-        eprintln!("txmap: cannot start the runtime: {e}");
-        exit::LOCAL
-    })
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("txmap: cannot start the runtime: {e}");
+            exit::LOCAL
+        })
 }
 
 fn run(cli: Cli) -> u8 {
     let r = match cli.cmd {
-        Cmd::Commit { table, source, json } => cmd_commit(cli.config.as_deref(), &table, source, json),
+        Cmd::Commit {
+            table,
+            source,
+            json,
+        } => cmd_commit(cli.config.as_deref(), &table, source, json),
         Cmd::Status { table, json } => cmd_status(cli.config.as_deref(), table, json),
         Cmd::CheckConfig => cmd_check(cli.config.as_deref()),
         Cmd::Cert { cmd } => cmd_cert(cmd),
-        Cmd::Sandbox { dir, nodes, base_port } => cmd_sandbox(&dir, nodes, base_port),
+        Cmd::Sandbox {
+            dir,
+            nodes,
+            base_port,
+        } => cmd_sandbox(&dir, nodes, base_port),
     };
     r.unwrap_or_else(|code| code)
 }
 
-fn cmd_commit(config: Option<&Path>, table: &str, source: Option<PathBuf>, json: bool) -> Result<u8, u8> {
+fn cmd_commit(
+    config: Option<&Path>,
+    table: &str,
+    source: Option<PathBuf>,
+    json: bool,
+) -> Result<u8, u8> {
     let cfg = load(config)?;
     let Some(t) = cfg.table(table) else {
         let known: Vec<_> = cfg.tables.iter().map(|t| t.name.as_str()).collect();
-        eprintln!("txmap: unknown table `{table}` in {} (configured: {})", cfg.file.display(), known.join(", "));
+        eprintln!(
+            "txmap: unknown table `{table}` in {} (configured: {})",
+            cfg.file.display(),
+            known.join(", ")
+        );
         return Err(exit::USAGE);
     };
     let Some(source) = source.or_else(|| t.source.clone()) else {
-        eprintln!("txmap: table `{table}` has no `source` in {}; pass --source FILE", cfg.file.display());
+        eprintln!(
+            "txmap: table `{table}` has no `source` in {}; pass --source FILE",
+            cfg.file.display()
+        );
         return Err(exit::USAGE);
     };
     let rt = runtime()?;
@@ -169,7 +196,10 @@ fn cmd_commit(config: Option<&Path>, table: &str, source: Option<PathBuf>, json:
         Ok(r)
     })?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).unwrap_or_default()
+        );
     } else {
         for n in &report.nodes {
             println!("{}: {}", n.node, n.detail);
@@ -181,7 +211,10 @@ fn cmd_commit(config: Option<&Path>, table: &str, source: Option<PathBuf>, json:
             exit::LOCAL => "failed locally",
             _ => "aborted, nothing changed",
         };
-        let gen = report.generation.map(|g| format!(" generation {g}")).unwrap_or_default();
+        let gen = report
+            .generation
+            .map(|g| format!(" generation {g}"))
+            .unwrap_or_default();
         let tx = report.txid.as_deref().unwrap_or("-");
         eprintln!(
             "txmap: {table}{gen}: {what} (txid {tx}, {} attempt(s), {} ms)",
@@ -214,35 +247,55 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
             exit::LOCAL
         })?;
         let links = cluster.connect_all().await;
-        let req = Request::Status { table: table.clone() };
-        let answers =
-            cluster::join_all(links.iter().map(|(_, l)| cluster::ask(l, &req, cluster.cfg.timeouts.connect))).await;
+        let req = Request::Status {
+            table: table.clone(),
+        };
+        let answers = cluster::join_all(
+            links
+                .iter()
+                .map(|(_, l)| cluster::ask(l, &req, cluster.cfg.timeouts.connect)),
+        )
+        .await;
         cluster.close().await;
         Ok::<_, u8>(
             links
                 .iter()
                 .zip(answers)
                 .map(|((n, _), a)| match a {
-                    Ok(Response::Status(tables)) => {
-                        NodeStatus { node: n.name.clone(), reachable: true, error: None, tables }
-                    }
-                    Ok(Response::Refused(r)) => {
-                        NodeStatus { node: n.name.clone(), reachable: true, error: Some(r.to_string()), tables: vec![] }
-                    }
+                    Ok(Response::Status(tables)) => NodeStatus {
+                        node: n.name.clone(),
+                        reachable: true,
+                        error: None,
+                        tables,
+                    },
+                    Ok(Response::Refused(r)) => NodeStatus {
+                        node: n.name.clone(),
+                        reachable: true,
+                        error: Some(r.to_string()),
+                        tables: vec![],
+                    },
                     Ok(other) => NodeStatus {
                         node: n.name.clone(),
                         reachable: true,
                         error: Some(format!("unexpected answer {other:?}")),
                         tables: vec![],
                     },
-                    Err(e) => NodeStatus { node: n.name.clone(), reachable: false, error: Some(e), tables: vec![] },
+                    Err(e) => NodeStatus {
+                        node: n.name.clone(),
+                        reachable: false,
+                        error: Some(e),
+                        tables: vec![],
+                    },
                 })
                 .collect(),
         )
     })?;
     let all_reachable = nodes.iter().all(|n| n.reachable && n.error.is_none());
     let mut agree = true;
-    let mut names: Vec<&str> = nodes.iter().flat_map(|n| n.tables.iter().map(|t| t.table.as_str())).collect();
+    let mut names: Vec<&str> = nodes
+        .iter()
+        .flat_map(|n| n.tables.iter().map(|t| t.table.as_str()))
+        .collect();
     names.sort();
     names.dedup();
     for name in &names {
@@ -256,21 +309,40 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
         }
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&nodes).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&nodes).unwrap_or_default()
+        );
     } else {
-        println!("{:<10} {:<18} {:>5} {:<16} {:>8} {:<20} {}", "NODE", "TABLE", "GEN", "SHA256", "ENTRIES", "COMMITTED", "IN PROGRESS");
+        println!(
+            "{:<10} {:<18} {:>5} {:<16} {:>8} {:<20} IN PROGRESS",
+            "NODE", "TABLE", "GEN", "SHA256", "ENTRIES", "COMMITTED"
+        );
         for n in &nodes {
             if let Some(e) = &n.error {
-                println!("{:<10} {}", n.node, if n.reachable { format!("error: {e}") } else { format!("UNREACHABLE: {e}") });
+                println!(
+                    "{:<10} {}",
+                    n.node,
+                    if n.reachable {
+                        format!("error: {e}")
+                    } else {
+                        format!("UNREACHABLE: {e}")
+                    }
+                );
                 continue;
             }
             for t in &n.tables {
-                let sha = t.sha256.map(|s| s.to_string()[..16].to_string()).unwrap_or_else(|| "-".into());
+                let sha = t
+                    .sha256
+                    .map(|s| s.to_string()[..16].to_string())
+                    .unwrap_or_else(|| "-".into());
                 let when = t
                     .committed_at_ms
                     .map(|ms| {
-                        humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-                            .to_string()
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
+                        )
+                        .to_string()
                     })
                     .unwrap_or_else(|| "-".into());
                 let prep = t
@@ -286,11 +358,18 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
                         )
                     })
                     .unwrap_or_else(|| "-".into());
-                println!("{:<10} {:<18} {:>5} {:<16} {:>8} {:<20} {}", n.node, t.table, t.generation, sha, t.entries, when, prep);
+                println!(
+                    "{:<10} {:<18} {:>5} {:<16} {:>8} {:<20} {}",
+                    n.node, t.table, t.generation, sha, t.entries, when, prep
+                );
             }
         }
     }
-    Ok(if all_reachable && agree { exit::OK } else { exit::DISAGREE })
+    Ok(if all_reachable && agree {
+        exit::OK
+    } else {
+        exit::DISAGREE
+    })
 }
 
 fn cmd_check(config: Option<&Path>) -> Result<u8, u8> {
@@ -341,15 +420,25 @@ fn cmd_cert(cmd: CertCmd) -> Result<u8, u8> {
 fn cmd_sandbox(dir: &Path, nodes: usize, base_port: u16) -> Result<u8, u8> {
     match sandbox::create(dir, nodes, base_port) {
         Ok(configs) => {
-            println!("sandbox of {} node(s) written to {}", configs.len(), dir.display());
+            println!(
+                "sandbox of {} node(s) written to {}",
+                configs.len(),
+                dir.display()
+            );
             println!("start each participant daemon:");
             for c in &configs {
                 println!("  txmapd --config {} &", c.display());
             }
             if let Some(first) = configs.first() {
                 let shared = dir.join("shared/sympa_transport");
-                println!("then edit {} and commit it to every node:", shared.display());
-                println!("  txmap --config {} commit sympa_transport", first.display());
+                println!(
+                    "then edit {} and commit it to every node:",
+                    shared.display()
+                );
+                println!(
+                    "  txmap --config {} commit sympa_transport",
+                    first.display()
+                );
                 println!("  txmap --config {} status", first.display());
             }
             Ok(exit::OK)

@@ -15,13 +15,19 @@ use std::path::{Path, PathBuf};
 
 /// Writes the sandbox and returns the config path of every node.
 pub fn create(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<Vec<PathBuf>> {
-    anyhow::ensure!((1..=32).contains(&nodes), "--nodes must be between 1 and 32");
+    anyhow::ensure!(
+        (1..=32).contains(&nodes),
+        "--nodes must be between 1 and 32"
+    );
     anyhow::ensure!(
         (base_port as usize) + nodes <= 65535 && base_port >= 1024,
         "--base-port must leave room for {nodes} ports between 1024 and 65535"
     );
     if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
-        anyhow::bail!("{} exists and is not empty; choose a new directory", dir.display());
+        anyhow::bail!(
+            "{} exists and is not empty; choose a new directory",
+            dir.display()
+        );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize()?;
@@ -81,7 +87,10 @@ pub fn create(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<Vec<Pa
             let st = std::process::Command::new(&cfg.postfix.postmap)
                 .arg("-c")
                 .arg(&postfix)
-                .arg(format!("hash:{}", postfix.join("sympa_transport").display()))
+                .arg(format!(
+                    "hash:{}",
+                    postfix.join("sympa_transport").display()
+                ))
                 .status()?;
             anyhow::ensure!(st.success(), "postmap of the initial table failed on {n}");
         }

@@ -82,9 +82,16 @@ impl Node {
                 }
             }
             if let Some(a) = state.active.clone() {
-                lock = Some(table::try_lock(&table::lock_path(&cfg.state_dir, &t.name))?.with_context(
-                    || format!("table {}: lock held by another process (another txmapd?)", t.name),
-                )?);
+                lock = Some(
+                    table::try_lock(&table::lock_path(&cfg.state_dir, &t.name))?.with_context(
+                        || {
+                            format!(
+                                "table {}: lock held by another process (another txmapd?)",
+                                t.name
+                            )
+                        },
+                    )?,
+                );
                 if a.phase == Phase::Installing {
                     // The decision was commit and is journaled: finish the renames.
                     info!(table = %t.name, txid = %a.txid, "finishing an interrupted commit");
@@ -99,10 +106,18 @@ impl Node {
             }
             slots.insert(
                 t.name.clone(),
-                Arc::new(Slot { table: t.clone(), state: Mutex::new(state), lock: std::sync::Mutex::new(lock) }),
+                Arc::new(Slot {
+                    table: t.clone(),
+                    state: Mutex::new(state),
+                    lock: std::sync::Mutex::new(lock),
+                }),
             );
         }
-        Ok(Node { cfg, journal, slots })
+        Ok(Node {
+            cfg,
+            journal,
+            slots,
+        })
     }
 
     async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
@@ -127,33 +142,52 @@ impl Node {
         }
     }
 
-    async fn stream(self: Arc<Self>, peer: String, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-        let req = match tokio::time::timeout(HEADER_TIMEOUT, codec::read_frame::<_, Request>(&mut recv)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                warn!(%peer, error = %e, "bad request");
-                let _ = recv.stop(quinn::VarInt::from_u32(2));
-                self.reply(&mut send, Response::Refused(Refusal::Protocol { detail: e.to_string() })).await;
-                return;
-            }
-            Err(_) => {
-                warn!(%peer, "request header timed out");
-                return;
-            }
-        };
+    async fn stream(
+        self: Arc<Self>,
+        peer: String,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let req =
+            match tokio::time::timeout(HEADER_TIMEOUT, codec::read_frame::<_, Request>(&mut recv))
+                .await
+            {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) => {
+                    warn!(%peer, error = %e, "bad request");
+                    let _ = recv.stop(quinn::VarInt::from_u32(2));
+                    self.reply(
+                        &mut send,
+                        Response::Refused(Refusal::Protocol {
+                            detail: e.to_string(),
+                        }),
+                    )
+                    .await;
+                    return;
+                }
+                Err(_) => {
+                    warn!(%peer, "request header timed out");
+                    return;
+                }
+            };
         let resp = match req {
             Request::Status { table } => self.status(table.as_deref()).await,
             Request::Prepare(p) => {
-                let span = info_span!("prepare", txid = %p.txid, table = %p.table, node = %self.cfg.node);
+                let span =
+                    info_span!("prepare", txid = %p.txid, table = %p.table, node = %self.cfg.node);
                 self.prepare(&peer, p, &mut recv).instrument(span).await
             }
             Request::Commit { table, txid } => {
                 let span = info_span!("commit", %txid, %table, node = %self.cfg.node);
-                self.decide(&table, Event::Commit { txid }).instrument(span).await
+                self.decide(&table, Event::Commit { txid })
+                    .instrument(span)
+                    .await
             }
             Request::Abort { table, txid } => {
                 let span = info_span!("abort", %txid, %table, node = %self.cfg.node);
-                self.decide(&table, Event::Abort { txid }).instrument(span).await
+                self.decide(&table, Event::Abort { txid })
+                    .instrument(span)
+                    .await
             }
         };
         self.reply(&mut send, resp).await;
@@ -167,9 +201,11 @@ impl Node {
     }
 
     fn slot(&self, table: &str) -> Result<&Arc<Slot>, Response> {
-        self.slots
-            .get(table)
-            .ok_or_else(|| Response::Refused(Refusal::UnknownTable { table: table.to_string() }))
+        self.slots.get(table).ok_or_else(|| {
+            Response::Refused(Refusal::UnknownTable {
+                table: table.to_string(),
+            })
+        })
     }
 
     async fn status(&self, table: Option<&str>) -> Response {
@@ -207,7 +243,10 @@ impl Node {
         }
         if p.source_len > self.cfg.max_table_bytes {
             let _ = recv.stop(quinn::VarInt::from_u32(3));
-            return Response::Refused(Refusal::TooLarge { len: p.source_len, max: self.cfg.max_table_bytes });
+            return Response::Refused(Refusal::TooLarge {
+                len: p.source_len,
+                max: self.cfg.max_table_bytes,
+            });
         }
         let event = Event::Prepare {
             txid: p.txid,
@@ -234,14 +273,25 @@ impl Node {
         let actions = guard.step(event, now_ms());
         let resp = self.execute(&slot, guard, actions).await;
         if matches!(resp, Response::Prepared { .. }) {
-            info!(generation = p.generation, bytes = p.source_len, entries = p.entries, ms = started.elapsed().as_millis() as u64, "prepared");
+            info!(
+                generation = p.generation,
+                bytes = p.source_len,
+                entries = p.entries,
+                ms = started.elapsed().as_millis() as u64,
+                "prepared"
+            );
             fail::fail_point!("participant::after_prepared_durable");
         }
         resp
     }
 
     /// Lock, receive, build, verify, fsync. Any error leaves cleanup to the machine's actions.
-    async fn stage(&self, slot: &Slot, p: &Prepare, recv: &mut quinn::RecvStream) -> Result<(), Refusal> {
+    async fn stage(
+        &self,
+        slot: &Slot,
+        p: &Prepare,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), Refusal> {
         let t = &slot.table;
         let lock_path = table::lock_path(&self.cfg.state_dir, &t.name);
         let Some(lock) = table::try_lock(&lock_path)? else {
@@ -306,11 +356,18 @@ impl Node {
     }
 
     /// Executes actions in order, feeding install results back into the machine.
-    async fn execute(&self, slot: &Slot, mut state: MutexGuard<'_, TableState>, actions: Vec<Action>) -> Response {
+    async fn execute(
+        &self,
+        slot: &Slot,
+        mut state: MutexGuard<'_, TableState>,
+        actions: Vec<Action>,
+    ) -> Response {
         let t = &slot.table;
         let mut queue: VecDeque<Action> = actions.into();
         let mut persist_error: Option<Refusal> = None;
-        let mut reply = Response::Refused(Refusal::Protocol { detail: "no reply".into() });
+        let mut reply = Response::Refused(Refusal::Protocol {
+            detail: "no reply".into(),
+        });
         while let Some(a) = queue.pop_front() {
             match a {
                 Action::Stage { .. } | Action::DiscardBody => {}
@@ -341,7 +398,10 @@ impl Node {
                             fail::fail_point!("participant::after_commit_rename");
                             Event::InstallDone { txid }
                         }
-                        Err(e) => Event::InstallFailed { txid, why: e.into() },
+                        Err(e) => Event::InstallFailed {
+                            txid,
+                            why: e.into(),
+                        },
                     };
                     queue.extend(state.step(ev, now_ms()));
                 }

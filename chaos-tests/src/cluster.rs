@@ -1,0 +1,495 @@
+//! A sandbox cluster driven as an operator would: `txmap sandbox`, `txmapd`, `txmap`.
+
+use anyhow::{bail, Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Paths of the built binaries.
+#[derive(Debug)]
+pub struct Bins {
+    /// The coordinator CLI.
+    pub txmap: PathBuf,
+    /// The participant daemon.
+    pub txmapd: PathBuf,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Builds (once per process) and returns the binaries, with failpoints compiled in.
+pub fn bins() -> &'static Bins {
+    static BINS: OnceLock<Bins> = OnceLock::new();
+    BINS.get_or_init(|| {
+        let root = workspace_root();
+        let target = root.join("target").join("chaos");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&root)
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "txmap-participant",
+                "-p",
+                "txmap-coordinator",
+                "--bins",
+                "--features",
+                "txmap-participant/failpoints,txmap-coordinator/failpoints",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .status()
+            .expect("cannot run cargo to build the txmap binaries");
+        assert!(status.success(), "building the txmap binaries failed");
+        let dir = target.join("debug");
+        Bins {
+            txmap: dir.join("txmap"),
+            txmapd: dir.join("txmapd"),
+        }
+    })
+}
+
+/// Picks `n` consecutive UDP ports nobody uses, distinct across the tests of this process.
+fn ports(n: u16) -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20000 + (std::process::id() % 400) as u16 * 100,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let base = NEXT.fetch_add(n + 1, Ordering::SeqCst);
+        let free = (0..n).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return base;
+        }
+    }
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `/tmp/txmap-test-<name>-<random>`.
+    pub fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "txmap-test-{name}-{}",
+            txmap_common::proto::TxId::random()
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var_os("TXMAP_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The table every sandbox has.
+pub const TABLE: &str = "sympa_transport";
+
+/// A running (or partly running) sandbox cluster.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// Root of the sandbox.
+    pub dir: TempDir,
+    /// Number of nodes.
+    pub n: usize,
+    /// UDP port of node1.
+    pub base_port: u16,
+    daemons: Vec<Option<Child>>,
+    /// Read-only bind mounts to undo on drop.
+    mounts: Vec<PathBuf>,
+}
+
+impl TestCluster {
+    /// Writes a sandbox of `n` nodes and starts every daemon.
+    pub fn start(name: &str, n: usize) -> Result<TestCluster> {
+        let c = TestCluster::create(name, n)?;
+        let mut c = c;
+        for i in 1..=n {
+            c.start_node(i)?;
+        }
+        Ok(c)
+    }
+
+    /// Writes a sandbox of `n` nodes without starting anything.
+    pub fn create(name: &str, n: usize) -> Result<TestCluster> {
+        let dir = TempDir::new(name);
+        let base_port = ports(n as u16);
+        let out = Command::new(&bins().txmap)
+            .arg("sandbox")
+            .arg(dir.0.join("sb"))
+            .args([
+                "--nodes",
+                &n.to_string(),
+                "--base-port",
+                &base_port.to_string(),
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "txmap sandbox failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(TestCluster {
+            dir,
+            n,
+            base_port,
+            daemons: (0..n).map(|_| None).collect(),
+            mounts: Vec::new(),
+        })
+    }
+
+    /// The sandbox root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.0.join("sb")
+    }
+
+    /// Node `i`'s directory (1-based).
+    pub fn node_dir(&self, i: usize) -> PathBuf {
+        self.root().join(format!("node{i}"))
+    }
+
+    /// Node `i`'s config file.
+    pub fn config(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("txmap.toml")
+    }
+
+    /// Node `i`'s table directory.
+    pub fn table_dir(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("postfix")
+    }
+
+    /// Node `i`'s live table source path.
+    pub fn live(&self, i: usize) -> PathBuf {
+        self.table_dir(i).join(TABLE)
+    }
+
+    /// The shared source that `commit` reads.
+    pub fn source(&self) -> PathBuf {
+        self.root().join("shared").join(TABLE)
+    }
+
+    /// Node `i`'s daemon log.
+    pub fn log(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("txmapd.log")
+    }
+
+    /// Starts node `i`'s daemon with extra environment (e.g. `FAILPOINTS`) and waits until ready.
+    pub fn start_node_with(&mut self, i: usize, env: &[(&str, &str)]) -> Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(i))?;
+        let before = std::fs::read_to_string(self.log(i))
+            .unwrap_or_default()
+            .matches("txmapd ready")
+            .count();
+        let mut cmd = Command::new(&bins().txmapd);
+        cmd.arg("--config")
+            .arg(self.config(i))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        cmd.env("TXMAP_LOG", "info,txmapd=debug")
+            .env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("spawn txmapd")?;
+        self.daemons[i - 1] = Some(child);
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(self.log(i)).unwrap_or_default();
+            if text.matches("txmapd ready").count() > before {
+                return Ok(());
+            }
+            if let Some(c) = self.daemons[i - 1].as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    bail!("txmapd of node{i} exited during start ({st}): {text}");
+                }
+            }
+            if Instant::now() > until {
+                bail!("txmapd of node{i} not ready after 20 s: {text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts node `i`'s daemon and waits until it is ready.
+    pub fn start_node(&mut self, i: usize) -> Result<()> {
+        self.start_node_with(i, &[])
+    }
+
+    /// Sends `sig` to node `i`'s daemon.
+    pub fn signal(&self, i: usize, sig: i32) {
+        if let Some(c) = &self.daemons[i - 1] {
+            signal_pid(c.id(), sig);
+        }
+    }
+
+    /// SIGKILLs node `i`'s daemon and reaps it.
+    pub fn kill_node(&mut self, i: usize) {
+        if let Some(mut c) = self.daemons[i - 1].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for node `i`'s daemon to exit by itself (e.g. a failpoint), up to `limit`.
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Option<std::process::ExitStatus> {
+        let until = Instant::now() + limit;
+        while Instant::now() < until {
+            if let Some(c) = self.daemons[i - 1].as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    self.daemons[i - 1] = None;
+                    return Some(st);
+                }
+            } else {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Runs `txmap --config <node i> ARGS`.
+    pub fn txmap(&self, i: usize, args: &[&str]) -> Output {
+        self.txmap_with(i, args, &[])
+    }
+
+    /// Runs `txmap` with extra environment.
+    pub fn txmap_with(&self, i: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
+        let mut cmd = Command::new(&bins().txmap);
+        cmd.arg("--config")
+            .arg(self.config(i))
+            .args(args)
+            .stdin(Stdio::null())
+            .env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.output().expect("run txmap")
+    }
+
+    /// Spawns `txmap --config <node i> ARGS` without waiting.
+    pub fn spawn_txmap(&self, i: usize, args: &[&str]) -> Child {
+        Command::new(&bins().txmap)
+            .arg("--config")
+            .arg(self.config(i))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn txmap")
+    }
+
+    /// Writes the shared source.
+    pub fn write_source(&self, content: &str) {
+        let mut f = std::fs::File::create(self.source()).expect("write source");
+        f.write_all(content.as_bytes()).expect("write source");
+    }
+
+    /// `txmap commit sympa_transport` through node `i`.
+    pub fn commit(&self, i: usize) -> Output {
+        self.txmap(i, &["commit", TABLE])
+    }
+
+    /// Parsed `txmap status --json` through node `i`.
+    pub fn status(&self, i: usize) -> serde_json::Value {
+        let out = self.txmap(i, &["status", TABLE, "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    /// `(generation, sha256)` of the table on every node, per `status` (None: unreachable).
+    pub fn generations(&self) -> Vec<Option<(u64, String)>> {
+        let s = self.status(1);
+        let empty = Vec::new();
+        s.as_array()
+            .unwrap_or(&empty)
+            .iter()
+            .map(|n| {
+                let t = n.get("tables")?.as_array()?.first()?;
+                Some((
+                    t.get("generation")?.as_u64()?,
+                    t.get("sha256")?.as_str().unwrap_or("").to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    /// Looks up `keys` in node `i`'s live table with the real `postmap -q -` (one process).
+    /// Returns the value per key (None: not found).
+    pub fn lookup(&self, i: usize, keys: &[String]) -> Result<Vec<Option<String>>> {
+        postmap_query(&self.table_dir(i), &self.live(i), keys)
+    }
+
+    /// Staged files left in node `i`'s table directory.
+    pub fn staged_files(&self, i: usize) -> Vec<PathBuf> {
+        std::fs::read_dir(self.table_dir(i))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| p.to_string_lossy().contains(".txmap-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// True when nobody holds node `i`'s table lock.
+    pub fn lock_free(&self, i: usize) -> bool {
+        let p = txmap_common::table::lock_path(&self.node_dir(i).join("state"), TABLE);
+        matches!(txmap_common::table::try_lock(&p), Ok(Some(_)))
+    }
+
+    /// Makes node `i`'s table directory unwritable: a read-only bind mount as root (root
+    /// ignores permission bits), `chmod 555` otherwise. Undone by [`Self::make_writable`].
+    pub fn make_unwritable(&mut self, i: usize) -> Result<()> {
+        let d = self.table_dir(i);
+        if is_root() {
+            run_ok(Command::new("mount").arg("--bind").arg(&d).arg(&d))?;
+            self.mounts.push(d.clone());
+            run_ok(
+                Command::new("mount")
+                    .args(["-o", "remount,ro,bind"])
+                    .arg(&d),
+            )?;
+        } else {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o555))?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Self::make_unwritable`].
+    pub fn make_writable(&mut self, i: usize) -> Result<()> {
+        let d = self.table_dir(i);
+        if let Some(pos) = self.mounts.iter().position(|m| *m == d) {
+            run_ok(Command::new("umount").arg(&d))?;
+            self.mounts.remove(pos);
+        } else {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o755))?;
+        }
+        Ok(())
+    }
+
+    /// Mounts a small tmpfs over node `i`'s table directory (root only), copying what was there.
+    pub fn mount_tmpfs(&mut self, i: usize, size: &str) -> Result<()> {
+        let d = self.table_dir(i);
+        let keep = self.dir.0.join(format!("keep{i}"));
+        run_ok(Command::new("cp").arg("-a").arg(&d).arg(&keep))?;
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(&d),
+        )?;
+        self.mounts.push(d.clone());
+        run_ok(Command::new("sh").arg("-c").arg(format!(
+            "cp -a '{}'/. '{}'/",
+            keep.display(),
+            d.display()
+        )))?;
+        Ok(())
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for d in self.daemons.iter_mut().flatten() {
+            signal_pid(d.id(), libc::SIGCONT);
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        for m in self.mounts.drain(..).rev() {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}
+
+/// True when running as root.
+pub fn is_root() -> bool {
+    // SAFETY-free: read the effective uid from /proc instead of calling libc.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(2) == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+fn signal_pid(pid: u32, sig: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+fn run_ok(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output()?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
+/// `postmap -c CONFDIR -q - hash:TABLE` over `keys`: the value of each key, in order.
+pub fn postmap_query(confdir: &Path, table: &Path, keys: &[String]) -> Result<Vec<Option<String>>> {
+    let mut child = Command::new("postmap")
+        .arg("-c")
+        .arg(confdir)
+        .arg("-q")
+        .arg("-")
+        .arg(format!("hash:{}", table.display()))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("run postmap -q")?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let input: String = keys.iter().map(|k| format!("{k}\n")).collect();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child.wait_with_output()?;
+    let _ = writer.join();
+    if !out.stderr.is_empty() {
+        bail!("postmap -q: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut found = std::collections::HashMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        if let Some((k, v)) = line.split_once('\t') {
+            found.insert(k.to_string(), v.to_string());
+        }
+    }
+    Ok(keys
+        .iter()
+        .map(|k| found.get(&k.to_lowercase()).cloned())
+        .collect())
+}
+
+/// A Sympa-like transport table: `n` lists, each `list<i>@<domain> sympa:list<i>@<domain>`.
+pub fn transport_table(domain: &str, range: std::ops::Range<usize>) -> String {
+    let mut s = String::from("# sympa_transport (generated for a test)\n");
+    for i in range {
+        s.push_str(&format!("list{i}@{domain}\tsympa:list{i}@{domain}\n"));
+    }
+    s
+}

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what txmap's demo and tests need on a fresh Debian machine: Postfix's postmap and
+# postalias (with the cdb and lmdb map types). Idempotent; needs root (or sudo) only when
+# something is missing. Never prompts: debconf is preseeded to "No configuration".
+set -euo pipefail
+
+need=()
+command -v postmap >/dev/null 2>&1 || need+=(postfix)
+[ -e /usr/lib/postfix/postfix-cdb.so ] || need+=(postfix-cdb)
+[ -e /usr/lib/postfix/postfix-lmdb.so ] || need+=(postfix-lmdb)
+if ((${#need[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing ${need[*]}" >&2
+  echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+  echo "postfix postfix/mailname string localhost" | $SUDO debconf-set-selections
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
+    postfix postfix-cdb postfix-lmdb </dev/null >/dev/null
+fi
+command -v postmap >/dev/null || { echo "setup: postmap still missing" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "setup: cargo (Rust) is missing; install it with rustup" >&2; exit 1; }
