@@ -24,10 +24,18 @@ fn workspace_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-/// Builds (once per process) and returns the binaries, with failpoints compiled in.
+/// Builds (once per process) and returns the binaries, with failpoints compiled in; or, when
+/// `TXMAP_BIN_DIR` is set, uses the binaries found there as they are (the benchmark does this).
 pub fn bins() -> &'static Bins {
     static BINS: OnceLock<Bins> = OnceLock::new();
     BINS.get_or_init(|| {
+        if let Some(dir) = std::env::var_os("TXMAP_BIN_DIR") {
+            let dir = PathBuf::from(dir);
+            return Bins {
+                txmap: dir.join("txmap"),
+                txmapd: dir.join("txmapd"),
+            };
+        }
         let root = workspace_root();
         let target = root.join("target").join("chaos");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());

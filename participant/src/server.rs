@@ -325,6 +325,7 @@ impl Node {
                 }
             }
         }
+        let t_upload = std::time::Instant::now();
         let got = w.finish()?;
         if got.len != p.source_len || got.sha256 != p.sha256.0 {
             return Err(Refusal::ContentMismatch {
@@ -337,10 +338,21 @@ impl Node {
                 ),
             });
         }
+        let t_synced = std::time::Instant::now();
         table::build(&self.cfg.postfix, t, &staged).await?;
+        let t_built = std::time::Instant::now();
         table::verify(&self.cfg.postfix, t, &staged, got.entries).await?;
+        let t_verified = std::time::Instant::now();
         table::fsync_path(&staged.indexed)?;
         table::fsync_dir(t.dir())?;
+        let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
+        debug!(
+            source_fsync_ms = ms(t_upload, t_synced),
+            build_ms = ms(t_synced, t_built),
+            verify_ms = ms(t_built, t_verified),
+            fsync_ms = ms(t_verified, std::time::Instant::now()),
+            "staged"
+        );
         fail::fail_point!("participant::after_stage");
         Ok(())
     }

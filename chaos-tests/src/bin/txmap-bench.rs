@@ -1,0 +1,100 @@
+//! Benchmark: wall time of a 3-node `txmap commit` of a 20,000-line table, divided by the time
+//! of one local `postmap` of the same table. Prints figures and the ratio; asserts nothing
+//! (the machine is shared and noisy). Target: ratio <= 2.0 on 2 cores.
+//!
+//! Run: `cargo run --release -p txmap-chaos-tests --bin txmap-bench [-- ROUNDS LINES]`
+//! It builds the release `txmap`/`txmapd` first (`cargo build --release --bins`).
+
+use anyhow::{ensure, Context, Result};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use txmap_chaos_tests::cluster::{transport_table, TestCluster};
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let rounds: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(15);
+    let lines: usize = args
+        .get(2)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(20_000);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("workspace root")?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .current_dir(root)
+        .args(["build", "--release", "--quiet", "--bins"])
+        .status()?;
+    ensure!(st.success(), "cargo build --release failed");
+    std::env::set_var("TXMAP_BIN_DIR", root.join("target/release"));
+
+    let table = transport_table("lists.example.org", 0..lines);
+
+    // Baseline: one local postmap of the same table (what Sympa runs today).
+    let c = TestCluster::start("bench", 3)?;
+    let local = c.dir.0.join("local");
+    std::fs::create_dir_all(&local)?;
+    std::fs::write(local.join("main.cf"), "")?;
+    std::fs::write(local.join("sympa_transport"), &table)?;
+    let mut base = Vec::new();
+    for _ in 0..rounds {
+        let t = Instant::now();
+        let st = Command::new("postmap")
+            .arg("-c")
+            .arg(&local)
+            .arg(format!("hash:{}", local.join("sympa_transport").display()))
+            .status()?;
+        base.push(t.elapsed());
+        ensure!(st.success(), "postmap failed");
+    }
+
+    // txmap: a whole `txmap commit` process (start, TLS handshakes, 2PC) against 3 nodes.
+    c.write_source(&table);
+    let mut commit = Vec::new();
+    for i in 0..rounds {
+        if i % 2 == 1 {
+            // Alternate content so every round really changes the table.
+            c.write_source(&format!(
+                "{table}extra{i}@lists.example.org\tsympa:extra{i}\n"
+            ));
+        } else {
+            c.write_source(&table);
+        }
+        let t = Instant::now();
+        let out = c.commit(1);
+        commit.push(t.elapsed());
+        ensure!(
+            out.status.success(),
+            "commit failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let (b, m) = (median(&mut base), median(&mut commit));
+    println!(
+        "table: {lines} lines, {} bytes; {rounds} rounds each; medians",
+        table.len()
+    );
+    println!("local postmap (1 node):         {:8.1} ms", ms(b));
+    println!(
+        "txmap commit (3 nodes, 2PC):    {:8.1} ms   (min {:.1}, max {:.1})",
+        ms(m),
+        ms(commit[0]),
+        ms(commit[commit.len() - 1])
+    );
+    println!(
+        "ratio commit / postmap:         {:8.2}   (target <= 2.0)",
+        ms(m) / ms(b)
+    );
+    Ok(())
+}
