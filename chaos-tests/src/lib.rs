@@ -10,3 +10,4 @@
 //! ordinary `target/debug` binaries).
 
 pub mod cluster;
+pub mod postfix;

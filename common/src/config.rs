@@ -113,6 +113,9 @@ pub struct NodeConfig {
     pub name: String,
     /// UDP address of its `txmapd`.
     pub address: SocketAddr,
+    /// `false` takes the node out of service: commits skip it (maintenance). It catches up
+    /// with the next commit once back in service.
+    pub in_service: bool,
 }
 
 /// Deadlines used by the coordinator.
@@ -126,6 +129,12 @@ pub struct Timeouts {
     pub commit: Duration,
     /// How long a commit keeps retrying when another transaction holds the table.
     pub busy_retry: Duration,
+    /// Hard bound on one `txmap commit` (Sympa waits 20 s for its own lock).
+    pub total: Duration,
+    /// Bound on how long a participant stays in doubt while every node is up.
+    pub in_doubt: Duration,
+    /// Longest wait between two retries of a pending commit.
+    pub retry_max: Duration,
 }
 
 impl Default for Timeouts {
@@ -134,7 +143,10 @@ impl Default for Timeouts {
             connect: Duration::from_millis(1500),
             prepare: Duration::from_millis(5000),
             commit: Duration::from_millis(2000),
-            busy_retry: Duration::from_millis(8000),
+            busy_retry: Duration::from_millis(6000),
+            total: Duration::from_millis(9000),
+            in_doubt: Duration::from_millis(30_000),
+            retry_max: Duration::from_millis(30_000),
         }
     }
 }
@@ -244,6 +256,9 @@ struct RawTimeouts {
     prepare_ms: Option<u64>,
     commit_ms: Option<u64>,
     busy_retry_ms: Option<u64>,
+    total_ms: Option<u64>,
+    in_doubt_ms: Option<u64>,
+    retry_max_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -251,6 +266,7 @@ struct RawTimeouts {
 struct RawNode {
     name: Option<String>,
     address: Option<String>,
+    in_service: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -406,6 +422,9 @@ impl Config {
             set("prepare_ms", t.prepare_ms, &mut timeouts.prepare);
             set("commit_ms", t.commit_ms, &mut timeouts.commit);
             set("busy_retry_ms", t.busy_retry_ms, &mut timeouts.busy_retry);
+            set("total_ms", t.total_ms, &mut timeouts.total);
+            set("in_doubt_ms", t.in_doubt_ms, &mut timeouts.in_doubt);
+            set("retry_max_ms", t.retry_max_ms, &mut timeouts.retry_max);
         }
 
         let mut nodes = Vec::new();
@@ -440,7 +459,11 @@ impl Config {
                     if !addrs.insert(address) {
                         problems.push(format!("key `nodes[{i}].address`: {address} is used twice"));
                     }
-                    nodes.push(NodeConfig { name, address });
+                    nodes.push(NodeConfig {
+                        name,
+                        address,
+                        in_service: n.in_service.unwrap_or(true),
+                    });
                 }
             }
         }
@@ -557,6 +580,15 @@ impl Config {
     /// The table named `name`, if this node serves it.
     pub fn table(&self, name: &str) -> Option<&TableConfig> {
         self.tables.iter().find(|t| t.name == name)
+    }
+
+    /// The nodes that take part in commits (in service).
+    pub fn active_nodes(&self) -> Vec<NodeConfig> {
+        self.nodes
+            .iter()
+            .filter(|n| n.in_service)
+            .cloned()
+            .collect()
     }
 
     /// The node named `name`, if configured.

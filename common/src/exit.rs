@@ -17,3 +17,6 @@ pub const BUSY: u8 = 4;
 pub const DISAGREE: u8 = 5;
 /// A local failure on this node (cannot read the source, state directory, certificates).
 pub const LOCAL: u8 = 6;
+/// `recover`: the requested resolution was refused because it would contradict a decision (or
+/// nobody can know the decision yet). Nothing was changed.
+pub const REFUSED: u8 = 7;

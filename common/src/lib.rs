@@ -8,12 +8,15 @@
 //! - [`config`]: the per-node TOML config and its validation.
 //! - [`table`]: staging, building (`postmap`/`postalias`), verifying and installing a table.
 //! - [`journal`]: durable per-table state of a participant (atomic write + fsync).
+//! - [`decision`]: the coordinator's decision log (no-replace, so fencing works) and pending
+//!   commits.
 //! - [`tls`]: the cluster CA, node certificates, and mutual-TLS QUIC endpoints.
 //! - [`net`]: one request/response exchange over a QUIC stream.
 //! - [`exit`]: the documented exit codes of the CLI.
 
 pub mod codec;
 pub mod config;
+pub mod decision;
 pub mod exit;
 pub mod journal;
 pub mod machine;

@@ -169,7 +169,8 @@ pub enum Action {
 }
 
 impl TableState {
-    fn outcome_of(&self, txid: TxId) -> Option<Outcome> {
+    /// How `txid` ended here, if it did and is still remembered.
+    pub fn outcome_of(&self, txid: TxId) -> Option<Outcome> {
         self.recent
             .iter()
             .rev()
@@ -201,6 +202,7 @@ impl TableState {
                 durable: a.phase != Phase::Staging,
                 since_ms: a.since_ms,
             }),
+            pending: None,
         }
     }
 
@@ -371,8 +373,10 @@ impl TableState {
                     })],
                     _ => {
                         if self.outcome_of(txid).is_none() {
-                            // Presumed abort: remember it so a late prepare cannot resurrect it.
+                            // Presumed abort: remember it (durably) so that a late prepare can
+                            // never resurrect it. This is the participant's fence.
                             self.remember(txid, Outcome::Aborted);
+                            return vec![A::Persist, A::Reply(Response::Aborted { txid })];
                         }
                         vec![A::Reply(Response::Aborted { txid })]
                     }

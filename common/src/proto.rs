@@ -33,9 +33,31 @@ use std::fmt;
 /// ALPN protocol name; a peer speaking anything else is refused during the handshake.
 pub const ALPN: &[u8] = b"txmap/1";
 
-/// A transaction id: 128 random bits, shown as 32 hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A transaction id: 128 random bits, shown as 32 hex digits (also in JSON journals).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TxId(pub u128);
+
+impl Serialize for TxId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_string())
+        } else {
+            s.serialize_u128(self.0)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for TxId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            TxId::parse(&s)
+                .ok_or_else(|| serde::de::Error::custom(format!("`{s}` is not a transaction id")))
+        } else {
+            u128::deserialize(d).map(TxId)
+        }
+    }
+}
 
 impl TxId {
     /// A fresh random id.
@@ -162,6 +184,36 @@ pub enum Request {
         /// Transaction.
         txid: TxId,
     },
+    /// What became of a transaction? Asked by a participant in doubt (of the coordinator's
+    /// node first, then of its peers) and by `txmap recover`. With `fence`, a node that never
+    /// saw the transaction records it as aborted so it can never be prepared afterwards, and a
+    /// coordinator's node whose coordinator is gone fences it in its decision log.
+    Outcome {
+        /// Table name.
+        table: String,
+        /// Transaction.
+        txid: TxId,
+        /// Fence an unknown transaction as aborted.
+        fence: bool,
+    },
+}
+
+/// The answer to [`Request::Outcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutcomeAnswer {
+    /// Committed (decided commit, or installed here).
+    Committed {
+        /// Generation it installs.
+        generation: u64,
+    },
+    /// Aborted (decided, fenced, or dropped here).
+    Aborted,
+    /// Prepared here, and no decision known here.
+    InDoubt,
+    /// The coordinator is still at work: ask again later.
+    Pending,
+    /// Never seen here (only without `fence`).
+    Unknown,
 }
 
 /// The header of a prepare.
@@ -205,8 +257,21 @@ pub enum Response {
         /// Transaction.
         txid: TxId,
     },
+    /// What this node knows of a transaction.
+    Outcome(OutcomeAnswer),
     /// The request was refused; nothing changed.
     Refused(Refusal),
+}
+
+/// A commit recorded on a coordinator's node as still to be distributed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingInfo {
+    /// First failure (ms since epoch).
+    pub since_ms: u64,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: String,
 }
 
 /// What a participant knows about one table.
@@ -228,6 +293,8 @@ pub struct TableStatus {
     pub coordinator: Option<String>,
     /// A transaction holding the table, if any.
     pub prepared: Option<PreparedInfo>,
+    /// A commit this node coordinated that has not reached every node yet.
+    pub pending: Option<PendingInfo>,
 }
 
 /// A transaction in progress on a participant.

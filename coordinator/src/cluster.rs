@@ -8,6 +8,7 @@ use txmap_common::proto::{Request, Response};
 
 /// A QUIC client endpoint with this node's identity.
 pub struct Cluster {
+    /// This node's config.
     pub cfg: Config,
     endpoint: quinn::Endpoint,
 }
@@ -40,17 +41,23 @@ impl Cluster {
 
     /// Connects to one node within the connect deadline.
     pub async fn connect(&self, node: &NodeConfig) -> Link {
+        self.connect_within(node, self.cfg.timeouts.connect).await
+    }
+
+    /// Connects to one node within `limit` (capped by the connect deadline).
+    pub async fn connect_within(&self, node: &NodeConfig, limit: Duration) -> Link {
+        let limit = limit.min(self.cfg.timeouts.connect);
         let connecting = self
             .endpoint
             .connect(node.address, &node.name)
             .map_err(|e| format!("cannot connect to {}: {e}", node.address))?;
-        match tokio::time::timeout(self.cfg.timeouts.connect, connecting).await {
+        match tokio::time::timeout(limit, connecting).await {
             Ok(Ok(c)) => Ok(c),
             Ok(Err(e)) => Err(format!("unreachable at {}: {e}", node.address)),
             Err(_) => Err(format!(
                 "unreachable at {}: no answer within {} ms",
                 node.address,
-                self.cfg.timeouts.connect.as_millis()
+                limit.as_millis()
             )),
         }
     }

@@ -1,12 +1,16 @@
-//! `txmap commit`: the coordinator's two phases against every node.
+//! `txmap commit`: the coordinator's two phases against every in-service node.
 //!
-//! 1. connect to every node and read its generation; offer `max + 1`;
-//! 2. send `Prepare` + the whole source to every node in parallel, each within the prepare
-//!    deadline;
-//! 3. all prepared: write the decision to the decision log (fsync) and send `Commit` to all;
-//!    otherwise send `Abort` to all. When every refusal was a conflict with another
-//!    transaction (`Busy`, `StaleGeneration`), wait a random backoff and start again with a
-//!    new transaction and generation, until the busy-retry deadline.
+//! 1. register the transaction in the decision log (`<txid>.open`: pid and deadline), connect to
+//!    every node and read its generation; offer `max + 1`;
+//! 2. send `Prepare` + the whole source to every node in parallel;
+//! 3. all prepared: record *commit* in the decision log (durable, no-replace: if recovery fenced
+//!    the transaction first, its *abort* stands) and send `Commit` to all; otherwise send
+//!    `Abort` to all. When every refusal was a conflict with another transaction (`Busy`,
+//!    `StaleGeneration`), wait a random backoff and start again with a new transaction and
+//!    generation, until the busy-retry deadline.
+//!
+//! Every step is bounded by its own deadline and by the overall `timeouts.total` (default 9 s),
+//! so a commit with a node down or frozen returns well inside Sympa's 20 s.
 //!
 //! The concurrency rule: nobody waits for a lock. A participant that already holds the table
 //! for another transaction refuses at once (`Busy`), and one whose generation is already at or
@@ -15,64 +19,63 @@
 //! strictly increase because each node only accepts a generation above its own.
 
 use crate::cluster::{ask, join_all, Cluster, Link};
-use serde::{Deserialize, Serialize};
-use std::path::{Path, PathBuf};
+use serde::Serialize;
+use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 use txmap_common::config::NodeConfig;
+use txmap_common::decision::{DecisionLog, DecisionRecord, PendingRecord, Verdict};
 use txmap_common::exit;
 use txmap_common::machine::{decide, next_generation, Decision, Vote};
 use txmap_common::net;
-use txmap_common::proto::{Prepare, Refusal, Request, Response, Sha256, TableStatus, TxId};
-use txmap_common::table;
+use txmap_common::proto::{Prepare, Request, Response, Sha256, TableStatus, TxId};
+use txmap_common::{now_ms, table};
 
 /// What happened on one node.
 #[derive(Debug, Clone, Serialize)]
 pub struct NodeReport {
+    /// Node name.
     pub node: String,
+    /// Prepared/committed there.
     pub ok: bool,
+    /// One line: what happened.
     pub detail: String,
 }
 
-/// The result of `commit`.
+/// The result of one commit.
 #[derive(Debug, Serialize)]
 pub struct CommitReport {
+    /// Table.
     pub table: String,
+    /// Last transaction tried.
     pub txid: Option<String>,
+    /// Its generation.
     pub generation: Option<u64>,
+    /// Exit code (see [`txmap_common::exit`]).
     pub exit: u8,
+    /// Transactions tried (conflicts are retried).
     pub attempts: u32,
+    /// Wall time.
     pub elapsed_ms: u64,
+    /// One line per node.
     pub nodes: Vec<NodeReport>,
 }
 
-/// The decision log record, durable before any commit is sent.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct DecisionRecord {
-    pub txid: TxId,
-    pub table: String,
-    pub generation: u64,
-    pub decision: String,
-    pub nodes: Vec<String>,
-    pub at_ms: u64,
-}
-
-fn decision_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("decisions")
-}
-
-fn log_decision(state_dir: &Path, rec: &DecisionRecord) -> anyhow::Result<PathBuf> {
-    use std::io::Write;
-    let dir = decision_dir(state_dir);
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("{}.json", rec.txid));
-    let tmp = dir.join(format!(".{}.json.tmp", rec.txid));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(rec)?)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
-    std::fs::File::open(&dir)?.sync_all()?;
-    Ok(path)
+impl CommitReport {
+    /// The failing nodes' lines, joined (for logs and pending records).
+    pub fn failures(&self) -> String {
+        let v: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| !n.ok)
+            .map(|n| format!("{}: {}", n.node, n.detail))
+            .collect();
+        if v.is_empty() {
+            format!("exit {}", self.exit)
+        } else {
+            v.join("; ")
+        }
+    }
 }
 
 fn vote_text(v: &Vote) -> String {
@@ -83,12 +86,24 @@ fn vote_text(v: &Vote) -> String {
     }
 }
 
-async fn prepare_one(cluster: &Cluster, link: &Link, req: &Request, source: &Path) -> Vote {
+/// The overall deadline of one command.
+#[derive(Debug, Clone, Copy)]
+struct Deadline(Instant);
+
+impl Deadline {
+    fn left(&self) -> Duration {
+        self.0.saturating_duration_since(Instant::now())
+    }
+    fn cap(&self, d: Duration) -> Duration {
+        d.min(self.left())
+    }
+}
+
+async fn prepare_one(link: &Link, req: &Request, source: &Path, deadline: Duration) -> Vote {
     let conn = match link {
         Ok(c) => c,
         Err(e) => return Vote::Unreachable(e.clone()),
     };
-    let deadline = cluster.cfg.timeouts.prepare;
     let run = async {
         let file = tokio::fs::File::open(source)
             .await
@@ -109,16 +124,16 @@ async fn prepare_one(cluster: &Cluster, link: &Link, req: &Request, source: &Pat
     }
 }
 
-/// Sends `req` (a Commit) to one node, retrying until the commit deadline.
-async fn commit_one(
+/// Sends a decision (`Commit` or `Abort`) to one node, re-dialling and retrying until `until`.
+pub async fn deliver(
     cluster: &Cluster,
     node: &NodeConfig,
     link: &Link,
     req: &Request,
+    until: Instant,
 ) -> Result<u64, String> {
-    let until = Instant::now() + cluster.cfg.timeouts.commit;
     let mut link = link.clone();
-    let mut last = String::new();
+    let mut last = String::from("no time left");
     while Instant::now() < until {
         if link.is_err() {
             link = cluster.connect(node).await;
@@ -126,7 +141,8 @@ async fn commit_one(
         let left = until.saturating_duration_since(Instant::now());
         match ask(&link, req, left).await {
             Ok(Response::Committed { generation, .. }) => return Ok(generation),
-            Ok(Response::Refused(r)) => return Err(format!("refused commit: {r}")),
+            Ok(Response::Aborted { .. }) => return Ok(0),
+            Ok(Response::Refused(r)) => return Err(format!("refused: {r}")),
             Ok(other) => return Err(format!("unexpected answer {other:?}")),
             Err(e) => {
                 last = e;
@@ -135,18 +151,21 @@ async fn commit_one(
             }
         }
     }
-    Err(format!("commit not acknowledged: {last}"))
+    Err(format!("not acknowledged: {last}"))
 }
 
 fn backoff(attempt: u32) -> Duration {
-    let r = (TxId::random().0 % 1000) as u64;
+    let r = TxId::random().0 % 1000;
     let base = 20u64 << attempt.min(4);
-    Duration::from_millis(base + r * base / 1000)
+    Duration::from_millis(base + (r as u64) * base / 1000)
 }
 
-/// Runs the whole commit of `table` from `source`. Never panics; the report carries the exit.
+/// Runs one whole commit of `table` from `source`. Never panics; the report carries the exit.
 pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> CommitReport {
     let started = Instant::now();
+    let t = &cluster.cfg.timeouts;
+    let deadline = Deadline(started + t.total);
+    let log = DecisionLog::new(&cluster.cfg.state_dir);
     let mut report = CommitReport {
         table: table_name.to_string(),
         txid: None,
@@ -156,31 +175,52 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
         elapsed_ms: 0,
         nodes: Vec::new(),
     };
+    let local_failure = |report: &mut CommitReport, detail: String| {
+        report.exit = exit::LOCAL;
+        report.nodes = vec![NodeReport {
+            node: cluster.cfg.node.clone(),
+            ok: false,
+            detail,
+        }];
+    };
     let digest = match table::digest_file(source) {
         Ok(d) => d,
         Err(e) => {
-            report.exit = exit::LOCAL;
-            report.nodes.push(NodeReport {
-                node: cluster.cfg.node.clone(),
-                ok: false,
-                detail: format!("source: {e}"),
-            });
+            local_failure(&mut report, format!("source: {e}"));
             return report;
         }
     };
-    let busy_until = started + cluster.cfg.timeouts.busy_retry;
-    let mut links: Vec<(NodeConfig, Link)> = cluster.connect_all().await;
+    let busy_until = started + t.busy_retry.min(t.total);
+    let nodes = cluster.cfg.active_nodes();
+    let mut links: Vec<(NodeConfig, Link)> = Vec::new();
     loop {
         report.attempts += 1;
-        // Re-dial nodes whose connection failed or closed.
-        for (node, link) in links.iter_mut() {
-            if link
-                .as_ref()
-                .map(|c| c.close_reason().is_some())
-                .unwrap_or(true)
-                && report.attempts > 1
-            {
-                *link = cluster.connect(node).await;
+        let txid = TxId::random();
+        report.txid = Some(txid.to_string());
+        let deadline_ms = now_ms() + deadline.left().as_millis() as u64 + 1000;
+        if let Err(e) = log.open(txid, table_name, deadline_ms) {
+            local_failure(
+                &mut report,
+                format!("decision log in {}: {e}", cluster.cfg.state_dir.display()),
+            );
+            break;
+        }
+        // (Re-)dial nodes whose connection failed or closed.
+        if links.is_empty() {
+            links =
+                join_all(nodes.iter().map(|n| async {
+                    (n.clone(), cluster.connect_within(n, deadline.left()).await)
+                }))
+                .await;
+        } else {
+            for (node, link) in links.iter_mut() {
+                if link
+                    .as_ref()
+                    .map(|c| c.close_reason().is_some())
+                    .unwrap_or(true)
+                {
+                    *link = cluster.connect_within(node, deadline.left()).await;
+                }
             }
         }
         let sreq = Request::Status {
@@ -189,7 +229,7 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
         let statuses = join_all(
             links
                 .iter()
-                .map(|(_, l)| ask(l, &sreq, cluster.cfg.timeouts.connect)),
+                .map(|(_, l)| ask(l, &sreq, deadline.cap(t.connect))),
         )
         .await;
         let mut known: Vec<TableStatus> = Vec::new();
@@ -204,9 +244,7 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                 Err(e) => votes[i] = Some(Vote::Unreachable(e)),
             }
         }
-        let txid = TxId::random();
         let generation = next_generation(&known);
-        report.txid = Some(txid.to_string());
         report.generation = Some(generation);
         let req = Request::Prepare(Prepare {
             txid,
@@ -218,12 +256,8 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
             entries: digest.entries,
         });
         if votes.iter().all(|v| v.is_none()) {
-            let fresh = join_all(
-                links
-                    .iter()
-                    .map(|(_, l)| prepare_one(cluster, l, &req, source)),
-            )
-            .await;
+            let pd = deadline.cap(t.prepare);
+            let fresh = join_all(links.iter().map(|(_, l)| prepare_one(l, &req, source, pd))).await;
             votes = fresh.into_iter().map(Some).collect();
         } else {
             // Some node failed before prepare: abort without sending the table anywhere.
@@ -233,45 +267,55 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                 ));
             }
         }
-        let decision = decide(&votes).unwrap_or(Decision::Abort { retry: false });
+        let mut decision = decide(&votes).unwrap_or(Decision::Abort { retry: false });
+        if decision == Decision::Commit {
+            fail::fail_point!("coordinator::after_all_prepared");
+            let rec = DecisionRecord {
+                txid,
+                table: table_name.to_string(),
+                generation,
+                verdict: Verdict::Commit,
+                nodes: links.iter().map(|(n, _)| n.name.clone()).collect(),
+                at_ms: now_ms(),
+            };
+            match log.decide(&rec) {
+                Ok(d) if d.verdict == Verdict::Commit => {}
+                Ok(_) => {
+                    warn!(%txid, "recovery fenced this transaction as aborted before the decision");
+                    for v in votes.iter_mut() {
+                        *v = Some(Vote::Unreachable(
+                            "fenced: recovery aborted the transaction first".into(),
+                        ));
+                    }
+                    decision = Decision::Abort { retry: false };
+                }
+                Err(e) => {
+                    // Not durable, so the decision cannot be commit.
+                    warn!(error = %e, "cannot log the decision; aborting");
+                    abort_all(&links, table_name, txid, deadline).await;
+                    log.close(txid);
+                    local_failure(
+                        &mut report,
+                        format!("decision log in {}: {e}", cluster.cfg.state_dir.display()),
+                    );
+                    break;
+                }
+            }
+        }
         match decision {
             Decision::Commit => {
-                fail::fail_point!("coordinator::after_all_prepared");
-                let rec = DecisionRecord {
-                    txid,
-                    table: table_name.to_string(),
-                    generation,
-                    decision: "commit".into(),
-                    nodes: links.iter().map(|(n, _)| n.name.clone()).collect(),
-                    at_ms: txmap_common::now_ms(),
-                };
-                let logged = match log_decision(&cluster.cfg.state_dir, &rec) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        // Not durable: the decision cannot be commit.
-                        warn!(error = %e, "cannot log the decision; aborting");
-                        abort_all(cluster, &links, table_name, txid).await;
-                        report.exit = exit::LOCAL;
-                        report.nodes = vec![NodeReport {
-                            node: cluster.cfg.node.clone(),
-                            ok: false,
-                            detail: format!(
-                                "decision log in {}: {e}",
-                                cluster.cfg.state_dir.display()
-                            ),
-                        }];
-                        break;
-                    }
-                };
                 fail::fail_point!("coordinator::after_decision_durable");
                 let creq = Request::Commit {
                     table: table_name.to_string(),
                     txid,
                 };
+                // Commit acknowledgements get their own deadline even when the overall one is
+                // nearly spent: the decision is made, and finishing it is worth a little time.
+                let until = Instant::now() + t.commit;
                 let acks = join_all(links.iter().enumerate().map(|(i, (n, l))| {
                     let creq = &creq;
                     async move {
-                        let r = commit_one(cluster, n, l, creq).await;
+                        let r = deliver(cluster, n, l, creq, until).await;
                         if i == 0 {
                             fail::fail_point!("coordinator::after_first_commit_sent");
                         }
@@ -291,20 +335,22 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                         Err(e) => NodeReport {
                             node: n.name.clone(),
                             ok: false,
-                            detail: e.clone(),
+                            detail: format!("commit decided, {e} (re-driven by txmapd)"),
                         },
                     })
                     .collect();
                 if acks.iter().all(|a| a.is_ok()) {
-                    let _ = std::fs::remove_file(&logged);
+                    log.finish(txid);
                     report.exit = exit::OK;
                 } else {
+                    log.close(txid);
                     report.exit = exit::INCOMPLETE;
                 }
                 break;
             }
             Decision::Abort { retry } => {
-                abort_all(cluster, &links, table_name, txid).await;
+                abort_all(&links, table_name, txid, deadline).await;
+                log.close(txid);
                 report.nodes = links
                     .iter()
                     .zip(&votes)
@@ -336,26 +382,52 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
     report
 }
 
-async fn abort_all(cluster: &Cluster, links: &[(NodeConfig, Link)], table_name: &str, txid: TxId) {
+async fn abort_all(links: &[(NodeConfig, Link)], table_name: &str, txid: TxId, deadline: Deadline) {
     let req = Request::Abort {
         table: table_name.to_string(),
         txid,
     };
-    let res = join_all(
-        links
-            .iter()
-            .map(|(_, l)| ask(l, &req, cluster.cfg.timeouts.commit)),
-    )
-    .await;
+    // Abort is best effort: a node that misses it resolves the transaction by itself
+    // (presumed abort), so it never costs more than a short, bounded wait.
+    let d = deadline
+        .cap(Duration::from_millis(1000))
+        .max(Duration::from_millis(200));
+    let res = join_all(links.iter().map(|(_, l)| ask(l, &req, d))).await;
     for ((n, _), r) in links.iter().zip(res) {
         match r {
             Ok(Response::Aborted { .. }) => {}
-            Ok(Response::Refused(Refusal::AlreadyCommitted { .. })) => {
-                warn!(node = %n.name, %txid, "abort refused: already committed (should be impossible)")
-            }
             other => {
                 info!(node = %n.name, %txid, result = ?other, "abort not acknowledged; the node resolves it by itself")
             }
         }
     }
+}
+
+/// [`commit`], then records the outcome for convergence: a commit that did not reach every node
+/// leaves a pending record that `txmapd` retries with backoff; a complete one clears it.
+pub async fn commit_tracked(cluster: &Cluster, table_name: &str, source: &Path) -> CommitReport {
+    let report = commit(cluster, table_name, source).await;
+    let log = DecisionLog::new(&cluster.cfg.state_dir);
+    match report.exit {
+        exit::OK => log.clear_pending(table_name),
+        exit::ABORTED | exit::BUSY | exit::INCOMPLETE => {
+            let prev = log.pending(table_name);
+            let attempts = prev.as_ref().map(|p| p.attempts).unwrap_or(0) + 1;
+            let wait =
+                (1000u64 << attempts.min(6)).min(cluster.cfg.timeouts.retry_max.as_millis() as u64);
+            let rec = PendingRecord {
+                table: table_name.to_string(),
+                source: source.to_path_buf(),
+                since_ms: prev.map(|p| p.since_ms).unwrap_or_else(now_ms),
+                attempts,
+                last_error: report.failures(),
+                next_ms: now_ms() + wait,
+            };
+            if let Err(e) = log.set_pending(&rec) {
+                warn!(error = %e, "cannot record the pending commit");
+            }
+        }
+        _ => {}
+    }
+    report
 }

@@ -1,9 +1,7 @@
 //! `txmap`: the coordinator and admin CLI. Exit codes are listed in `txmap --help` and in
 //! `docs/operations.md`; they come from [`txmap_common::exit`] and never change meaning.
 
-mod cluster;
-mod commit;
-mod sandbox;
+use txmap_coordinator::{cluster, commit, recover, sandbox};
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -20,7 +18,8 @@ Exit codes:
   3  commit decided but not yet acknowledged by every node (it completes on its own)
   4  busy: other transactions held the table past the retry deadline; nothing changed
   5  status: some node unreachable, or nodes disagree
-  6  local error (source unreadable, state directory, certificates)";
+  6  local error (source unreadable, state directory, certificates)
+  7  recover: the requested resolution was refused (it would contradict a decision)";
 
 /// txmap: update a Postfix lookup table on every node of a cluster as one transaction.
 #[derive(Debug, Parser)]
@@ -56,6 +55,18 @@ enum Cmd {
     },
     /// Check the config file and report every problem with its key.
     CheckConfig,
+    /// List transactions in doubt on every node, or resolve one by hand.
+    Recover {
+        /// Abort this transaction everywhere (refused if it was decided commit).
+        #[arg(long, value_name = "TXID", conflicts_with = "commit")]
+        abort: Option<String>,
+        /// Commit this transaction everywhere (only when a commit decision exists).
+        #[arg(long, value_name = "TXID")]
+        commit: Option<String>,
+        /// Print JSON (listing only).
+        #[arg(long)]
+        json: bool,
+    },
     /// Make the cluster CA and node certificates.
     Cert {
         #[command(subcommand)]
@@ -149,6 +160,11 @@ fn run(cli: Cli) -> u8 {
         } => cmd_commit(cli.config.as_deref(), &table, source, json),
         Cmd::Status { table, json } => cmd_status(cli.config.as_deref(), table, json),
         Cmd::CheckConfig => cmd_check(cli.config.as_deref()),
+        Cmd::Recover {
+            abort,
+            commit,
+            json,
+        } => cmd_recover(cli.config.as_deref(), abort, commit, json),
         Cmd::Cert { cmd } => cmd_cert(cmd),
         Cmd::Sandbox {
             dir,
@@ -191,7 +207,7 @@ fn cmd_commit(
                 return Err(exit::LOCAL);
             }
         };
-        let r = commit::commit(&cluster, table, &source).await;
+        let r = commit::commit_tracked(&cluster, table, &source).await;
         cluster.close().await;
         Ok(r)
     })?;
@@ -227,6 +243,7 @@ fn cmd_commit(
 #[derive(serde::Serialize)]
 struct NodeStatus {
     node: String,
+    in_service: bool,
     reachable: bool,
     error: Option<String>,
     tables: Vec<TableStatus>,
@@ -241,7 +258,12 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
         }
     }
     let rt = runtime()?;
-    let nodes: Vec<NodeStatus> = rt.block_on(async {
+    let in_service: std::collections::HashMap<String, bool> = cfg
+        .nodes
+        .iter()
+        .map(|n| (n.name.clone(), n.in_service))
+        .collect();
+    let mut nodes: Vec<NodeStatus> = rt.block_on(async {
         let cluster = cluster::Cluster::new(cfg).map_err(|e| {
             eprintln!("txmap: {e:#}");
             exit::LOCAL
@@ -264,24 +286,28 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
                 .map(|((n, _), a)| match a {
                     Ok(Response::Status(tables)) => NodeStatus {
                         node: n.name.clone(),
+                        in_service: true,
                         reachable: true,
                         error: None,
                         tables,
                     },
                     Ok(Response::Refused(r)) => NodeStatus {
                         node: n.name.clone(),
+                        in_service: true,
                         reachable: true,
                         error: Some(r.to_string()),
                         tables: vec![],
                     },
                     Ok(other) => NodeStatus {
                         node: n.name.clone(),
+                        in_service: true,
                         reachable: true,
                         error: Some(format!("unexpected answer {other:?}")),
                         tables: vec![],
                     },
                     Err(e) => NodeStatus {
                         node: n.name.clone(),
+                        in_service: true,
                         reachable: false,
                         error: Some(e),
                         tables: vec![],
@@ -290,7 +316,11 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
                 .collect(),
         )
     })?;
-    let all_reachable = nodes.iter().all(|n| n.reachable && n.error.is_none());
+    for n in nodes.iter_mut() {
+        n.in_service = in_service.get(&n.node).copied().unwrap_or(true);
+    }
+    let serving: Vec<&NodeStatus> = nodes.iter().filter(|n| n.in_service).collect();
+    let all_reachable = serving.iter().all(|n| n.reachable && n.error.is_none());
     let mut agree = true;
     let mut names: Vec<&str> = nodes
         .iter()
@@ -299,12 +329,12 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
     names.sort();
     names.dedup();
     for name in &names {
-        let gens: Vec<(u64, Option<_>)> = nodes
+        let gens: Vec<(u64, Option<_>)> = serving
             .iter()
             .filter_map(|n| n.tables.iter().find(|t| t.table == *name))
             .map(|t| (t.generation, t.sha256))
             .collect();
-        if gens.windows(2).any(|w| w[0] != w[1]) || gens.len() != nodes.len() {
+        if gens.windows(2).any(|w| w[0] != w[1]) || gens.len() != serving.len() {
             agree = false;
         }
     }
@@ -319,6 +349,9 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
             "NODE", "TABLE", "GEN", "SHA256", "ENTRIES", "COMMITTED"
         );
         for n in &nodes {
+            if !n.in_service {
+                println!("{:<10} (out of service)", n.node);
+            }
             if let Some(e) = &n.error {
                 println!(
                     "{:<10} {}",
@@ -362,6 +395,15 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
                     "{:<10} {:<18} {:>5} {:<16} {:>8} {:<20} {}",
                     n.node, t.table, t.generation, sha, t.entries, when, prep
                 );
+                if let Some(p) = &t.pending {
+                    let since = humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(p.since_ms),
+                    );
+                    println!(
+                        "{:<10}   PENDING commit of {} since {since}, {} attempt(s), last error: {}",
+                        "", t.table, p.attempts, p.last_error
+                    );
+                }
             }
         }
     }
@@ -369,6 +411,75 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
         exit::OK
     } else {
         exit::DISAGREE
+    })
+}
+
+fn cmd_recover(
+    config: Option<&Path>,
+    abort: Option<String>,
+    commit: Option<String>,
+    json: bool,
+) -> Result<u8, u8> {
+    let cfg = load(config)?;
+    let rt = runtime()?;
+    rt.block_on(async {
+        let cluster = cluster::Cluster::new(cfg).map_err(|e| {
+            eprintln!("txmap: {e:#}");
+            exit::LOCAL
+        })?;
+        let code = match (abort, commit) {
+            (None, None) => {
+                let (found, unreachable) = recover::list(&cluster).await;
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&found).unwrap_or_default()
+                    );
+                } else if found.is_empty() {
+                    println!("no transaction in progress on any reachable node");
+                } else {
+                    for d in &found {
+                        println!(
+                            "{}: {} txid {} generation {} from {} ({})",
+                            d.node,
+                            d.table,
+                            d.prepared.txid,
+                            d.prepared.generation,
+                            d.prepared.coordinator,
+                            if d.prepared.durable {
+                                "prepared"
+                            } else {
+                                "staging"
+                            }
+                        );
+                    }
+                }
+                for u in &unreachable {
+                    eprintln!("txmap: unreachable: {u}");
+                }
+                if unreachable.is_empty() {
+                    exit::OK
+                } else {
+                    exit::DISAGREE
+                }
+            }
+            (abort, commit) => {
+                let want_commit = commit.is_some();
+                let txid = commit.or(abort).unwrap_or_default();
+                match recover::resolve(&cluster, &txid, want_commit).await {
+                    Ok(msg) => {
+                        println!("{msg}");
+                        exit::OK
+                    }
+                    Err(msg) => {
+                        eprintln!("txmap: recover: {msg}");
+                        exit::REFUSED
+                    }
+                }
+            }
+        };
+        cluster.close().await;
+        Ok(code)
     })
 }
 

@@ -14,11 +14,13 @@ use tokio::sync::{Mutex, MutexGuard};
 use tracing::{debug, info, info_span, warn, Instrument};
 use txmap_common::codec;
 use txmap_common::config::{Config, TableConfig};
+use txmap_common::decision::{DecisionLog, DecisionRecord, Verdict};
 use txmap_common::journal::Journal;
 use txmap_common::machine::{Action, Event, Phase, TableState};
 use txmap_common::now_ms;
-use txmap_common::proto::{Prepare, Refusal, Request, Response, TxId};
+use txmap_common::proto::{OutcomeAnswer, PendingInfo, Prepare, Refusal, Request, Response, TxId};
 use txmap_common::table;
+use txmap_coordinator::cluster::{ask, Cluster};
 
 /// How long a peer may take to send a request header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,6 +46,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
     let server = txmap_common::tls::server_config(&node.cfg).context("TLS setup")?;
     let endpoint = quinn::Endpoint::server(server, node.cfg.listen)
         .with_context(|| format!("cannot listen on {}", node.cfg.listen))?;
+    let cluster = Arc::new(Cluster::new(node.cfg.clone()).context("QUIC client setup")?);
+    let background = [
+        tokio::spawn(node.clone().resolve_loop(cluster.clone())),
+        tokio::spawn(node.clone().redrive_loop(cluster.clone())),
+        tokio::spawn(node.clone().pending_loop(cluster.clone())),
+    ];
     info!(node = %node.cfg.node, listen = %node.cfg.listen, tables = node.slots.len(), "txmapd ready");
     tokio::pin!(shutdown);
     loop {
@@ -59,6 +67,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         }
     }
     info!("shutting down");
+    for b in background {
+        b.abort();
+    }
     endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     Ok(())
@@ -189,6 +200,12 @@ impl Node {
                     .instrument(span)
                     .await
             }
+            Request::Outcome { table, txid, fence } => {
+                match self.outcome(&table, txid, fence).await {
+                    Ok(a) => Response::Outcome(a),
+                    Err(r) => r,
+                }
+            }
         };
         self.reply(&mut send, resp).await;
     }
@@ -209,19 +226,28 @@ impl Node {
     }
 
     async fn status(&self, table: Option<&str>) -> Response {
-        let mut out = Vec::new();
-        match table {
-            Some(t) => match self.slot(t) {
-                Ok(s) => out.push(s.state.lock().await.status(t)),
-                Err(r) => return r,
-            },
-            None => {
-                let mut names: Vec<_> = self.slots.keys().collect();
-                names.sort();
-                for n in names {
-                    out.push(self.slots[n].state.lock().await.status(n));
+        let mut names: Vec<&String> = match table {
+            Some(t) => match self.slots.get_key_value(t) {
+                Some((k, _)) => vec![k],
+                None => {
+                    return Response::Refused(Refusal::UnknownTable {
+                        table: t.to_string(),
+                    })
                 }
-            }
+            },
+            None => self.slots.keys().collect(),
+        };
+        names.sort();
+        let log = DecisionLog::new(&self.cfg.state_dir);
+        let mut out = Vec::new();
+        for n in names {
+            let mut st = self.slots[n].state.lock().await.status(n);
+            st.pending = log.pending(n).map(|p| PendingInfo {
+                since_ms: p.since_ms,
+                attempts: p.attempts,
+                last_error: p.last_error,
+            });
+            out.push(st);
         }
         Response::Status(out)
     }
@@ -365,6 +391,177 @@ impl Node {
         let mut guard = slot.state.lock().await;
         let actions = guard.step(event, now_ms());
         self.execute(&slot, guard, actions).await
+    }
+
+    /// What this node knows of `txid` (see [`Request::Outcome`]): its decision log first (it
+    /// may be the coordinator's node), then its own participant state.
+    async fn outcome(
+        &self,
+        table: &str,
+        txid: TxId,
+        fence: bool,
+    ) -> Result<OutcomeAnswer, Response> {
+        let storage = |e: std::io::Error| {
+            Response::Refused(Refusal::Storage {
+                op: "decision log".into(),
+                path: self.cfg.state_dir.display().to_string(),
+                error: e.to_string(),
+            })
+        };
+        let answer = |d: &DecisionRecord| match d.verdict {
+            Verdict::Commit => OutcomeAnswer::Committed {
+                generation: d.generation,
+            },
+            Verdict::Abort => OutcomeAnswer::Aborted,
+        };
+        let log = DecisionLog::new(&self.cfg.state_dir);
+        if let Some(d) = log.get(txid).map_err(storage)? {
+            return Ok(answer(&d));
+        }
+        if let Some(open) = log.open_record(txid).map_err(storage)? {
+            if DecisionLog::coordinator_alive(&open) {
+                return Ok(OutcomeAnswer::Pending);
+            }
+            if fence {
+                let rec = DecisionRecord {
+                    txid,
+                    table: table.to_string(),
+                    generation: 0,
+                    verdict: Verdict::Abort,
+                    nodes: self
+                        .cfg
+                        .active_nodes()
+                        .into_iter()
+                        .map(|n| n.name)
+                        .collect(),
+                    at_ms: now_ms(),
+                };
+                let d = log.decide(&rec).map_err(storage)?;
+                info!(%txid, verdict = ?d.verdict, "in-doubt query about a dead coordinator's transaction: fenced");
+                return Ok(answer(&d));
+            }
+        }
+        let slot = self.slot(table)?.clone();
+        let mut st = slot.state.lock().await;
+        match st.outcome_of(txid) {
+            Some(txmap_common::machine::Outcome::Committed(g)) => {
+                return Ok(OutcomeAnswer::Committed { generation: g })
+            }
+            Some(txmap_common::machine::Outcome::Aborted) => return Ok(OutcomeAnswer::Aborted),
+            None => {}
+        }
+        if let Some(a) = st.active.as_ref().filter(|a| a.txid == txid) {
+            return Ok(match a.phase {
+                Phase::Staging => OutcomeAnswer::Pending,
+                Phase::Prepared => OutcomeAnswer::InDoubt,
+                Phase::Installing => OutcomeAnswer::Committed {
+                    generation: a.generation,
+                },
+            });
+        }
+        if !fence {
+            return Ok(OutcomeAnswer::Unknown);
+        }
+        let actions = st.step(Event::Abort { txid }, now_ms());
+        self.execute(&slot, st, actions).await;
+        Ok(OutcomeAnswer::Aborted)
+    }
+
+    /// Resolves prepared transactions whose decision has not arrived: asks the coordinator's
+    /// node (which fences a dead coordinator's transaction), and when that node cannot be
+    /// reached for half the in-doubt bound, asks the peers (cooperative termination).
+    async fn resolve_loop(self: Arc<Self>, cluster: Arc<Cluster>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            for slot in self.slots.values() {
+                let active = slot.state.lock().await.active.clone();
+                let Some(a) = active.filter(|a| a.phase == Phase::Prepared) else {
+                    continue;
+                };
+                let age = now_ms().saturating_sub(a.since_ms);
+                if age < 1000 {
+                    continue;
+                }
+                let table = slot.table.name.clone();
+                let q = Request::Outcome {
+                    table: table.clone(),
+                    txid: a.txid,
+                    fence: true,
+                };
+                let deadline = self.cfg.timeouts.connect;
+                let from_coordinator = if a.coordinator == self.cfg.node {
+                    self.outcome(&table, a.txid, true).await.ok()
+                } else if let Some(n) = self.cfg.node_by_name(&a.coordinator) {
+                    match ask(&cluster.connect(n).await, &q, deadline).await {
+                        Ok(Response::Outcome(x)) => Some(x),
+                        _ => None,
+                    }
+                } else {
+                    None
+                };
+                let mut verdict = from_coordinator;
+                if verdict.is_none() && age > self.cfg.timeouts.in_doubt.as_millis() as u64 / 2 {
+                    for n in self.cfg.active_nodes() {
+                        if n.name == self.cfg.node || n.name == a.coordinator {
+                            continue;
+                        }
+                        if let Ok(Response::Outcome(x)) =
+                            ask(&cluster.connect(&n).await, &q, deadline).await
+                        {
+                            if matches!(x, OutcomeAnswer::Committed { .. } | OutcomeAnswer::Aborted)
+                            {
+                                info!(txid = %a.txid, peer = %n.name, answer = ?x, "cooperative termination");
+                                verdict = Some(x);
+                                break;
+                            }
+                        }
+                    }
+                }
+                let event = match verdict {
+                    Some(OutcomeAnswer::Committed { .. }) => Event::Commit { txid: a.txid },
+                    Some(OutcomeAnswer::Aborted) => Event::Abort { txid: a.txid },
+                    _ => continue,
+                };
+                info!(%table, txid = %a.txid, ?event, age_ms = age, "resolving an in-doubt transaction");
+                let resp = self.decide(&table, event).await;
+                debug!(?resp, "resolved");
+            }
+        }
+    }
+
+    /// Re-drives decisions that a dead coordinator on this node did not finish delivering.
+    async fn redrive_loop(self: Arc<Self>, cluster: Arc<Cluster>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(1000));
+        loop {
+            tick.tick().await;
+            let log = DecisionLog::new(&self.cfg.state_dir);
+            if log.list().is_empty() && log.list_open().is_empty() {
+                continue;
+            }
+            txmap_coordinator::redrive::redrive(&cluster).await;
+        }
+    }
+
+    /// Retries pending commits of this node (convergence), each when its backoff has passed.
+    async fn pending_loop(self: Arc<Self>, cluster: Arc<Cluster>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tick.tick().await;
+            let log = DecisionLog::new(&self.cfg.state_dir);
+            for p in log.list_pending() {
+                if now_ms() < p.next_ms || self.cfg.table(&p.table).is_none() {
+                    continue;
+                }
+                let r =
+                    txmap_coordinator::commit::commit_tracked(&cluster, &p.table, &p.source).await;
+                if r.exit == txmap_common::exit::OK {
+                    info!(table = %p.table, attempts = p.attempts + 1, generation = ?r.generation, "pending commit done: the cluster serves the newest source");
+                } else {
+                    info!(table = %p.table, attempts = p.attempts + 1, error = %r.failures(), "pending commit failed again; will retry");
+                }
+            }
+        }
     }
 
     /// Executes actions in order, feeding install results back into the machine.

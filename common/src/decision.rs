@@ -1,0 +1,307 @@
+//! The coordinator's durable records, kept in the coordinating node's `state_dir`:
+//!
+//! - `decisions/<txid>.open`: a coordinator is working on this transaction (its pid and start
+//!   time). Lets the node's `txmapd` tell a live coordinator from a dead one.
+//! - `decisions/<txid>.json`: the decision. Created with *no-replace* semantics (a hard link
+//!   from a fsynced temporary file), so exactly one of "the coordinator decides commit" and
+//!   "recovery fences the transaction as aborted" can ever happen: whoever creates the file
+//!   first wins, and the loser sees the winner's decision.
+//! - `pending/<table>.json`: a commit of this table that could not be completed (a node down,
+//!   a deadline passed). `txmapd` retries it with backoff until the cluster serves the newest
+//!   source.
+
+use crate::proto::TxId;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// What was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// Every node prepared; the decision is commit.
+    Commit,
+    /// Fenced or decided abort.
+    Abort,
+}
+
+/// A durable decision.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRecord {
+    /// Transaction.
+    pub txid: TxId,
+    /// Table.
+    pub table: String,
+    /// Generation it installs.
+    pub generation: u64,
+    /// Commit or abort.
+    pub verdict: Verdict,
+    /// Nodes that take part.
+    pub nodes: Vec<String>,
+    /// When it was decided (ms since epoch).
+    pub at_ms: u64,
+}
+
+/// A coordinator at work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenRecord {
+    /// Transaction.
+    pub txid: TxId,
+    /// Table.
+    pub table: String,
+    /// Process id of the coordinator.
+    pub pid: u32,
+    /// When it started (ms since epoch).
+    pub started_ms: u64,
+    /// Its overall deadline (ms since epoch); past it, it is considered dead.
+    pub deadline_ms: u64,
+}
+
+/// A commit that still has to reach every node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRecord {
+    /// Table.
+    pub table: String,
+    /// Source file to read again at each retry.
+    pub source: PathBuf,
+    /// First failure (ms since epoch).
+    pub since_ms: u64,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: String,
+    /// Not before (ms since epoch).
+    pub next_ms: u64,
+}
+
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8], replace: bool) -> std::io::Result<bool> {
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.{}.tmp", TxId::random()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    let target = dir.join(name);
+    let created = if replace {
+        std::fs::rename(&tmp, &target)?;
+        true
+    } else {
+        let r = std::fs::hard_link(&tmp, &target);
+        let _ = std::fs::remove_file(&tmp);
+        match r {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e),
+        }
+    };
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(created)
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b).map(Some).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The decision log of one node.
+#[derive(Debug, Clone)]
+pub struct DecisionLog {
+    dir: PathBuf,
+    pending: PathBuf,
+}
+
+impl DecisionLog {
+    /// The log under `state_dir`.
+    pub fn new(state_dir: &Path) -> DecisionLog {
+        DecisionLog {
+            dir: state_dir.join("decisions"),
+            pending: state_dir.join("pending"),
+        }
+    }
+
+    /// Records that this process coordinates `txid` until `deadline_ms`.
+    pub fn open(&self, txid: TxId, table: &str, deadline_ms: u64) -> std::io::Result<()> {
+        let rec = OpenRecord {
+            txid,
+            table: table.to_string(),
+            pid: std::process::id(),
+            started_ms: crate::now_ms(),
+            deadline_ms,
+        };
+        write_atomic(
+            &self.dir,
+            &format!("{txid}.open"),
+            &serde_json::to_vec(&rec)?,
+            true,
+        )?;
+        Ok(())
+    }
+
+    /// The open record of `txid`, if a coordinator registered it.
+    pub fn open_record(&self, txid: TxId) -> std::io::Result<Option<OpenRecord>> {
+        read_json(&self.dir.join(format!("{txid}.open")))
+    }
+
+    /// True when the coordinator of `rec` may still be working: its process exists and its
+    /// deadline has not passed.
+    pub fn coordinator_alive(rec: &OpenRecord) -> bool {
+        crate::now_ms() <= rec.deadline_ms && Path::new(&format!("/proc/{}", rec.pid)).exists()
+    }
+
+    /// Durably records `rec` unless a decision for that transaction exists already; returns the
+    /// decision that stands (ours, or the one found).
+    pub fn decide(&self, rec: &DecisionRecord) -> std::io::Result<DecisionRecord> {
+        if write_atomic(
+            &self.dir,
+            &format!("{}.json", rec.txid),
+            &serde_json::to_vec_pretty(rec)?,
+            false,
+        )? {
+            return Ok(rec.clone());
+        }
+        self.get(rec.txid)?
+            .ok_or_else(|| std::io::Error::other(format!("decision {} vanished", rec.txid)))
+    }
+
+    /// The decision for `txid`, if any.
+    pub fn get(&self, txid: TxId) -> std::io::Result<Option<DecisionRecord>> {
+        read_json(&self.dir.join(format!("{txid}.json")))
+    }
+
+    /// Every recorded decision (for re-driving).
+    pub fn list(&self) -> Vec<DecisionRecord> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<DecisionRecord> = rd
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| read_json(&e.path()).ok().flatten())
+            .collect();
+        out.sort_by_key(|r| r.at_ms);
+        out
+    }
+
+    /// Every open record (coordinators at work or dead).
+    pub fn list_open(&self) -> Vec<OpenRecord> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".open"))
+            .filter_map(|e| read_json(&e.path()).ok().flatten())
+            .collect()
+    }
+
+    /// Forgets `txid` once every node has acknowledged its outcome.
+    pub fn finish(&self, txid: TxId) {
+        let _ = std::fs::remove_file(self.dir.join(format!("{txid}.json")));
+        let _ = std::fs::remove_file(self.dir.join(format!("{txid}.open")));
+    }
+
+    /// Removes only the open record (the coordinator ended without a commit decision, or the
+    /// decision is durable and re-driving takes over).
+    pub fn close(&self, txid: TxId) {
+        let _ = std::fs::remove_file(self.dir.join(format!("{txid}.open")));
+    }
+
+    /// Records (or updates) a pending commit of `table`.
+    pub fn set_pending(&self, rec: &PendingRecord) -> std::io::Result<()> {
+        write_atomic(
+            &self.pending,
+            &format!("{}.json", rec.table),
+            &serde_json::to_vec_pretty(rec)?,
+            true,
+        )?;
+        Ok(())
+    }
+
+    /// The pending commit of `table`, if any.
+    pub fn pending(&self, table: &str) -> Option<PendingRecord> {
+        read_json(&self.pending.join(format!("{table}.json")))
+            .ok()
+            .flatten()
+    }
+
+    /// Every pending commit.
+    pub fn list_pending(&self) -> Vec<PendingRecord> {
+        let Ok(rd) = std::fs::read_dir(&self.pending) else {
+            return Vec::new();
+        };
+        rd.flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter_map(|e| read_json(&e.path()).ok().flatten())
+            .collect()
+    }
+
+    /// Clears the pending commit of `table`.
+    pub fn clear_pending(&self, table: &str) {
+        let _ = std::fs::remove_file(self.pending.join(format!("{table}.json")));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(txid: TxId, verdict: Verdict) -> DecisionRecord {
+        DecisionRecord {
+            txid,
+            table: "t".into(),
+            generation: 3,
+            verdict,
+            nodes: vec!["a".into()],
+            at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn the_first_decision_wins_and_the_second_sees_it() {
+        let dir = std::env::temp_dir().join(format!("txmap-decision-{}", TxId::random()));
+        let log = DecisionLog::new(&dir);
+        let t = TxId::random();
+        assert_eq!(log.get(t).unwrap(), None);
+        // Recovery fences first...
+        assert_eq!(
+            log.decide(&rec(t, Verdict::Abort)).unwrap().verdict,
+            Verdict::Abort
+        );
+        // ...so a slow coordinator can no longer commit.
+        assert_eq!(
+            log.decide(&rec(t, Verdict::Commit)).unwrap().verdict,
+            Verdict::Abort
+        );
+        assert_eq!(log.list().len(), 1);
+        log.finish(t);
+        assert!(log.list().is_empty());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_coordinator_past_its_deadline_or_gone_is_dead() {
+        let me = OpenRecord {
+            txid: TxId(1),
+            table: "t".into(),
+            pid: std::process::id(),
+            started_ms: 0,
+            deadline_ms: crate::now_ms() + 60_000,
+        };
+        assert!(DecisionLog::coordinator_alive(&me));
+        assert!(!DecisionLog::coordinator_alive(&OpenRecord {
+            deadline_ms: 1,
+            ..me.clone()
+        }));
+        assert!(!DecisionLog::coordinator_alive(&OpenRecord {
+            pid: u32::MAX - 1,
+            ..me
+        }));
+    }
+}
