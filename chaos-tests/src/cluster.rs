@@ -343,6 +343,71 @@ impl TestCluster {
             .collect()
     }
 
+    /// `txmap commit --json` through node `i`: exit code and the parsed report.
+    pub fn commit_json(&self, i: usize) -> (Option<i32>, serde_json::Value) {
+        let out = self.txmap(i, &["commit", TABLE, "--json"]);
+        (
+            out.status.code(),
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Node `i`'s journal of the table, as JSON (Null when absent).
+    pub fn journal(&self, i: usize) -> serde_json::Value {
+        let p = self
+            .node_dir(i)
+            .join("state")
+            .join("tables")
+            .join(format!("{TABLE}.json"));
+        std::fs::read(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    /// How transaction `txid` ended on node `i` per its journal: `Some("Committed")`,
+    /// `Some("Aborted")`, or None when it is not remembered.
+    pub fn outcome(&self, i: usize, txid: &str) -> Option<String> {
+        let j = self.journal(i);
+        let recent = j.get("recent")?.as_array()?;
+        recent.iter().rev().find_map(|e| {
+            let pair = e.as_array()?;
+            if pair.first()?.as_str()? != txid {
+                return None;
+            }
+            let o = pair.get(1)?;
+            Some(if o.get("Committed").is_some() {
+                "Committed".to_string()
+            } else {
+                o.as_str()?.to_string()
+            })
+        })
+    }
+
+    /// True when no node reports a transaction in progress (status through node `via`).
+    pub fn nothing_in_progress(&self, via: usize) -> bool {
+        let s = self.status(via);
+        s.as_array().is_some_and(|nodes| {
+            nodes.len() == self.n
+                && nodes.iter().all(|n| {
+                    n.get("reachable").and_then(|r| r.as_bool()) == Some(true)
+                        && n.get("tables")
+                            .and_then(|t| t.as_array())
+                            .is_some_and(|ts| {
+                                ts.iter()
+                                    .all(|t| t.get("prepared").is_some_and(|p| p.is_null()))
+                            })
+                })
+        })
+    }
+
+    /// Rewrites node `i`'s config with `f`.
+    pub fn edit_config(&self, i: usize, f: impl FnOnce(String) -> String) {
+        let p = self.config(i);
+        let text = std::fs::read_to_string(&p).expect("read config");
+        std::fs::write(&p, f(text)).expect("write config");
+    }
+
     /// Looks up `keys` in node `i`'s live table with the real `postmap -q -` (one process).
     /// Returns the value per key (None: not found).
     pub fn lookup(&self, i: usize, keys: &[String]) -> Result<Vec<Option<String>>> {
@@ -429,6 +494,20 @@ impl Drop for TestCluster {
         for m in self.mounts.drain(..).rev() {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
+    }
+}
+
+/// Polls `cond` every 100 ms until it holds or `limit` passes; returns whether it held.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() > until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

@@ -1,0 +1,339 @@
+//! Failure handling and crash recovery with real processes: failpoints that kill `txmapd` or
+//! `txmap` at each durability boundary, SIGSTOP, nodes down, a full disk, nodes out of service.
+//! After every fault the cluster must end consistent and unblocked by itself.
+
+use std::time::{Duration, Instant};
+use txmap_chaos_tests::cluster::{is_root, transport_table, wait_until, TestCluster, TABLE};
+
+const A: &str = "a.example";
+const B: &str = "b.example";
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn serves(c: &TestCluster, i: usize, domain: &str) -> bool {
+    c.lookup(i, &[format!("list3@{domain}")])
+        .map(|v| v[0].is_some())
+        .unwrap_or(false)
+}
+
+fn source_sha(c: &TestCluster) -> String {
+    txmap_common::table::hex(
+        &txmap_common::table::digest_file(&c.source())
+            .unwrap()
+            .sha256,
+    )
+}
+
+/// Every node reachable, on one generation, serving the current source, nothing in progress,
+/// no staged file, no held lock.
+fn converged(c: &TestCluster) -> bool {
+    let sha = source_sha(c);
+    let gens = c.generations();
+    gens.len() == c.n
+        && gens.iter().all(|g| {
+            g.as_ref()
+                .is_some_and(|g| g.1 == sha && Some(g.0) == gens[0].as_ref().map(|x| x.0))
+        })
+        && c.nothing_in_progress(1)
+        && (1..=c.n).all(|i| c.staged_files(i).is_empty() && c.lock_free(i))
+}
+
+fn cluster_on_a(name: &str) -> TestCluster {
+    let c = TestCluster::start(name, 3).unwrap();
+    c.write_source(&transport_table(A, 0..30));
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    c.write_source(&transport_table(B, 0..30));
+    c
+}
+
+/// A participant failpoint kills node2's txmapd during a commit; it is restarted.
+fn participant_crash(fp: &str, expect_committed: bool) {
+    let mut c = cluster_on_a(&fp.replace("::", "-"));
+    c.kill_node(2);
+    c.start_node_with(2, &[("FAILPOINTS", &format!("{fp}=panic"))])
+        .unwrap();
+    let started = Instant::now();
+    let (code, report) = c.commit_json(1);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "commit took {:?}",
+        started.elapsed()
+    );
+    let txid = report["txid"].as_str().expect("txid in report").to_string();
+    assert!(
+        c.wait_exit(2, Duration::from_secs(10)).is_some(),
+        "{fp} did not kill node2"
+    );
+    if expect_committed {
+        assert_eq!(
+            code,
+            Some(3),
+            "decided commit, node2 unacknowledged: {report}"
+        );
+    } else {
+        assert_eq!(code, Some(1), "aborted: {report}");
+    }
+    c.start_node(2).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(40), || converged(&c)),
+        "no convergence after {fp}: {:?}",
+        c.generations()
+    );
+    for i in 1..=3 {
+        let o = c.outcome(i, &txid);
+        if expect_committed {
+            assert_eq!(
+                o.as_deref(),
+                Some("Committed"),
+                "node{i}: transaction {txid} after {fp}"
+            );
+        } else {
+            assert_ne!(
+                o.as_deref(),
+                Some("Committed"),
+                "node{i}: transaction {txid} committed after {fp}"
+            );
+        }
+        // Either way the newest source ends up everywhere (a pending retry redoes an abort).
+        assert!(
+            serves(&c, i, B) && !serves(&c, i, A),
+            "node{i} does not serve the newest source"
+        );
+    }
+}
+
+/// A coordinator failpoint kills `txmap` itself during a commit.
+fn coordinator_crash(fp: &str, expect_committed: bool) {
+    let c = cluster_on_a(&fp.replace("::", "-"));
+    let out = c.txmap_with(
+        1,
+        &["commit", TABLE],
+        &[("FAILPOINTS", &format!("{fp}=panic"))],
+    );
+    assert!(
+        out.status.code().is_none(),
+        "txmap should have been killed by {fp}: {}",
+        text(&out)
+    );
+    // Nobody runs a command: the daemons resolve it within the in-doubt bound.
+    assert!(
+        wait_until(Duration::from_secs(35), || c.nothing_in_progress(1)
+            && (1..=3).all(|i| c.staged_files(i).is_empty() && c.lock_free(i))),
+        "still in doubt after {fp}: {}",
+        c.status(1)
+    );
+    let gens = c.generations();
+    assert!(
+        gens.iter().all(|g| g == &gens[0]),
+        "nodes disagree after {fp}: {gens:?}"
+    );
+    let expected_gen = if expect_committed { 2 } else { 1 };
+    assert_eq!(
+        gens[0].as_ref().map(|g| g.0),
+        Some(expected_gen),
+        "after {fp}"
+    );
+    for i in 1..=3 {
+        assert_eq!(serves(&c, i, B), expect_committed, "node{i} after {fp}");
+        assert_eq!(serves(&c, i, A), !expect_committed, "node{i} after {fp}");
+    }
+}
+
+#[test]
+fn crash_after_stage_aborts() {
+    participant_crash("participant::after_stage", false);
+}
+
+#[test]
+fn crash_after_prepared_durable_aborts() {
+    participant_crash("participant::after_prepared_durable", false);
+}
+
+#[test]
+fn crash_before_commit_rename_commits_on_restart() {
+    participant_crash("participant::before_commit_rename", true);
+}
+
+#[test]
+fn crash_after_commit_rename_commits_on_restart() {
+    participant_crash("participant::after_commit_rename", true);
+}
+
+#[test]
+fn coordinator_crash_after_all_prepared_aborts() {
+    coordinator_crash("coordinator::after_all_prepared", false);
+}
+
+#[test]
+fn coordinator_crash_after_decision_durable_commits() {
+    coordinator_crash("coordinator::after_decision_durable", true);
+}
+
+#[test]
+fn coordinator_crash_after_first_commit_sent_commits() {
+    coordinator_crash("coordinator::after_first_commit_sent", true);
+}
+
+#[test]
+fn a_frozen_node_fails_the_commit_in_time_and_cleans_up_after_sigcont() {
+    let c = TestCluster::start("frozen", 3).unwrap();
+    c.write_source(&transport_table(A, 0..20_000));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    c.write_source(&transport_table(B, 0..20_000));
+    let started = Instant::now();
+    let child = c.spawn_txmap(1, &["commit", TABLE]);
+    std::thread::sleep(Duration::from_millis(40));
+    c.signal(2, libc::SIGSTOP);
+    let out = child.wait_with_output().unwrap();
+    let took = started.elapsed();
+    // Frozen before it prepared: abort. (Frozen after it prepared but before the vote reached
+    // the coordinator is the same.) Either way under 10 s, and nothing changed elsewhere.
+    assert!(took < Duration::from_secs(10), "commit took {took:?}");
+    if out.status.code() == Some(0) {
+        // node2 had already answered before it froze: a legitimate commit.
+        c.signal(2, libc::SIGCONT);
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("node2:"),
+        "{}",
+        text(&out)
+    );
+    for i in [1, 3] {
+        assert!(serves(&c, i, A) && !serves(&c, i, B), "node{i} changed");
+    }
+    c.signal(2, libc::SIGCONT);
+    // node2 cleans up by itself, and the newest source arrives (pending retry) with no command.
+    assert!(
+        wait_until(Duration::from_secs(40), || converged(&c)),
+        "no convergence: {}",
+        c.status(1)
+    );
+    for i in 1..=3 {
+        assert!(serves(&c, i, B), "node{i}");
+    }
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}
+
+#[test]
+fn a_node_down_while_the_source_changes_three_times_catches_up_by_itself() {
+    let mut c = TestCluster::start("down", 3).unwrap();
+    c.write_source(&transport_table(A, 0..30));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    c.kill_node(3);
+    for (k, d) in ["one.example", "two.example", "three.example"]
+        .iter()
+        .enumerate()
+    {
+        c.write_source(&transport_table(d, 0..30));
+        let started = Instant::now();
+        let out = c.commit(1);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "commit {k} took {:?}",
+            started.elapsed()
+        );
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("node3: unreachable"),
+            "{}",
+            text(&out)
+        );
+    }
+    let s = c.status(1);
+    let pending = &s[0]["tables"][0]["pending"];
+    assert!(pending.is_object(), "status shows no pending commit: {s}");
+    c.start_node(3).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || converged(&c)),
+        "no convergence: {}",
+        c.status(1)
+    );
+    for i in 1..=3 {
+        assert!(
+            serves(&c, i, "three.example") && !serves(&c, i, "two.example"),
+            "node{i}"
+        );
+    }
+    assert!(c.status(1)[0]["tables"][0]["pending"].is_null());
+}
+
+#[test]
+fn a_full_disk_aborts_cleanly_with_a_clear_error() {
+    if !is_root() {
+        eprintln!("skipped: mounting a tmpfs needs root (CI runs as root)");
+        return;
+    }
+    let mut c = TestCluster::start("full", 3).unwrap();
+    c.write_source(&transport_table(A, 0..30));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    c.mount_tmpfs(2, "1m").unwrap();
+    c.write_source(&transport_table(B, 0..20_000));
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("node2:"))
+        .unwrap_or("");
+    assert!(line.contains("No space left on device"), "{}", text(&out));
+    for i in 1..=3 {
+        assert!(serves(&c, i, A) && !serves(&c, i, B), "node{i}");
+        assert!(
+            c.staged_files(i).is_empty(),
+            "node{i}: {:?}",
+            c.staged_files(i)
+        );
+        assert!(c.lock_free(i));
+    }
+}
+
+#[test]
+fn a_node_out_of_service_is_skipped_and_catches_up_when_back() {
+    let mut c = TestCluster::start("maint", 3).unwrap();
+    c.write_source(&transport_table(A, 0..30));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    c.kill_node(3);
+    let mark = |s: String, v: &str| {
+        s.replace(
+            &format!(
+                "name = \"node3\"\naddress = \"127.0.0.1:{}\"\n",
+                c.base_port + 2
+            ),
+            &format!(
+                "name = \"node3\"\naddress = \"127.0.0.1:{}\"\nin_service = {v}\n",
+                c.base_port + 2
+            ),
+        )
+    };
+    c.edit_config(1, |s| mark(s, "false"));
+    c.write_source(&transport_table(B, 0..30));
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(serves(&c, 1, B) && serves(&c, 2, B));
+    assert_eq!(
+        c.txmap(1, &["status"]).status.code(),
+        Some(0),
+        "status with node3 out of service"
+    );
+    c.edit_config(1, |s| s.replace("in_service = false", "in_service = true"));
+    c.start_node(3).unwrap();
+    assert!(
+        serves(&c, 3, A) && !serves(&c, 3, B),
+        "node3 changed while out of service"
+    );
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(wait_until(Duration::from_secs(5), || converged(&c)));
+    assert!(serves(&c, 3, B));
+}
