@@ -293,7 +293,9 @@ impl PostfixInstance {
                     })
                 }
                 Err(e) => {
-                    let busy = format!("{e:#}").contains("Address already in use");
+                    // master's own fatal errors (before postlogd runs) go to syslog, which
+                    // tests do not have: find out whether the port was the problem directly.
+                    let busy = TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_err();
                     last_err = Some(e);
                     if !busy {
                         break;
@@ -595,7 +597,11 @@ fn spawn_and_wait(layout: &Layout, port: u16) -> Result<(Child, u32)> {
         let out = std::fs::read_to_string(&layout.master_out).unwrap_or_default();
         let log = std::fs::read_to_string(layout.log.join("postfix.log")).unwrap_or_default();
         anyhow::anyhow!(
-            "Postfix on port {port}: {why}\nmaster output: {}\nmaillog: {}",
+            "Postfix on port {port}: {why} (master logs its early fatal errors to syslog only: \
+             try `{MASTER} -c {} -d` under strace, or `postfix -c {} check`)\n\
+             master output: {}\nmaillog: {}",
+            layout.conf.display(),
+            layout.conf.display(),
             out.trim(),
             log.trim()
         )
@@ -931,6 +937,25 @@ impl ProbeStats {
         } else {
             0.0
         }
+    }
+
+    /// What happened after `earlier` (a snapshot of the same loop): counts are differences;
+    /// latencies and samples are those of `self`.
+    pub fn since(&self, earlier: &ProbeStats) -> ProbeStats {
+        let mut d = self.clone();
+        d.connections -= earlier.connections.min(d.connections);
+        d.session_errors -= earlier.session_errors.min(d.session_errors);
+        d.elapsed = d.elapsed.saturating_sub(earlier.elapsed);
+        for (addr, c) in d.per_address.iter_mut() {
+            if let Some(e) = earlier.per_address.get(addr) {
+                c.accepted -= e.accepted.min(c.accepted);
+                c.temp_fail -= e.temp_fail.min(c.temp_fail);
+                c.refused -= e.refused.min(c.refused);
+                c.other -= e.other.min(c.other);
+                c.delayed -= e.delayed.min(c.delayed);
+            }
+        }
+        d
     }
 
     fn add_session(&mut self, rcpts: &[String], s: &Session, delay_threshold: Duration) {

@@ -366,6 +366,17 @@ impl Node {
         }
         let t_synced = std::time::Instant::now();
         table::build(&self.cfg.postfix, t, &staged).await?;
+        #[cfg(feature = "failpoints")]
+        if std::env::var("TXMAP_CHAOS_BROKEN").as_deref() == Ok("rename-before-durable") {
+            // Deliberately broken build for the chaos tests (only with the `failpoints`
+            // feature): install the new table before it is verified, durable and decided, so
+            // an aborted transaction's content goes live. The checkers must catch this.
+            std::fs::copy(&staged.indexed, t.live_indexed()).map_err(|e| Refusal::Storage {
+                op: "broken copy".into(),
+                path: t.live_indexed().display().to_string(),
+                error: e.to_string(),
+            })?;
+        }
         let t_built = std::time::Instant::now();
         table::verify(&self.cfg.postfix, t, &staged, got.entries).await?;
         let t_verified = std::time::Instant::now();
