@@ -185,6 +185,8 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Largest table source accepted, in bytes.
     pub max_table_bytes: u64,
+    /// Generations of each table kept in history (at least 1).
+    pub history_keep: usize,
     /// Every node of the cluster, this one included.
     pub nodes: Vec<NodeConfig>,
     /// Every table.
@@ -227,6 +229,7 @@ struct RawConfig {
     postfix: Option<RawPostfix>,
     timeouts: Option<RawTimeouts>,
     max_table_bytes: Option<u64>,
+    history_keep: Option<usize>,
     #[serde(default)]
     nodes: Vec<RawNode>,
     #[serde(default)]
@@ -427,6 +430,9 @@ impl Config {
             set("retry_max_ms", t.retry_max_ms, &mut timeouts.retry_max);
         }
 
+        if raw.history_keep == Some(0) {
+            problems.push("key `history_keep`: must be at least 1 (the live generation)".into());
+        }
         let mut nodes = Vec::new();
         let mut names = BTreeSet::new();
         let mut addrs = BTreeSet::new();
@@ -572,6 +578,7 @@ impl Config {
             postfix,
             timeouts,
             max_table_bytes: raw.max_table_bytes.unwrap_or(1 << 30),
+            history_keep: raw.history_keep.unwrap_or(10),
             nodes,
             tables,
         })

@@ -10,6 +10,7 @@
 //! - [`journal`]: durable per-table state of a participant (atomic write + fsync).
 //! - [`decision`]: the coordinator's decision log (no-replace, so fencing works) and pending
 //!   commits.
+//! - [`history`]: the last K generations of each table, kept as copies.
 //! - [`tls`]: the cluster CA, node certificates, and mutual-TLS QUIC endpoints.
 //! - [`net`]: one request/response exchange over a QUIC stream.
 //! - [`exit`]: the documented exit codes of the CLI.
@@ -18,6 +19,7 @@ pub mod codec;
 pub mod config;
 pub mod decision;
 pub mod exit;
+pub mod history;
 pub mod journal;
 pub mod machine;
 pub mod net;

@@ -63,3 +63,42 @@ async fn send_all<B: AsyncRead + Unpin>(
     send.finish()?;
     Ok(())
 }
+
+/// Sends a `Fetch` and, when the answer is `Source`, writes exactly the announced bytes to
+/// `dest` and checks their sha256. Any other answer is returned as is, with nothing written.
+pub async fn fetch(
+    conn: &quinn::Connection,
+    req: &Request,
+    dest: &std::path::Path,
+) -> Result<Response, NetError> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    send.write_all(&codec::encode(req)?).await?;
+    send.finish()?;
+    let resp: Response = codec::read_frame(&mut recv).await?;
+    let Response::Source { len, sha256 } = &resp else {
+        return Ok(resp);
+    };
+    let bad = |m: String| NetError::Body(std::io::Error::new(std::io::ErrorKind::InvalidData, m));
+    let mut f = std::fs::File::create(dest).map_err(NetError::Body)?;
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut got = 0u64;
+    while let Some(chunk) = recv
+        .read_chunk(256 * 1024, true)
+        .await
+        .map_err(|e| bad(e.to_string()))?
+    {
+        got += chunk.bytes.len() as u64;
+        if got > *len {
+            return Err(bad(format!("more than the announced {len} bytes")));
+        }
+        ctx.update(&chunk.bytes);
+        std::io::Write::write_all(&mut f, &chunk.bytes).map_err(NetError::Body)?;
+    }
+    f.sync_all().map_err(NetError::Body)?;
+    if got != *len || ctx.finish().as_ref() != sha256.0 {
+        return Err(bad(format!(
+            "received {got} of {len} bytes, or a different sha256"
+        )));
+    }
+    Ok(resp)
+}

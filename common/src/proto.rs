@@ -184,6 +184,24 @@ pub enum Request {
         /// Transaction.
         txid: TxId,
     },
+    /// The generations this node holds in its history.
+    History {
+        /// Table name.
+        table: String,
+    },
+    /// Send the source of one generation from history: the answer is a `Source` frame followed
+    /// by exactly `len` raw bytes.
+    Fetch {
+        /// Table name.
+        table: String,
+        /// Generation.
+        generation: u64,
+    },
+    /// Check that the live files still match the recorded generation.
+    Verify {
+        /// Table name.
+        table: String,
+    },
     /// What became of a transaction? Asked by a participant in doubt (of the coordinator's
     /// node first, then of its peers) and by `txmap recover`. With `fence`, a node that never
     /// saw the transaction records it as aborted so it can never be prepared afterwards, and a
@@ -259,8 +277,41 @@ pub enum Response {
     },
     /// What this node knows of a transaction.
     Outcome(OutcomeAnswer),
+    /// The generations held, oldest first.
+    History(Vec<HistoryEntry>),
+    /// A generation's source follows: `len` bytes with this sha256.
+    Source {
+        /// Bytes that follow.
+        len: u64,
+        /// Their sha256.
+        sha256: Sha256,
+    },
+    /// The result of a verification: empty `problems` means the live table is as recorded.
+    Verified {
+        /// Generation checked.
+        generation: u64,
+        /// Each drift found.
+        problems: Vec<String>,
+    },
     /// The request was refused; nothing changed.
     Refused(Refusal),
+}
+
+/// One generation of a table kept in a node's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Generation.
+    pub generation: u64,
+    /// When it went live (ms since epoch).
+    pub committed_at_ms: u64,
+    /// sha256 of its source.
+    pub sha256: Sha256,
+    /// Entries in it.
+    pub entries: u64,
+    /// Node that coordinated it.
+    pub coordinator: String,
+    /// Transaction that installed it.
+    pub txid: TxId,
 }
 
 /// A commit recorded on a coordinator's node as still to be distributed.

@@ -497,6 +497,113 @@ pub fn try_lock(path: &Path) -> Result<Option<File>, TableError> {
     }
 }
 
+/// The lookup keys of a table source, in order: the first word of each logical line (for
+/// `postalias`, the name before the colon).
+pub fn keys_of(builder: Builder, source: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    for line in source.split(|b| *b == b'\n') {
+        match line.first() {
+            None | Some(b' ' | b'\t' | b'\r' | b'#' | 0x0b | 0x0c) => continue,
+            _ => {}
+        }
+        let end = line
+            .iter()
+            .position(|b| b.is_ascii_whitespace() || (builder == Builder::Postalias && *b == b':'))
+            .unwrap_or(line.len());
+        out.push(String::from_utf8_lossy(&line[..end]).into_owned());
+    }
+    out
+}
+
+/// Checks that the live table is what was recorded: the source's sha256, and that the live
+/// indexed file answers for every key of the source (`postmap -q -`). Returns every drift found.
+pub async fn verify_live(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    recorded: Option<[u8; 32]>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let source = match std::fs::read(&t.path) {
+        Ok(b) => b,
+        Err(e) => return vec![format!("cannot read live source {}: {e}", t.path.display())],
+    };
+    let sha = digest_reader(&mut &source[..])
+        .map(|d| d.sha256)
+        .unwrap_or([0; 32]);
+    match recorded {
+        Some(r) if r != sha => problems.push(format!(
+            "live source {} changed: sha256 {} but generation recorded {}",
+            t.path.display(),
+            hex(&sha),
+            hex(&r)
+        )),
+        None => problems.push("no generation recorded by txmap yet".into()),
+        _ => {}
+    }
+    let indexed = t.live_indexed();
+    let meta = (std::fs::metadata(&t.path), std::fs::metadata(&indexed));
+    match meta {
+        (_, Err(e)) => {
+            problems.push(format!("live indexed file {}: {e}", indexed.display()));
+            return problems;
+        }
+        (Ok(s), Ok(i)) => {
+            if let (Ok(sm), Ok(im)) = (s.modified(), i.modified()) {
+                if im < sm {
+                    problems.push(format!("{} is older than its source", indexed.display()));
+                }
+            }
+        }
+        _ => {}
+    }
+    let keys = keys_of(t.builder, &source);
+    let mut cmd = builder_command(postfix, t.builder);
+    cmd.arg("-q").arg("-").arg(typed(t, &t.path));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            problems.push(format!("cannot run {}: {e}", t.builder.as_str()));
+            return problems;
+        }
+    };
+    let stdin = child.stdin.take();
+    let total = keys.len();
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        if let Some(mut w) = stdin {
+            for k in keys {
+                if w.write_all(format!("{k}\n").as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let out = child.wait_with_output().await;
+    let _ = writer.await;
+    match out {
+        Ok(o) => {
+            let found = o
+                .stdout
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .count();
+            if found != total {
+                problems.push(format!(
+                    "live indexed file answers for {found} of the source's {total} keys (rebuilt or edited by hand?)"
+                ));
+            }
+            if !o.stderr.is_empty() {
+                problems.push(format!("{} -q: {}", t.builder.as_str(), clip(&o.stderr)));
+            }
+        }
+        Err(e) => problems.push(format!("{} -q failed: {e}", t.builder.as_str())),
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -532,6 +639,16 @@ mod tests {
         assert_eq!(
             hex(&d.sha256),
             hex(ring::digest::digest(&ring::digest::SHA256, text).as_ref())
+        );
+    }
+
+    #[test]
+    fn extracts_lookup_keys() {
+        let src = b"# c\na@x b\n  cont\nc@y\td\n\nowner: root\n";
+        assert_eq!(keys_of(Builder::Postmap, src), vec!["a@x", "c@y", "owner:"]);
+        assert_eq!(
+            keys_of(Builder::Postalias, b"list1: \"| q\"\nx:y\n"),
+            vec!["list1", "x"]
         );
     }
 

@@ -1,7 +1,7 @@
 //! `txmap`: the coordinator and admin CLI. Exit codes are listed in `txmap --help` and in
 //! `docs/operations.md`; they come from [`txmap_common::exit`] and never change meaning.
 
-use txmap_coordinator::{cluster, commit, recover, sandbox};
+use txmap_coordinator::{cluster, commit, history, recover, sandbox};
 
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -48,6 +48,33 @@ enum Cmd {
     /// Show every node's generation, sha256 and transaction in progress.
     Status {
         /// Only this table.
+        table: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the generations of TABLE kept in history, and which nodes hold each.
+    History {
+        /// Table name.
+        table: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Distribute an earlier generation of TABLE as a new generation (a normal transaction).
+    Rollback {
+        /// Table name.
+        table: String,
+        /// Generation to restore [default: the one before the live one].
+        #[arg(long)]
+        to: Option<u64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check on every node that the live table matches its recorded generation.
+    Verify {
+        /// Only this table [default: every table].
         table: Option<String>,
         /// Print JSON.
         #[arg(long)]
@@ -160,6 +187,9 @@ fn run(cli: Cli) -> u8 {
         } => cmd_commit(cli.config.as_deref(), &table, source, json),
         Cmd::Status { table, json } => cmd_status(cli.config.as_deref(), table, json),
         Cmd::CheckConfig => cmd_check(cli.config.as_deref()),
+        Cmd::History { table, json } => cmd_history(cli.config.as_deref(), &table, json),
+        Cmd::Rollback { table, to, json } => cmd_rollback(cli.config.as_deref(), &table, to, json),
+        Cmd::Verify { table, json } => cmd_verify(cli.config.as_deref(), table, json),
         Cmd::Recover {
             abort,
             commit,
@@ -480,6 +510,155 @@ fn cmd_recover(
         };
         cluster.close().await;
         Ok(code)
+    })
+}
+
+/// Loads the config, checks `table` is configured, and runs `f` with a cluster client.
+fn with_cluster<T>(
+    config: Option<&Path>,
+    table: Option<&str>,
+    f: impl AsyncFnOnce(&cluster::Cluster) -> T,
+) -> Result<T, u8> {
+    let cfg = load(config)?;
+    if let Some(t) = table {
+        if cfg.table(t).is_none() {
+            let known: Vec<_> = cfg.tables.iter().map(|t| t.name.as_str()).collect();
+            eprintln!(
+                "txmap: unknown table `{t}` in {} (configured: {})",
+                cfg.file.display(),
+                known.join(", ")
+            );
+            return Err(exit::USAGE);
+        }
+    }
+    let rt = runtime()?;
+    rt.block_on(async {
+        let cluster = cluster::Cluster::new(cfg).map_err(|e| {
+            eprintln!("txmap: {e:#}");
+            exit::LOCAL
+        })?;
+        let r = f(&cluster).await;
+        cluster.close().await;
+        Ok(r)
+    })
+}
+
+fn print_report(report: &commit::CommitReport, json: bool, verb: &str) {
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(report).unwrap_or_default()
+        );
+        return;
+    }
+    for n in &report.nodes {
+        println!("{}: {}", n.node, n.detail);
+    }
+    let what = match report.exit {
+        exit::OK => "committed",
+        exit::INCOMPLETE => "decided commit, not yet acknowledged everywhere",
+        exit::BUSY => "aborted (table busy)",
+        exit::LOCAL => "failed locally",
+        exit::USAGE => "refused",
+        _ => "aborted, nothing changed",
+    };
+    let gen = report
+        .generation
+        .map(|g| format!(" generation {g}"))
+        .unwrap_or_default();
+    let tx = report.txid.as_deref().unwrap_or("-");
+    eprintln!(
+        "txmap: {verb} {}{gen}: {what} (txid {tx}, {} attempt(s), {} ms)",
+        report.table, report.attempts, report.elapsed_ms
+    );
+}
+
+fn cmd_history(config: Option<&Path>, table: &str, json: bool) -> Result<u8, u8> {
+    let (gens, unreachable) = with_cluster(config, Some(table), async |c| {
+        history::history(c, table).await
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&gens).unwrap_or_default()
+        );
+    } else {
+        println!(
+            "{:>5} {:<20} {:<16} {:>8} {:<10} NODES",
+            "GEN", "COMMITTED", "SHA256", "ENTRIES", "BY"
+        );
+        for g in &gens {
+            let e = &g.entry;
+            let when = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(e.committed_at_ms),
+            );
+            let mut nodes = g.nodes.join(",");
+            if !g.conflicting.is_empty() {
+                nodes.push_str(&format!(
+                    " (DIFFERENT CONTENT on {})",
+                    g.conflicting.join(",")
+                ));
+            }
+            println!(
+                "{:>5} {:<20} {:<16} {:>8} {:<10} {nodes}",
+                e.generation,
+                when.to_string(),
+                &e.sha256.to_string()[..16],
+                e.entries,
+                e.coordinator
+            );
+        }
+    }
+    for u in &unreachable {
+        eprintln!("txmap: {u}");
+    }
+    Ok(if unreachable.is_empty() {
+        exit::OK
+    } else {
+        exit::DISAGREE
+    })
+}
+
+fn cmd_rollback(config: Option<&Path>, table: &str, to: Option<u64>, json: bool) -> Result<u8, u8> {
+    let report = with_cluster(config, Some(table), async |c| {
+        history::rollback(c, table, to).await
+    })?;
+    print_report(&report, json, "rollback");
+    Ok(report.exit)
+}
+
+fn cmd_verify(config: Option<&Path>, table: Option<String>, json: bool) -> Result<u8, u8> {
+    let results = with_cluster(config, table.as_deref(), async |c| {
+        let tables: Vec<String> = match &table {
+            Some(t) => vec![t.clone()],
+            None => c.cfg.tables.iter().map(|t| t.name.clone()).collect(),
+        };
+        history::verify(c, &tables).await
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&results).unwrap_or_default()
+        );
+    } else {
+        for v in &results {
+            let gen = v
+                .generation
+                .map(|g| format!("generation {g}"))
+                .unwrap_or_else(|| "-".into());
+            if v.problems.is_empty() {
+                println!("{}: {} {gen}: ok", v.node, v.table);
+            } else {
+                for p in &v.problems {
+                    println!("{}: {} {gen}: DRIFT: {p}", v.node, v.table);
+                }
+            }
+        }
+    }
+    Ok(if results.iter().all(|v| v.problems.is_empty()) {
+        exit::OK
+    } else {
+        exit::DISAGREE
     })
 }
 

@@ -15,10 +15,13 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use txmap_common::codec;
 use txmap_common::config::{Config, TableConfig};
 use txmap_common::decision::{DecisionLog, DecisionRecord, Verdict};
+use txmap_common::history::History;
 use txmap_common::journal::Journal;
 use txmap_common::machine::{Action, Event, Phase, TableState};
 use txmap_common::now_ms;
-use txmap_common::proto::{OutcomeAnswer, PendingInfo, Prepare, Refusal, Request, Response, TxId};
+use txmap_common::proto::{
+    HistoryEntry, OutcomeAnswer, PendingInfo, Prepare, Refusal, Request, Response, Sha256, TxId,
+};
 use txmap_common::table;
 use txmap_coordinator::cluster::{ask, Cluster};
 
@@ -86,6 +89,7 @@ impl Node {
             let mut state = journal.load(&t.name)?;
             let mut lock = None;
             let keep = state.active.as_ref().map(|a| a.txid);
+            History::new(&cfg.state_dir, &t.name).drop_staged_except(keep);
             for (txid, path) in table::list_staged(t) {
                 if Some(txid) != keep {
                     info!(table = %t.name, %txid, path = %path.display(), "removing staged file of an unfinished transaction");
@@ -200,6 +204,15 @@ impl Node {
                     .instrument(span)
                     .await
             }
+            Request::History { table } => match self.slot(&table) {
+                Ok(_) => Response::History(History::new(&self.cfg.state_dir, &table).list()),
+                Err(r) => r,
+            },
+            Request::Fetch { table, generation } => {
+                self.fetch(&table, generation, &mut send).await;
+                return;
+            }
+            Request::Verify { table } => self.verify(&table).await,
             Request::Outcome { table, txid, fence } => {
                 match self.outcome(&table, txid, fence).await {
                     Ok(a) => Response::Outcome(a),
@@ -382,6 +395,10 @@ impl Node {
         let t_verified = std::time::Instant::now();
         table::fsync_path(&staged.indexed)?;
         table::fsync_dir(t.dir())?;
+        if let Err(e) = History::new(&self.cfg.state_dir, &t.name).stage(p.txid, &staged) {
+            // History is for operators; it never fails a transaction.
+            warn!(error = %e, "cannot copy the new table into history");
+        }
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
         debug!(
             source_fsync_ms = ms(t_upload, t_synced),
@@ -402,6 +419,73 @@ impl Node {
         let mut guard = slot.state.lock().await;
         let actions = guard.step(event, now_ms());
         self.execute(&slot, guard, actions).await
+    }
+
+    /// Streams the source of one generation from history.
+    async fn fetch(&self, table: &str, generation: u64, send: &mut quinn::SendStream) {
+        let path = match self.slot(table) {
+            Err(r) => {
+                self.reply(send, r).await;
+                return;
+            }
+            Ok(_) => History::new(&self.cfg.state_dir, table).source(generation),
+        };
+        let Some(path) = path else {
+            let r = Response::Refused(Refusal::Storage {
+                op: "history".into(),
+                path: table.to_string(),
+                error: format!("generation {generation} is not in this node's history"),
+            });
+            self.reply(send, r).await;
+            return;
+        };
+        let digest = match table::digest_file(&path) {
+            Ok(d) => d,
+            Err(e) => {
+                self.reply(send, Response::Refused(e.into())).await;
+                return;
+            }
+        };
+        let header = Response::Source {
+            len: digest.len,
+            sha256: Sha256(digest.sha256),
+        };
+        if codec::write_frame(send, &header).await.is_err() {
+            return;
+        }
+        let Ok(mut f) = tokio::fs::File::open(&path).await else {
+            return;
+        };
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            use tokio::io::AsyncReadExt;
+            match f.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if send.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = send.finish();
+    }
+
+    /// Checks the live files against the recorded generation.
+    async fn verify(&self, table: &str) -> Response {
+        let slot = match self.slot(table) {
+            Ok(s) => s.clone(),
+            Err(r) => return r,
+        };
+        let (generation, sha) = {
+            let st = slot.state.lock().await;
+            (st.generation, st.sha256.map(|s| s.0))
+        };
+        let problems = table::verify_live(&self.cfg.postfix, &slot.table, sha).await;
+        Response::Verified {
+            generation,
+            problems,
+        }
     }
 
     /// What this node knows of `txid` (see [`Request::Outcome`]): its decision log first (it
@@ -605,6 +689,7 @@ impl Node {
                     if let Err(e) = table::remove_staged(t, txid) {
                         warn!(error = %e, "could not remove staged files");
                     }
+                    History::new(&self.cfg.state_dir, &t.name).drop_staged(txid);
                 }
                 Action::Unlock => {
                     if let Ok(mut l) = slot.lock.lock() {
@@ -616,6 +701,20 @@ impl Node {
                     let ev = match table::install(t, &table::staged_paths(t, txid)) {
                         Ok(()) => {
                             fail::fail_point!("participant::after_commit_rename");
+                            if let Some(a) = state.active.as_ref().filter(|a| a.txid == txid) {
+                                let entry = HistoryEntry {
+                                    generation: a.generation,
+                                    committed_at_ms: now_ms(),
+                                    sha256: a.sha256,
+                                    entries: a.entries,
+                                    coordinator: a.coordinator.clone(),
+                                    txid,
+                                };
+                                let h = History::new(&self.cfg.state_dir, &t.name);
+                                if let Err(e) = h.finalize(&entry, self.cfg.history_keep) {
+                                    warn!(error = %e, "cannot record the generation in history");
+                                }
+                            }
                             Event::InstallDone { txid }
                         }
                         Err(e) => Event::InstallFailed {

@@ -1,0 +1,213 @@
+//! History, rollback and verify, with real processes and the real postmap.
+
+use txmap_chaos_tests::cluster::{transport_table, TestCluster, TABLE};
+
+fn text(o: &std::process::Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn serves(c: &TestCluster, i: usize, domain: &str) -> bool {
+    c.lookup(i, &[format!("list3@{domain}")]).unwrap()[0].is_some()
+}
+
+fn history(c: &TestCluster) -> Vec<(u64, Vec<String>)> {
+    let out = c.txmap(1, &["history", TABLE, "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            let nodes = g["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n.as_str().unwrap().to_string())
+                .collect();
+            (g["entry"]["generation"].as_u64().unwrap(), nodes)
+        })
+        .collect()
+}
+
+#[test]
+fn rollback_restores_the_previous_table_everywhere_and_can_itself_be_rolled_back() {
+    let c = TestCluster::start("rollback", 3).unwrap();
+    c.write_source(&transport_table("a.example", 0..40));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    c.write_source(&transport_table("b.example", 0..40));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+
+    let out = c.txmap(1, &["rollback", TABLE]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for i in 1..=3 {
+        assert!(
+            serves(&c, i, "a.example") && !serves(&c, i, "b.example"),
+            "node{i} after rollback"
+        );
+    }
+    let gens = c.generations();
+    assert!(
+        gens.iter().all(|g| g.as_ref().map(|g| g.0) == Some(3)),
+        "{gens:?}"
+    );
+
+    let out = c.txmap(1, &["rollback", TABLE]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    for i in 1..=3 {
+        assert!(
+            serves(&c, i, "b.example") && !serves(&c, i, "a.example"),
+            "node{i} after second rollback"
+        );
+    }
+    let all: Vec<String> = (1..=3).map(|i| format!("node{i}")).collect();
+    assert_eq!(
+        history(&c),
+        (1..=4).map(|g| (g, all.clone())).collect::<Vec<_>>()
+    );
+    // A rolled-back generation's content is byte for byte the original: same sha256.
+    let out = c.txmap(1, &["history", TABLE, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["entry"]["sha256"], v[2]["entry"]["sha256"]);
+    assert_eq!(v[1]["entry"]["sha256"], v[3]["entry"]["sha256"]);
+}
+
+#[test]
+fn rollback_with_a_node_unreachable_changes_nothing() {
+    let mut c = TestCluster::start("rollback-down", 3).unwrap();
+    c.write_source(&transport_table("a.example", 0..40));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    c.write_source(&transport_table("b.example", 0..40));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    c.kill_node(3);
+    let out = c.txmap(1, &["rollback", TABLE]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("node3"),
+        "{}",
+        text(&out)
+    );
+    for i in 1..=2 {
+        assert!(
+            serves(&c, i, "b.example") && !serves(&c, i, "a.example"),
+            "node{i} changed"
+        );
+    }
+    c.start_node(3).unwrap();
+    assert!(serves(&c, 3, "b.example"));
+    let gens = c.generations();
+    assert!(
+        gens.iter().all(|g| g.as_ref().map(|g| g.0) == Some(2)),
+        "{gens:?}"
+    );
+}
+
+#[test]
+fn verify_reports_a_table_changed_by_hand() {
+    let c = TestCluster::start("verify", 3).unwrap();
+    c.write_source(&transport_table("a.example", 0..40));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    let out = c.txmap(1, &["verify"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+
+    // Someone edits node2's live table and runs postmap by hand.
+    let live = c.live(2);
+    let mut t = std::fs::read_to_string(&live).unwrap();
+    t.push_str("intruder@a.example\tsmtp:elsewhere\n");
+    std::fs::write(&live, t).unwrap();
+    let st = std::process::Command::new("postmap")
+        .arg("-c")
+        .arg(c.table_dir(2))
+        .arg(format!("hash:{}", live.display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = c.txmap(1, &["verify", TABLE]);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("node2:") && l.contains("DRIFT")),
+        "{}",
+        text(&out)
+    );
+    assert!(!stdout
+        .lines()
+        .any(|l| (l.starts_with("node1:") || l.starts_with("node3:")) && l.contains("DRIFT")));
+
+    // A .db replaced without its source (here: an empty table) is drift too.
+    std::fs::write(c.table_dir(3).join("empty"), "").unwrap();
+    let st = std::process::Command::new("postmap")
+        .arg("-c")
+        .arg(c.table_dir(3))
+        .arg(format!("hash:{}", c.table_dir(3).join("empty").display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::rename(
+        c.table_dir(3).join("empty.db"),
+        c.table_dir(3).join(format!("{TABLE}.db")),
+    )
+    .unwrap();
+    let out = c.txmap(1, &["verify", TABLE]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("node3:") && l.contains("answers for 0 of")),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn retention_keeps_k_generations_and_never_the_live_one_out() {
+    let mut c = TestCluster::create("retention", 3).unwrap();
+    for i in 1..=3 {
+        c.edit_config(i, |s| {
+            s.replacen("listen =", "history_keep = 3\nlisten =", 1)
+        });
+        c.start_node(i).unwrap();
+    }
+    for k in 0..6 {
+        c.write_source(&transport_table(&format!("d{k}.example"), 0..20));
+        assert_eq!(c.commit(1).status.code(), Some(0));
+    }
+    let h = history(&c);
+    assert_eq!(
+        h.iter().map(|g| g.0).collect::<Vec<_>>(),
+        vec![4, 5, 6],
+        "{h:?}"
+    );
+    for i in 1..=3 {
+        let dir = c.node_dir(i).join("state/history").join(TABLE);
+        let mut held: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        held.sort();
+        assert_eq!(held, vec!["4", "5", "6"], "node{i}");
+        // Copies, never links to the live files.
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(dir.join("6/indexed")).unwrap().nlink(), 1);
+        assert_eq!(
+            std::fs::metadata(c.table_dir(i).join(format!("{TABLE}.db")))
+                .unwrap()
+                .nlink(),
+            1
+        );
+    }
+    // Rolling back to a generation nobody holds any more is refused, clearly.
+    let out = c.txmap(1, &["rollback", TABLE, "--to", "2"]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no node holds generation 2"),
+        "{}",
+        text(&out)
+    );
+}

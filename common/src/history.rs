@@ -1,0 +1,108 @@
+//! Each node keeps the last K generations of each table under
+//! `<state_dir>/history/<table>/<generation>/`: `source` and `indexed` are **copies** (never hard
+//! links: a second link to the live `.db` would keep its link count above 0 after the next
+//! commit, and Postfix daemons would never notice the new table), `meta.json` says what it is.
+//!
+//! The copies are made while preparing (from the staged files, into `.tx-<txid>/`), so the
+//! history of a generation is exactly what was installed; commit renames the directory to the
+//! generation number, abort removes it.
+
+use crate::proto::{HistoryEntry, TxId};
+use crate::table::Staged;
+use std::path::{Path, PathBuf};
+
+/// The history of one table on this node.
+#[derive(Debug, Clone)]
+pub struct History {
+    dir: PathBuf,
+}
+
+impl History {
+    /// `<state_dir>/history/<table>`.
+    pub fn new(state_dir: &Path, table: &str) -> History {
+        History {
+            dir: state_dir.join("history").join(table),
+        }
+    }
+
+    fn staging(&self, txid: TxId) -> PathBuf {
+        self.dir.join(format!(".tx-{txid}"))
+    }
+
+    fn gen_dir(&self, generation: u64) -> PathBuf {
+        self.dir.join(generation.to_string())
+    }
+
+    /// Copies the staged files of `txid` aside (called once they are built and verified).
+    pub fn stage(&self, txid: TxId, staged: &Staged) -> std::io::Result<()> {
+        let d = self.staging(txid);
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d)?;
+        std::fs::copy(&staged.source, d.join("source"))?;
+        std::fs::copy(&staged.indexed, d.join("indexed"))?;
+        Ok(())
+    }
+
+    /// Drops the copies of an aborted transaction.
+    pub fn drop_staged(&self, txid: TxId) {
+        let _ = std::fs::remove_dir_all(self.staging(txid));
+    }
+
+    /// Removes copies of transactions other than `keep` (after a restart).
+    pub fn drop_staged_except(&self, keep: Option<TxId>) {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_prefix(".tx-").and_then(TxId::parse) {
+                if Some(id) != keep {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// Turns the copies of a committed transaction into generation `entry.generation`, then
+    /// keeps only the newest `keep` generations (never the live one: it is the newest).
+    pub fn finalize(&self, entry: &HistoryEntry, keep: usize) -> std::io::Result<()> {
+        let from = self.staging(entry.txid);
+        let to = self.gen_dir(entry.generation);
+        if !from.is_dir() {
+            return Ok(()); // already finalized (a repeated commit), or copies lost in a crash
+        }
+        let _ = std::fs::remove_dir_all(&to);
+        std::fs::write(from.join("meta.json"), serde_json::to_vec_pretty(entry)?)?;
+        std::fs::rename(&from, &to)?;
+        let mut gens: Vec<u64> = self.list().iter().map(|e| e.generation).collect();
+        gens.sort_unstable();
+        let keep = keep.max(1);
+        if gens.len() > keep {
+            for g in &gens[..gens.len() - keep] {
+                let _ = std::fs::remove_dir_all(self.gen_dir(*g));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every generation held, oldest first.
+    pub fn list(&self) -> Vec<HistoryEntry> {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out: Vec<HistoryEntry> = rd
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().parse::<u64>().is_ok())
+            .filter_map(|e| std::fs::read(e.path().join("meta.json")).ok())
+            .filter_map(|b| serde_json::from_slice(&b).ok())
+            .collect();
+        out.sort_by_key(|e| e.generation);
+        out
+    }
+
+    /// The source of generation `generation`, if held.
+    pub fn source(&self, generation: u64) -> Option<PathBuf> {
+        let p = self.gen_dir(generation).join("source");
+        p.is_file().then_some(p)
+    }
+}
