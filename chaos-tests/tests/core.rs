@@ -1,6 +1,8 @@
 //! The core guarantees with real processes: real `txmapd` daemons on loopback QUIC, the real
 //! `txmap` CLI, Debian's real `postmap`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
+
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 use txmap_chaos_tests::cluster::{transport_table, TestCluster, TABLE};

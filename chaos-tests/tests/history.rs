@@ -1,5 +1,7 @@
 //! History, rollback and verify, with real processes and the real postmap.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
+
 use txmap_chaos_tests::cluster::{transport_table, TestCluster, TABLE};
 
 fn text(o: &std::process::Output) -> String {

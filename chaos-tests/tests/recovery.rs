@@ -2,6 +2,8 @@
 //! `txmap` at each durability boundary, SIGSTOP, nodes down, a full disk, nodes out of service.
 //! After every fault the cluster must end consistent and unblocked by itself.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
+
 use std::time::{Duration, Instant};
 use txmap_chaos_tests::cluster::{is_root, transport_table, wait_until, TestCluster, TABLE};
 
