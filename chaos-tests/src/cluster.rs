@@ -15,6 +15,8 @@ pub struct Bins {
     pub txmap: PathBuf,
     /// The participant daemon.
     pub txmapd: PathBuf,
+    /// The Sympa hook.
+    pub txmap_sympa: PathBuf,
 }
 
 fn workspace_root() -> PathBuf {
@@ -34,6 +36,7 @@ pub fn bins() -> &'static Bins {
             return Bins {
                 txmap: dir.join("txmap"),
                 txmapd: dir.join("txmapd"),
+                txmap_sympa: dir.join("txmap-sympa"),
             };
         }
         let root = workspace_root();
@@ -61,6 +64,7 @@ pub fn bins() -> &'static Bins {
         Bins {
             txmap: dir.join("txmap"),
             txmapd: dir.join("txmapd"),
+            txmap_sympa: dir.join("txmap-sympa"),
         }
     })
 }
@@ -334,7 +338,11 @@ impl TestCluster {
             .unwrap_or(&empty)
             .iter()
             .map(|n| {
-                let t = n.get("tables")?.as_array()?.first()?;
+                let t = n
+                    .get("tables")?
+                    .as_array()?
+                    .iter()
+                    .find(|t| t.get("table").and_then(|x| x.as_str()) == Some(TABLE))?;
                 Some((
                     t.get("generation")?.as_u64()?,
                     t.get("sha256")?.as_str().unwrap_or("").to_string(),

@@ -138,6 +138,22 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
     decode_payload(&payload)
 }
 
+/// Reads one frame from a blocking reader (the local Unix socket of `txmap-sympa`).
+pub fn read_frame_blocking<R: std::io::Read, T: DeserializeOwned>(r: &mut R) -> Result<T, CodecError> {
+    let mut header = [0u8; 5];
+    r.read_exact(&mut header)?;
+    if header[0] != PROTOCOL_VERSION {
+        return Err(CodecError::Version { got: header[0] });
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(CodecError::TooLarge { len: len as u64 });
+    }
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload)?;
+    decode_payload(&payload)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

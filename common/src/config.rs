@@ -162,6 +162,24 @@ pub struct PostfixSettings {
     pub postalias: PathBuf,
 }
 
+/// The local socket `txmap-sympa` uses to ask this node's `txmapd` to distribute a table.
+#[derive(Debug, Clone)]
+pub struct HookSettings {
+    /// Unix socket path [default: `<state_dir>/txmapd.sock`].
+    pub socket: PathBuf,
+    /// Group given the socket (e.g. `sympa`), so that only its members may ask.
+    pub group: Option<String>,
+    /// Permission bits of the socket [default: 0660].
+    pub mode: u32,
+}
+
+impl HookSettings {
+    /// Where requests wait while `txmapd` is down: `<state_dir>/requests/<table>`.
+    pub fn requests_dir(state_dir: &Path) -> PathBuf {
+        state_dir.join("requests")
+    }
+}
+
 /// A node's whole configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -181,6 +199,8 @@ pub struct Config {
     pub key: PathBuf,
     /// Postfix programs.
     pub postfix: PostfixSettings,
+    /// The Sympa hook's local socket.
+    pub hook: HookSettings,
     /// Deadlines.
     pub timeouts: Timeouts,
     /// Largest table source accepted, in bytes.
@@ -227,6 +247,7 @@ struct RawConfig {
     listen: Option<String>,
     tls: Option<RawTls>,
     postfix: Option<RawPostfix>,
+    hook: Option<RawHook>,
     timeouts: Option<RawTimeouts>,
     max_table_bytes: Option<u64>,
     history_keep: Option<usize>,
@@ -250,6 +271,14 @@ struct RawPostfix {
     config_dir: Option<PathBuf>,
     postmap: Option<PathBuf>,
     postalias: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    socket: Option<PathBuf>,
+    group: Option<String>,
+    mode: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -410,6 +439,17 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from("/usr/sbin/postalias")),
             }
         };
+        let raw_hook = raw.hook.unwrap_or(RawHook { socket: None, group: None, mode: None });
+        let hook_mode = match raw_hook.mode.as_deref() {
+            None => 0o660,
+            Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+                Ok(v) if v <= 0o777 => v,
+                _ => {
+                    problems.push(format!("key `hook.mode`: `{m}` is not an octal mode like \"0660\""));
+                    0o660
+                }
+            },
+        };
         let mut timeouts = Timeouts::default();
         if let Some(t) = raw.timeouts {
             let mut set = |key: &str, v: Option<u64>, slot: &mut Duration| {
@@ -567,8 +607,14 @@ impl Config {
         else {
             return Err(err(vec!["incomplete configuration".into()]));
         };
+        let hook = HookSettings {
+            socket: raw_hook.socket.map(&abs).unwrap_or_else(|| state_dir.join("txmapd.sock")),
+            group: raw_hook.group,
+            mode: hook_mode,
+        };
         Ok(Config {
             file: file.to_path_buf(),
+            hook,
             node,
             state_dir,
             listen,
@@ -596,6 +642,15 @@ impl Config {
             .filter(|n| n.in_service)
             .cloned()
             .collect()
+    }
+
+    /// The table whose `source` is `path` (compared as given, then canonicalized).
+    pub fn table_by_source(&self, path: &Path) -> Option<&TableConfig> {
+        let canon = |p: &Path| std::fs::canonicalize(p).ok();
+        self.tables.iter().find(|t| t.source.as_deref() == Some(path)).or_else(|| {
+            let want = canon(path)?;
+            self.tables.iter().find(|t| t.source.as_deref().and_then(canon).as_ref() == Some(&want))
+        })
     }
 
     /// The node named `name`, if configured.

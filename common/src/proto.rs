@@ -297,6 +297,35 @@ pub enum Response {
     Refused(Refusal),
 }
 
+/// A request from `txmap-sympa` to the local `txmapd`, over its Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LocalRequest {
+    /// Distribute the configured table whose source is this path (as Sympa names it).
+    Distribute {
+        /// The path Sympa passed.
+        source: String,
+    },
+}
+
+/// The local `txmapd`'s answer to `txmap-sympa`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LocalResponse {
+    /// The commit ran; `exit` is its exit code (see `exit`), `lines` one per node.
+    Done {
+        /// Table name.
+        table: String,
+        /// Exit code.
+        exit: u8,
+        /// One line per node.
+        lines: Vec<String>,
+    },
+    /// The request was refused (no such table).
+    Refused {
+        /// Why.
+        detail: String,
+    },
+}
+
 /// One generation of a table kept in a node's history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryEntry {

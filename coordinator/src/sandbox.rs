@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! DIR/ca/ca.pem, ca.key            cluster CA
-//! DIR/shared/sympa_transport       the source all nodes share (stands in for Sympa's disk)
+//! DIR/shared/sympa_transport       the sources all nodes share (stand in for Sympa's disk):
+//! DIR/shared/sympa_aliases           a postmap table and a postalias table
 //! DIR/<node>/txmap.toml            the node's config
 //! DIR/<node>/tls/<node>.pem, .key  the node's certificate
 //! DIR/<node>/state/                journal, locks, decision log
@@ -40,6 +41,11 @@ pub fn create(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<Vec<Pa
         &source,
         "# sympa_transport, as Sympa writes it (sandbox)\nsympa@lists.example.org sympa:sympa@lists.example.org\n",
     )?;
+    let aliases = shared.join("sympa_aliases");
+    std::fs::write(
+        &aliases,
+        "# sympa_aliases, as Sympa writes it (sandbox)\nsympa: \"| /usr/lib/sympa/bin/queue sympa@lists.example.org\"\n",
+    )?;
     let names: Vec<String> = (1..=nodes).map(|i| format!("node{i}")).collect();
     let mut nodes_toml = String::new();
     for (i, n) in names.iter().enumerate() {
@@ -60,6 +66,7 @@ pub fn create(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<Vec<Pa
         // of the machine's /etc/postfix.
         std::fs::write(postfix.join("main.cf"), "")?;
         std::fs::copy(&source, postfix.join("sympa_transport"))?;
+        std::fs::copy(&aliases, postfix.join("sympa_aliases"))?;
         let text = format!(
             "# txmap config of {n} (written by `txmap sandbox`)\n\
              node = \"{n}\"\n\
@@ -67,9 +74,13 @@ pub fn create(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<Vec<Pa
              listen = \"127.0.0.1:{port}\"\n\n\
              [tls]\nca = \"{ca}\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\n\
              [postfix]\nconfig_dir = \"{postfix}\"\n\n\
+             # The Sympa hook's socket. Sandbox: anyone on this machine may ask. Production:\n\
+             # group = \"sympa\" and mode = \"0660\".\n\
+             [hook]\nmode = \"0666\"\n\n\
              [timeouts]\nconnect_ms = 1500\nprepare_ms = 5000\ncommit_ms = 2000\n\
              {nodes_toml}\n\
-             [[tables]]\nname = \"sympa_transport\"\npath = \"{live}\"\nsource = \"{source}\"\ntype = \"hash\"\nbuilder = \"postmap\"\n",
+             [[tables]]\nname = \"sympa_transport\"\npath = \"{live}\"\nsource = \"{source}\"\ntype = \"hash\"\nbuilder = \"postmap\"\n\n\
+             [[tables]]\nname = \"sympa_aliases\"\npath = \"{alive}\"\nsource = \"{asource}\"\ntype = \"hash\"\nbuilder = \"postalias\"\n",
             state = nd.join("state").display(),
             port = base_port as usize + i,
             ca = ca.join("ca.pem").display(),
@@ -78,6 +89,8 @@ pub fn create(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<Vec<Pa
             postfix = postfix.display(),
             live = postfix.join("sympa_transport").display(),
             source = source.display(),
+            alive = postfix.join("sympa_aliases").display(),
+            asource = aliases.display(),
         );
         let cfg_path = nd.join("txmap.toml");
         std::fs::write(&cfg_path, text)?;
@@ -93,6 +106,12 @@ pub fn create(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<Vec<Pa
                 ))
                 .status()?;
             anyhow::ensure!(st.success(), "postmap of the initial table failed on {n}");
+            let st = std::process::Command::new(&cfg.postfix.postalias)
+                .arg("-c")
+                .arg(&postfix)
+                .arg(format!("hash:{}", postfix.join("sympa_aliases").display()))
+                .status()?;
+            anyhow::ensure!(st.success(), "postalias of the initial aliases failed on {n}");
         }
         configs.push(cfg_path);
     }
