@@ -65,6 +65,9 @@ pub fn create(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<Vec<Pa
         // An empty main.cf: postmap/postalias need one, and this keeps the sandbox independent
         // of the machine's /etc/postfix.
         std::fs::write(postfix.join("main.cf"), "")?;
+        // Postfix programs wait (polling, about 2 s) until a main.cf is over a second old.
+        let past = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        std::fs::File::options().write(true).open(postfix.join("main.cf"))?.set_modified(past)?;
         std::fs::copy(&source, postfix.join("sympa_transport"))?;
         std::fs::copy(&aliases, postfix.join("sympa_aliases"))?;
         let text = format!(
