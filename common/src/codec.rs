@@ -139,7 +139,9 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
 }
 
 /// Reads one frame from a blocking reader (the local Unix socket of `txmap-sympa`).
-pub fn read_frame_blocking<R: std::io::Read, T: DeserializeOwned>(r: &mut R) -> Result<T, CodecError> {
+pub fn read_frame_blocking<R: std::io::Read, T: DeserializeOwned>(
+    r: &mut R,
+) -> Result<T, CodecError> {
     let mut header = [0u8; 5];
     r.read_exact(&mut header)?;
     if header[0] != PROTOCOL_VERSION {

@@ -439,13 +439,19 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from("/usr/sbin/postalias")),
             }
         };
-        let raw_hook = raw.hook.unwrap_or(RawHook { socket: None, group: None, mode: None });
+        let raw_hook = raw.hook.unwrap_or(RawHook {
+            socket: None,
+            group: None,
+            mode: None,
+        });
         let hook_mode = match raw_hook.mode.as_deref() {
             None => 0o660,
             Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
                 Ok(v) if v <= 0o777 => v,
                 _ => {
-                    problems.push(format!("key `hook.mode`: `{m}` is not an octal mode like \"0660\""));
+                    problems.push(format!(
+                        "key `hook.mode`: `{m}` is not an octal mode like \"0660\""
+                    ));
                     0o660
                 }
             },
@@ -608,7 +614,10 @@ impl Config {
             return Err(err(vec!["incomplete configuration".into()]));
         };
         let hook = HookSettings {
-            socket: raw_hook.socket.map(&abs).unwrap_or_else(|| state_dir.join("txmapd.sock")),
+            socket: raw_hook
+                .socket
+                .map(&abs)
+                .unwrap_or_else(|| state_dir.join("txmapd.sock")),
             group: raw_hook.group,
             mode: hook_mode,
         };
@@ -647,10 +656,15 @@ impl Config {
     /// The table whose `source` is `path` (compared as given, then canonicalized).
     pub fn table_by_source(&self, path: &Path) -> Option<&TableConfig> {
         let canon = |p: &Path| std::fs::canonicalize(p).ok();
-        self.tables.iter().find(|t| t.source.as_deref() == Some(path)).or_else(|| {
-            let want = canon(path)?;
-            self.tables.iter().find(|t| t.source.as_deref().and_then(canon).as_ref() == Some(&want))
-        })
+        self.tables
+            .iter()
+            .find(|t| t.source.as_deref() == Some(path))
+            .or_else(|| {
+                let want = canon(path)?;
+                self.tables
+                    .iter()
+                    .find(|t| t.source.as_deref().and_then(canon).as_ref() == Some(&want))
+            })
     }
 
     /// The node named `name`, if configured.

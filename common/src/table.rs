@@ -537,7 +537,8 @@ pub async fn verify_live(
             hex(&sha),
             hex(&r)
         )),
-        None => problems.push("no generation recorded by txmap yet".into()),
+        // Never committed by txmap: nothing recorded to compare with; the keys are still checked.
+        None => {}
         _ => {}
     }
     let indexed = t.live_indexed();

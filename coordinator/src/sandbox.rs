@@ -67,7 +67,10 @@ pub fn create(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<Vec<Pa
         std::fs::write(postfix.join("main.cf"), "")?;
         // Postfix programs wait (polling, about 2 s) until a main.cf is over a second old.
         let past = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
-        std::fs::File::options().write(true).open(postfix.join("main.cf"))?.set_modified(past)?;
+        std::fs::File::options()
+            .write(true)
+            .open(postfix.join("main.cf"))?
+            .set_modified(past)?;
         std::fs::copy(&source, postfix.join("sympa_transport"))?;
         std::fs::copy(&aliases, postfix.join("sympa_aliases"))?;
         let text = format!(
@@ -114,7 +117,10 @@ pub fn create(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<Vec<Pa
                 .arg(&postfix)
                 .arg(format!("hash:{}", postfix.join("sympa_aliases").display()))
                 .status()?;
-            anyhow::ensure!(st.success(), "postalias of the initial aliases failed on {n}");
+            anyhow::ensure!(
+                st.success(),
+                "postalias of the initial aliases failed on {n}"
+            );
         }
         configs.push(cfg_path);
     }

@@ -663,7 +663,9 @@ impl Node {
             warn!(socket = %h.socket.display(), error = %e, "cannot set the hook socket's permissions");
         }
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let node = self.clone();
             let cluster = cluster.clone();
             tokio::spawn(async move { node.hook_request(stream, &cluster).await });
@@ -673,24 +675,39 @@ impl Node {
     async fn hook_request(&self, mut stream: tokio::net::UnixStream, cluster: &Cluster) {
         use txmap_common::proto::{LocalRequest, LocalResponse};
         let uid = stream.peer_cred().ok().map(|c| c.uid());
-        let req = match tokio::time::timeout(HEADER_TIMEOUT, codec::read_frame::<_, LocalRequest>(&mut stream)).await {
+        let req = match tokio::time::timeout(
+            HEADER_TIMEOUT,
+            codec::read_frame::<_, LocalRequest>(&mut stream),
+        )
+        .await
+        {
             Ok(Ok(r)) => r,
             _ => return,
         };
         let LocalRequest::Distribute { source } = req;
         let resp = match self.cfg.table_by_source(std::path::Path::new(&source)) {
             None => LocalResponse::Refused {
-                detail: format!("no table in {} has source {source}", self.cfg.file.display()),
+                detail: format!(
+                    "no table in {} has source {source}",
+                    self.cfg.file.display()
+                ),
             },
             Some(t) => {
                 info!(table = %t.name, ?uid, "distribution requested by the Sympa hook");
-                let _ = std::fs::remove_file(txmap_common::config::HookSettings::requests_dir(&self.cfg.state_dir).join(&t.name));
+                let _ = std::fs::remove_file(
+                    txmap_common::config::HookSettings::requests_dir(&self.cfg.state_dir)
+                        .join(&t.name),
+                );
                 let src = t.source.clone().unwrap_or_default();
                 let r = txmap_coordinator::commit::commit_tracked(cluster, &t.name, &src).await;
                 LocalResponse::Done {
                     table: t.name.clone(),
                     exit: r.exit,
-                    lines: r.nodes.iter().map(|n| format!("{}: {}", n.node, n.detail)).collect(),
+                    lines: r
+                        .nodes
+                        .iter()
+                        .map(|n| format!("{}: {}", n.node, n.detail))
+                        .collect(),
                 }
             }
         };
@@ -700,19 +717,29 @@ impl Node {
     /// Turns requests queued by `txmap-sympa` while this daemon was down into pending commits.
     fn adopt_queued_requests(&self) {
         let dir = txmap_common::config::HookSettings::requests_dir(&self.cfg.state_dir);
-        let Ok(rd) = std::fs::read_dir(&dir) else { return };
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
         let log = DecisionLog::new(&self.cfg.state_dir);
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(t) = self.cfg.table(&name) else { continue };
+            let Some(t) = self.cfg.table(&name) else {
+                continue;
+            };
             // A fresh request is being served through the socket right now.
-            let fresh = e.metadata().and_then(|m| m.modified()).ok().and_then(|m| m.elapsed().ok())
+            let fresh = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| m.elapsed().ok())
                 < Some(Duration::from_secs(3));
             if fresh {
                 continue;
             }
             let _ = std::fs::remove_file(e.path());
-            let Some(source) = t.source.clone() else { continue };
+            let Some(source) = t.source.clone() else {
+                continue;
+            };
             if log.pending(&name).is_none() {
                 info!(table = %name, "adopting a distribution request queued while txmapd was down");
                 let rec = txmap_common::decision::PendingRecord {
@@ -850,14 +877,20 @@ fn prepare_socket_dir(cfg: &Config) -> std::io::Result<()> {
 }
 
 /// Sets permission bits and, when named, the group (looked up in /etc/group).
-fn set_mode_and_group(path: &std::path::Path, mode: u32, group: Option<&str>) -> std::io::Result<()> {
+fn set_mode_and_group(
+    path: &std::path::Path,
+    mode: u32,
+    group: Option<&str>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(g) = group {
         let gid = std::fs::read_to_string("/etc/group")?
             .lines()
             .find_map(|l| {
                 let mut f = l.split(':');
-                (f.next() == Some(g)).then(|| f.nth(1).and_then(|x| x.parse::<u32>().ok())).flatten()
+                (f.next() == Some(g))
+                    .then(|| f.nth(1).and_then(|x| x.parse::<u32>().ok()))
+                    .flatten()
             })
             .ok_or_else(|| std::io::Error::other(format!("group `{g}` not found in /etc/group")))?;
         std::os::unix::fs::chown(path, None, Some(gid))?;

@@ -31,7 +31,9 @@ fn main() -> ExitCode {
 fn run() -> u8 {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() != 1 || args[0].starts_with('-') {
-        eprintln!("usage: txmap-sympa TABLE_PATH   (or TYPE:TABLE_PATH; as Sympa's aliases_program)");
+        eprintln!(
+            "usage: txmap-sympa TABLE_PATH   (or TYPE:TABLE_PATH; as Sympa's aliases_program)"
+        );
         return exit::USAGE;
     }
     let arg = args[0].as_str();
@@ -52,7 +54,11 @@ fn run() -> u8 {
         let sources: Vec<String> = cfg
             .tables
             .iter()
-            .filter_map(|t| t.source.as_ref().map(|s| format!("{} ({})", s.display(), t.name)))
+            .filter_map(|t| {
+                t.source
+                    .as_ref()
+                    .map(|s| format!("{} ({})", s.display(), t.name))
+            })
             .collect();
         eprintln!(
             "txmap-sympa: no table in {} has source {path} (configured sources: {})",
@@ -63,7 +69,10 @@ fn run() -> u8 {
     };
     let queued = HookSettings::requests_dir(&cfg.state_dir).join(&table.name);
     if let Err(e) = std::fs::write(&queued, b"") {
-        eprintln!("txmap-sympa: warning: cannot queue the request in {}: {e}", queued.display());
+        eprintln!(
+            "txmap-sympa: warning: cannot queue the request in {}: {e}",
+            queued.display()
+        );
     }
     match ask(&cfg, path) {
         Ok(LocalResponse::Done { table, exit, lines }) => {
@@ -95,8 +104,10 @@ fn ask(cfg: &Config, path: &str) -> std::io::Result<LocalResponse> {
     let wait = cfg.timeouts.total + Duration::from_secs(1);
     s.set_read_timeout(Some(wait))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let frame = txmap_common::codec::encode(&LocalRequest::Distribute { source: path.to_string() })
-        .map_err(std::io::Error::other)?;
+    let frame = txmap_common::codec::encode(&LocalRequest::Distribute {
+        source: path.to_string(),
+    })
+    .map_err(std::io::Error::other)?;
     s.write_all(&frame)?;
     txmap_common::codec::read_frame_blocking(&mut s).map_err(std::io::Error::other)
 }
