@@ -497,57 +497,47 @@ pub fn try_lock(path: &Path) -> Result<Option<File>, TableError> {
     }
 }
 
-/// The lookup keys of a table source, in order: the first word of each logical line (for
+/// The lookup key of one source line, if the line starts an entry: its first word (for
 /// `postalias`, the name before the colon).
-pub fn keys_of(builder: Builder, source: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    for line in source.split(|b| *b == b'\n') {
-        match line.first() {
-            None | Some(b' ' | b'\t' | b'\r' | b'#' | 0x0b | 0x0c) => continue,
-            _ => {}
+pub fn key_of(builder: Builder, line: &[u8]) -> Option<&[u8]> {
+    match line.first() {
+        None | Some(b' ' | b'\t' | b'\r' | b'\n' | b'#' | 0x0b | 0x0c) => None,
+        _ => {
+            let end = line
+                .iter()
+                .position(|b| b.is_ascii_whitespace() || (builder == Builder::Postalias && *b == b':'))
+                .unwrap_or(line.len());
+            Some(&line[..end])
         }
-        let end = line
-            .iter()
-            .position(|b| b.is_ascii_whitespace() || (builder == Builder::Postalias && *b == b':'))
-            .unwrap_or(line.len());
-        out.push(String::from_utf8_lossy(&line[..end]).into_owned());
     }
-    out
+}
+
+/// The lookup keys of a table source held in memory (tests and small tables).
+pub fn keys_of(builder: Builder, source: &[u8]) -> Vec<String> {
+    source
+        .split(|b| *b == b'\n')
+        .filter_map(|l| key_of(builder, l))
+        .map(|k| String::from_utf8_lossy(k).into_owned())
+        .collect()
 }
 
 /// Checks that the live table is what was recorded: the source's sha256, and that the live
 /// indexed file answers for every key of the source (`postmap -q -`). Returns every drift found.
-pub async fn verify_live(
-    postfix: &PostfixSettings,
-    t: &TableConfig,
-    recorded: Option<[u8; 32]>,
-) -> Vec<String> {
+/// The source is streamed (read once, line by line), never held whole in memory.
+pub async fn verify_live(postfix: &PostfixSettings, t: &TableConfig, recorded: Option<[u8; 32]>) -> Vec<String> {
+    let (postfix, t) = (postfix.clone(), t.clone());
+    tokio::task::spawn_blocking(move || verify_live_blocking(&postfix, &t, recorded))
+        .await
+        .unwrap_or_else(|e| vec![format!("verification task failed: {e}")])
+}
+
+fn verify_live_blocking(postfix: &PostfixSettings, t: &TableConfig, recorded: Option<[u8; 32]>) -> Vec<String> {
+    use std::io::BufRead;
     let mut problems = Vec::new();
-    let source = match std::fs::read(&t.path) {
-        Ok(b) => b,
-        Err(e) => return vec![format!("cannot read live source {}: {e}", t.path.display())],
-    };
-    let sha = digest_reader(&mut &source[..])
-        .map(|d| d.sha256)
-        .unwrap_or([0; 32]);
-    match recorded {
-        Some(r) if r != sha => problems.push(format!(
-            "live source {} changed: sha256 {} but generation recorded {}",
-            t.path.display(),
-            hex(&sha),
-            hex(&r)
-        )),
-        // Never committed by txmap: nothing recorded to compare with; the keys are still checked.
-        None => {}
-        _ => {}
-    }
     let indexed = t.live_indexed();
-    let meta = (std::fs::metadata(&t.path), std::fs::metadata(&indexed));
-    match meta {
-        (_, Err(e)) => {
-            problems.push(format!("live indexed file {}: {e}", indexed.display()));
-            return problems;
-        }
+    match (std::fs::metadata(&t.path), std::fs::metadata(&indexed)) {
+        (Err(e), _) => return vec![format!("cannot read live source {}: {e}", t.path.display())],
+        (_, Err(e)) => return vec![format!("live indexed file {}: {e}", indexed.display())],
         (Ok(s), Ok(i)) => {
             if let (Ok(sm), Ok(im)) = (s.modified(), i.modified()) {
                 if im < sm {
@@ -555,52 +545,76 @@ pub async fn verify_live(
                 }
             }
         }
-        _ => {}
     }
-    let keys = keys_of(t.builder, &source);
-    let mut cmd = builder_command(postfix, t.builder);
+    let program = match t.builder {
+        Builder::Postmap => &postfix.postmap,
+        Builder::Postalias => &postfix.postalias,
+    };
+    let mut cmd = std::process::Command::new(program);
+    if let Some(dir) = &postfix.config_dir {
+        cmd.arg("-c").arg(dir);
+    }
     cmd.arg("-q").arg("-").arg(typed(t, &t.path));
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
-        Err(e) => {
-            problems.push(format!("cannot run {}: {e}", t.builder.as_str()));
-            return problems;
-        }
+        Err(e) => return vec![format!("cannot run {}: {e}", program.display())],
     };
-    let stdin = child.stdin.take();
-    let total = keys.len();
-    let writer = tokio::spawn(async move {
-        use tokio::io::AsyncWriteExt;
-        if let Some(mut w) = stdin {
-            for k in keys {
-                if w.write_all(format!("{k}\n").as_bytes()).await.is_err() {
-                    break;
-                }
+    let (Some(mut stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return vec!["cannot talk to the lookup process".into()];
+    };
+    // Count the answers on another thread while the keys are fed in, so neither pipe fills up.
+    let counter = std::thread::spawn(move || std::io::BufReader::new(stdout).split(b'\n').count());
+    let errors = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(stderr, 64 * 1024), &mut v);
+        v
+    });
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut keys = 0usize;
+    let read = File::open(&t.path).and_then(|f| {
+        let mut r = std::io::BufReader::with_capacity(256 * 1024, f);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            if r.read_until(b'\n', &mut line)? == 0 {
+                return Ok(());
+            }
+            ctx.update(&line);
+            if let Some(k) = key_of(t.builder, &line) {
+                keys += 1;
+                // A lookup process that died early is reported below; keep hashing.
+                let _ = stdin.write_all(k).and_then(|_| stdin.write_all(b"\n"));
             }
         }
     });
-    let out = child.wait_with_output().await;
-    let _ = writer.await;
-    match out {
-        Ok(o) => {
-            let found = o
-                .stdout
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .count();
-            if found != total {
-                problems.push(format!(
-                    "live indexed file answers for {found} of the source's {total} keys (rebuilt or edited by hand?)"
-                ));
-            }
-            if !o.stderr.is_empty() {
-                problems.push(format!("{} -q: {}", t.builder.as_str(), clip(&o.stderr)));
-            }
+    drop(stdin);
+    let _ = child.wait();
+    let found = counter.join().unwrap_or(0);
+    let err_text = errors.join().unwrap_or_default();
+    if let Err(e) = read {
+        problems.push(format!("cannot read live source {}: {e}", t.path.display()));
+        return problems;
+    }
+    let sha: [u8; 32] = ctx.finish().as_ref().try_into().unwrap_or([0; 32]);
+    if let Some(r) = recorded {
+        if r != sha {
+            problems.push(format!(
+                "live source {} changed: sha256 {} but generation recorded {}",
+                t.path.display(),
+                hex(&sha),
+                hex(&r)
+            ));
         }
-        Err(e) => problems.push(format!("{} -q failed: {e}", t.builder.as_str())),
+    }
+    if found != keys {
+        problems.push(format!(
+            "live indexed file answers for {found} of the source's {keys} keys (rebuilt or edited by hand?)"
+        ));
+    }
+    if !err_text.is_empty() {
+        problems.push(format!("{} -q: {}", t.builder.as_str(), clip(&err_text)));
     }
     problems
 }
