@@ -302,15 +302,22 @@ impl TestCluster {
 
     /// Spawns `txmap --config <node i> ARGS` without waiting.
     pub fn spawn_txmap(&self, i: usize, args: &[&str]) -> Child {
-        Command::new(&bins().txmap)
-            .arg("--config")
+        self.spawn_txmap_with(i, args, &[])
+    }
+
+    /// Spawns `txmap` with extra environment, without waiting.
+    pub fn spawn_txmap_with(&self, i: usize, args: &[&str], env: &[(&str, &str)]) -> Child {
+        let mut cmd = Command::new(&bins().txmap);
+        cmd.arg("--config")
             .arg(self.config(i))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn txmap")
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("spawn txmap")
     }
 
     /// Writes the shared source.

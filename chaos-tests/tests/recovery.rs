@@ -339,3 +339,83 @@ fn a_node_out_of_service_is_skipped_and_catches_up_when_back() {
     assert!(wait_until(Duration::from_secs(5), || converged(&c)));
     assert!(serves(&c, 3, B));
 }
+
+#[test]
+fn recover_lists_in_doubt_transactions_and_refuses_guesses() {
+    let mut c = cluster_on_a("recover");
+    // The coordinator stops right after every node prepared; meanwhile its node goes down, so
+    // nobody can learn the decision (there is none) until that node is back.
+    let child = c.spawn_txmap_with(
+        1,
+        &["commit", TABLE],
+        &[("FAILPOINTS", "coordinator::after_all_prepared=sleep(4000)")],
+    );
+    assert!(wait_until(Duration::from_secs(5), || {
+        let s = c.status(2);
+        s.as_array().is_some_and(|n| {
+            n.iter().skip(1).all(|n| {
+                n["tables"]
+                    .as_array()
+                    .is_some_and(|t| t.iter().any(|t| t["prepared"]["durable"] == true))
+            })
+        })
+    }));
+    c.kill_node(1);
+    let mut child = child;
+    let _ = child.kill();
+    let _ = child.wait();
+
+    let out = c.txmap(2, &["recover", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "node1 is unreachable: {}",
+        text(&out)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let held: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(held, vec!["node2", "node3"], "{v}");
+    let txid = v[0]["prepared"]["txid"].as_str().unwrap().to_string();
+
+    // No commit decision exists: committing by hand is refused.
+    let out = c.txmap(2, &["recover", "--commit", &txid]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    // Every reachable node is prepared and the coordinator's node is down: only it could know,
+    // so aborting by hand is refused too.
+    let out = c.txmap(2, &["recover", "--abort", &txid]);
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot be reached"),
+        "{}",
+        text(&out)
+    );
+    for i in [2, 3] {
+        assert!(serves(&c, i, A), "node{i}");
+    }
+
+    // The coordinator's node comes back: it fences the dead coordinator's transaction and
+    // every node resolves to abort by itself.
+    c.start_node(1).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(35), || c.nothing_in_progress(1)
+            && (1..=3).all(|i| c.lock_free(i) && c.staged_files(i).is_empty())),
+        "{}",
+        c.status(1)
+    );
+    for i in 1..=3 {
+        assert_eq!(c.outcome(i, &txid).as_deref(), Some("Aborted"), "node{i}");
+        assert!(serves(&c, i, A) && !serves(&c, i, B), "node{i}");
+    }
+    let out = c.txmap(2, &["recover", "--abort", &txid]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "nothing left to resolve: {}",
+        text(&out)
+    );
+}
