@@ -505,7 +505,9 @@ pub fn key_of(builder: Builder, line: &[u8]) -> Option<&[u8]> {
         _ => {
             let end = line
                 .iter()
-                .position(|b| b.is_ascii_whitespace() || (builder == Builder::Postalias && *b == b':'))
+                .position(|b| {
+                    b.is_ascii_whitespace() || (builder == Builder::Postalias && *b == b':')
+                })
                 .unwrap_or(line.len());
             Some(&line[..end])
         }
@@ -524,14 +526,22 @@ pub fn keys_of(builder: Builder, source: &[u8]) -> Vec<String> {
 /// Checks that the live table is what was recorded: the source's sha256, and that the live
 /// indexed file answers for every key of the source (`postmap -q -`). Returns every drift found.
 /// The source is streamed (read once, line by line), never held whole in memory.
-pub async fn verify_live(postfix: &PostfixSettings, t: &TableConfig, recorded: Option<[u8; 32]>) -> Vec<String> {
+pub async fn verify_live(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    recorded: Option<[u8; 32]>,
+) -> Vec<String> {
     let (postfix, t) = (postfix.clone(), t.clone());
     tokio::task::spawn_blocking(move || verify_live_blocking(&postfix, &t, recorded))
         .await
         .unwrap_or_else(|e| vec![format!("verification task failed: {e}")])
 }
 
-fn verify_live_blocking(postfix: &PostfixSettings, t: &TableConfig, recorded: Option<[u8; 32]>) -> Vec<String> {
+fn verify_live_blocking(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    recorded: Option<[u8; 32]>,
+) -> Vec<String> {
     use std::io::BufRead;
     let mut problems = Vec::new();
     let indexed = t.live_indexed();
@@ -555,12 +565,15 @@ fn verify_live_blocking(postfix: &PostfixSettings, t: &TableConfig, recorded: Op
         cmd.arg("-c").arg(dir);
     }
     cmd.arg("-q").arg("-").arg(typed(t, &t.path));
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return vec![format!("cannot run {}: {e}", program.display())],
     };
-    let (Some(mut stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
     else {
         return vec!["cannot talk to the lookup process".into()];
     };

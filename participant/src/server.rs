@@ -301,7 +301,19 @@ impl Node {
             return self.execute(&slot, slot.state.lock().await, actions).await;
         }
         let started = std::time::Instant::now();
-        let event = match self.stage(&slot, &p, recv).await {
+        // A coordinator that stalls mid-upload must not hold the table forever.
+        let limit = self.cfg.timeouts.prepare * 3;
+        let staged = tokio::time::timeout(limit, self.stage(&slot, &p, recv))
+            .await
+            .unwrap_or_else(|_| {
+                Err(Refusal::Protocol {
+                    detail: format!(
+                        "prepare not finished within {} ms; dropped",
+                        limit.as_millis()
+                    ),
+                })
+            });
+        let event = match staged {
             Ok(()) => Event::StageDone { txid: p.txid },
             Err(why) => {
                 warn!(error = %why, "prepare failed");
