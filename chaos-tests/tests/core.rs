@@ -5,19 +5,10 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
-use txmap_chaos_tests::cluster::{transport_table, TestCluster, TABLE};
+use txmap_chaos_tests::cluster::{describe, transport_table, TestCluster, TABLE};
 
 fn keys(domain: &str, range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("list{i}@{domain}")).collect()
-}
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 fn assert_clean(c: &TestCluster) {
@@ -36,7 +27,7 @@ fn a_20000_line_table_committed_through_node1_is_served_by_every_node() {
     let c = TestCluster::start("big", 3).unwrap();
     c.write_source(&transport_table("lists.example.org", 0..20_000));
     let out = c.commit(1);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let all = keys("lists.example.org", 0..20_000);
     for i in 1..=3 {
         let got = c.lookup(i, &all).unwrap();
@@ -85,7 +76,7 @@ fn an_unwritable_node_aborts_the_commit_everywhere_and_names_the_node() {
     c.write_source(&transport_table("b.example", 0..50));
     let out = c.commit(1);
     c.make_writable(2).unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let node2 = stdout
         .lines()
@@ -94,7 +85,7 @@ fn an_unwritable_node_aborts_the_commit_everywhere_and_names_the_node() {
     assert!(
         node2.contains("storage") || node2.contains("Read-only") || node2.contains("ermission"),
         "{}",
-        text(&out)
+        describe(&out)
     );
     // Every node still serves the previous table, and only it.
     for i in 1..=3 {
@@ -113,7 +104,7 @@ fn an_unwritable_node_aborts_the_commit_everywhere_and_names_the_node() {
 
     // Fixed: the next commit succeeds everywhere.
     let out = c.commit(1);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     for i in 1..=3 {
         assert!(
             c.lookup(i, &["list7@b.example".into()]).unwrap()[0].is_some(),
@@ -158,7 +149,12 @@ fn a_reader_never_misses_a_stable_key_during_50_commits() {
         content.push_str(&transport_table("churn.example", 0..(100 + round * 37)));
         c.write_source(&content);
         let out = c.commit(1);
-        assert_eq!(out.status.code(), Some(0), "round {round}: {}", text(&out));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "round {round}: {}",
+            describe(&out)
+        );
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for (i, r) in readers.into_iter().enumerate() {
@@ -227,7 +223,7 @@ fn two_coordinators_racing_on_one_table_never_deadlock_and_generations_increase(
             assert!(
                 code == Some(0) || code == Some(4),
                 "round {round}: {}",
-                text(o)
+                describe(o)
             );
             if code == Some(0) {
                 committed += 1;

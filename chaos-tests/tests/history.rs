@@ -2,16 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
 
-use txmap_chaos_tests::cluster::{transport_table, TestCluster, TABLE};
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use txmap_chaos_tests::cluster::{describe, transport_table, TestCluster, TABLE};
 
 fn serves(c: &TestCluster, i: usize, domain: &str) -> bool {
     c.lookup(i, &[format!("list3@{domain}")]).unwrap()[0].is_some()
@@ -19,7 +10,7 @@ fn serves(c: &TestCluster, i: usize, domain: &str) -> bool {
 
 fn history(c: &TestCluster) -> Vec<(u64, Vec<String>)> {
     let out = c.txmap(1, &["history", TABLE, "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     v.as_array()
         .unwrap()
@@ -45,7 +36,7 @@ fn rollback_restores_the_previous_table_everywhere_and_can_itself_be_rolled_back
     assert_eq!(c.commit(1).status.code(), Some(0));
 
     let out = c.txmap(1, &["rollback", TABLE]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     for i in 1..=3 {
         assert!(
             serves(&c, i, "a.example") && !serves(&c, i, "b.example"),
@@ -59,7 +50,7 @@ fn rollback_restores_the_previous_table_everywhere_and_can_itself_be_rolled_back
     );
 
     let out = c.txmap(1, &["rollback", TABLE]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     for i in 1..=3 {
         assert!(
             serves(&c, i, "b.example") && !serves(&c, i, "a.example"),
@@ -87,11 +78,11 @@ fn rollback_with_a_node_unreachable_changes_nothing() {
     assert_eq!(c.commit(1).status.code(), Some(0));
     c.kill_node(3);
     let out = c.txmap(1, &["rollback", TABLE]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("node3"),
         "{}",
-        text(&out)
+        describe(&out)
     );
     for i in 1..=2 {
         assert!(
@@ -114,7 +105,7 @@ fn verify_reports_a_table_changed_by_hand() {
     c.write_source(&transport_table("a.example", 0..40));
     assert_eq!(c.commit(1).status.code(), Some(0));
     let out = c.txmap(1, &["verify"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 
     // Someone edits node2's live table and runs postmap by hand.
     let live = c.live(2);
@@ -129,14 +120,14 @@ fn verify_reports_a_table_changed_by_hand() {
         .unwrap();
     assert!(st.success());
     let out = c.txmap(1, &["verify", TABLE]);
-    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(5), "{}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         stdout
             .lines()
             .any(|l| l.starts_with("node2:") && l.contains("DRIFT")),
         "{}",
-        text(&out)
+        describe(&out)
     );
     assert!(!stdout
         .lines()
@@ -163,7 +154,7 @@ fn verify_reports_a_table_changed_by_hand() {
             .lines()
             .any(|l| l.starts_with("node3:") && l.contains("answers for 0 of")),
         "{}",
-        text(&out)
+        describe(&out)
     );
 }
 
@@ -206,10 +197,10 @@ fn retention_keeps_k_generations_and_never_the_live_one_out() {
     }
     // Rolling back to a generation nobody holds any more is refused, clearly.
     let out = c.txmap(1, &["rollback", TABLE, "--to", "2"]);
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("no node holds generation 2"),
         "{}",
-        text(&out)
+        describe(&out)
     );
 }

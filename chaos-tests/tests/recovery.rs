@@ -5,19 +5,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
 
 use std::time::{Duration, Instant};
-use txmap_chaos_tests::cluster::{is_root, transport_table, wait_until, TestCluster, TABLE};
+use txmap_chaos_tests::cluster::{
+    describe, is_root, transport_table, wait_until, TestCluster, TABLE,
+};
 
 const A: &str = "a.example";
 const B: &str = "b.example";
-
-fn text(o: &std::process::Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn serves(c: &TestCluster, i: usize, domain: &str) -> bool {
     c.lookup(i, &[format!("list3@{domain}")])
@@ -51,7 +44,7 @@ fn cluster_on_a(name: &str) -> TestCluster {
     let c = TestCluster::start(name, 3).unwrap();
     c.write_source(&transport_table(A, 0..30));
     let out = c.commit(1);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     c.write_source(&transport_table(B, 0..30));
     c
 }
@@ -123,7 +116,7 @@ fn coordinator_crash(fp: &str, expect_committed: bool) {
     assert!(
         out.status.code().is_none(),
         "txmap should have been killed by {fp}: {}",
-        text(&out)
+        describe(&out)
     );
     // Nobody runs a command: the daemons resolve it within the in-doubt bound.
     assert!(
@@ -204,11 +197,11 @@ fn a_frozen_node_fails_the_commit_in_time_and_cleans_up_after_sigcont() {
         c.signal(2, libc::SIGCONT);
         return;
     }
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("node2:"),
         "{}",
-        text(&out)
+        describe(&out)
     );
     for i in [1, 3] {
         assert!(serves(&c, i, A) && !serves(&c, i, B), "node{i} changed");
@@ -224,7 +217,7 @@ fn a_frozen_node_fails_the_commit_in_time_and_cleans_up_after_sigcont() {
         assert!(serves(&c, i, B), "node{i}");
     }
     let out = c.commit(1);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
 }
 
 #[test]
@@ -245,11 +238,11 @@ fn a_node_down_while_the_source_changes_three_times_catches_up_by_itself() {
             "commit {k} took {:?}",
             started.elapsed()
         );
-        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
         assert!(
             String::from_utf8_lossy(&out.stdout).contains("node3: unreachable"),
             "{}",
-            text(&out)
+            describe(&out)
         );
     }
     let s = c.status(1);
@@ -282,13 +275,17 @@ fn a_full_disk_aborts_cleanly_with_a_clear_error() {
     c.mount_tmpfs(2, "1m").unwrap();
     c.write_source(&transport_table(B, 0..20_000));
     let out = c.commit(1);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout
         .lines()
         .find(|l| l.starts_with("node2:"))
         .unwrap_or("");
-    assert!(line.contains("No space left on device"), "{}", text(&out));
+    assert!(
+        line.contains("No space left on device"),
+        "{}",
+        describe(&out)
+    );
     for i in 1..=3 {
         assert!(serves(&c, i, A) && !serves(&c, i, B), "node{i}");
         assert!(
@@ -321,7 +318,7 @@ fn a_node_out_of_service_is_skipped_and_catches_up_when_back() {
     c.edit_config(1, |s| mark(s, "false"));
     c.write_source(&transport_table(B, 0..30));
     let out = c.commit(1);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert!(serves(&c, 1, B) && serves(&c, 2, B));
     assert_eq!(
         c.txmap(1, &["status"]).status.code(),
@@ -335,7 +332,7 @@ fn a_node_out_of_service_is_skipped_and_catches_up_when_back() {
         "node3 changed while out of service"
     );
     let out = c.commit(1);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert!(wait_until(Duration::from_secs(5), || converged(&c)));
     assert!(serves(&c, 3, B));
 }
@@ -370,7 +367,7 @@ fn recover_lists_in_doubt_transactions_and_refuses_guesses() {
         out.status.code(),
         Some(5),
         "node1 is unreachable: {}",
-        text(&out)
+        describe(&out)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let held: Vec<&str> = v
@@ -384,15 +381,15 @@ fn recover_lists_in_doubt_transactions_and_refuses_guesses() {
 
     // No commit decision exists: committing by hand is refused.
     let out = c.txmap(2, &["recover", "--commit", &txid]);
-    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
     // Every reachable node is prepared and the coordinator's node is down: only it could know,
     // so aborting by hand is refused too.
     let out = c.txmap(2, &["recover", "--abort", &txid]);
-    assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("cannot be reached"),
         "{}",
-        text(&out)
+        describe(&out)
     );
     for i in [2, 3] {
         assert!(serves(&c, i, A), "node{i}");
@@ -416,6 +413,6 @@ fn recover_lists_in_doubt_transactions_and_refuses_guesses() {
         out.status.code(),
         Some(7),
         "nothing left to resolve: {}",
-        text(&out)
+        describe(&out)
     );
 }

@@ -5,21 +5,12 @@
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use txmap_chaos_tests::cluster::{bins, is_root, wait_until, TestCluster};
+use txmap_chaos_tests::cluster::{bins, describe, is_root, wait_until, TestCluster};
 use txmap_chaos_tests::postfix::{
     self, Map, PostfixInstance, PostfixTables, ProbeLoop, LIST_DOMAIN,
 };
 
 const ALIAS_DOMAIN: &str = "aliases.example.org";
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 /// Runs `txmap-sympa ARG` as Sympa does: one argument, environment cleared to
 /// `PATH=/bin:/usr/bin`, as an unprivileged user, with the default config path. As root that is
@@ -100,14 +91,14 @@ fn the_hook_run_as_sympa_runs_it_reaches_every_node() {
     std::fs::write(shared(&c, "sympa_aliases"), aliases_text(&names)).unwrap();
     let started = Instant::now();
     let out = hook(&c, 1, &shared(&c, "sympa_transport").display().to_string());
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     // `type:path`, as postmap accepts it, for the postalias table.
     let out = hook(
         &c,
         1,
         &format!("hash:{}", shared(&c, "sympa_aliases").display()),
     );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     assert!(started.elapsed() < Duration::from_secs(10));
     for i in 1..=3 {
         assert!(
@@ -121,11 +112,11 @@ fn the_hook_run_as_sympa_runs_it_reaches_every_node() {
     }
     // A path no table has: a clear error, nothing changes.
     let out = hook(&c, 1, "/etc/sympa/unknown_table");
-    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("no table in"),
         "{}",
-        text(&out)
+        describe(&out)
     );
 }
 
@@ -148,12 +139,12 @@ fn with_a_node_down_the_hook_fails_fast_and_the_list_arrives_by_itself() {
     let started = Instant::now();
     let out = hook(&c, 1, &src);
     let took = started.elapsed();
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(took < Duration::from_secs(10), "hook took {took:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("node3"),
         "{}",
-        text(&out)
+        describe(&out)
     );
     c.start_node(3).unwrap();
     let key = format!("newlist@{LIST_DOMAIN}");
@@ -180,11 +171,11 @@ fn a_request_made_while_the_local_daemon_is_down_is_not_lost() {
     )
     .unwrap();
     let out = hook(&c, 1, &src);
-    assert_eq!(out.status.code(), Some(6), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(6), "{}", describe(&out));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("stays queued"),
         "{}",
-        text(&out)
+        describe(&out)
     );
     c.start_node(1).unwrap();
     let key = format!("queued@{LIST_DOMAIN}");
@@ -307,10 +298,10 @@ fn postfix_never_refuses_an_existing_list_while_lists_change_through_the_hook() 
     let write_txmap = |names: &[String]| {
         std::fs::write(&st, transport_text(names)).unwrap();
         let o = hook(&c, 1, &st.display().to_string());
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
         std::fs::write(&sa, aliases_text(names)).unwrap();
         let o = hook(&c, 1, &format!("hash:{}", sa.display()));
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
         // No node was skipped: the newest list is on every node.
         let newest = names.last().unwrap();
         for i in 1..=3 {

@@ -53,6 +53,18 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_FRAME>()
 }
 
+/// Checks a frame header (version byte, announced length) before anything is allocated.
+fn payload_len(header: &[u8; 5]) -> Result<usize, CodecError> {
+    if header[0] != PROTOCOL_VERSION {
+        return Err(CodecError::Version { got: header[0] });
+    }
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len > MAX_FRAME {
+        return Err(CodecError::TooLarge { len: len as u64 });
+    }
+    Ok(len)
+}
+
 /// Encodes `msg` as one complete frame (header included).
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, CodecError> {
     let payload = bincode::serde::encode_to_vec(msg, config())
@@ -94,13 +106,7 @@ pub fn decode<T: DeserializeOwned>(frame: &[u8]) -> Result<T, CodecError> {
             "frame shorter than its 5-byte header".into(),
         ));
     }
-    if frame[0] != PROTOCOL_VERSION {
-        return Err(CodecError::Version { got: frame[0] });
-    }
-    let len = u32::from_be_bytes([frame[1], frame[2], frame[3], frame[4]]) as usize;
-    if len > MAX_FRAME {
-        return Err(CodecError::TooLarge { len: len as u64 });
-    }
+    let len = payload_len(&[frame[0], frame[1], frame[2], frame[3], frame[4]])?;
     if frame.len() - 5 != len {
         return Err(CodecError::Decode(format!(
             "frame header announces {len} bytes, {} present",
@@ -126,14 +132,7 @@ pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
 ) -> Result<T, CodecError> {
     let mut header = [0u8; 5];
     r.read_exact(&mut header).await?;
-    if header[0] != PROTOCOL_VERSION {
-        return Err(CodecError::Version { got: header[0] });
-    }
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len > MAX_FRAME {
-        return Err(CodecError::TooLarge { len: len as u64 });
-    }
-    let mut payload = vec![0u8; len];
+    let mut payload = vec![0u8; payload_len(&header)?];
     r.read_exact(&mut payload).await?;
     decode_payload(&payload)
 }
@@ -144,14 +143,7 @@ pub fn read_frame_blocking<R: std::io::Read, T: DeserializeOwned>(
 ) -> Result<T, CodecError> {
     let mut header = [0u8; 5];
     r.read_exact(&mut header)?;
-    if header[0] != PROTOCOL_VERSION {
-        return Err(CodecError::Version { got: header[0] });
-    }
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len > MAX_FRAME {
-        return Err(CodecError::TooLarge { len: len as u64 });
-    }
-    let mut payload = vec![0u8; len];
+    let mut payload = vec![0u8; payload_len(&header)?];
     r.read_exact(&mut payload)?;
     decode_payload(&payload)
 }

@@ -42,6 +42,20 @@ pub struct DecisionRecord {
     pub at_ms: u64,
 }
 
+impl DecisionRecord {
+    /// The abort that fences a transaction whose coordinator is gone (presumed abort).
+    pub fn fence(txid: TxId, table: &str, nodes: Vec<String>) -> DecisionRecord {
+        DecisionRecord {
+            txid,
+            table: table.to_string(),
+            generation: 0,
+            verdict: Verdict::Abort,
+            nodes,
+            at_ms: crate::now_ms(),
+        }
+    }
+}
+
 /// A coordinator at work.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpenRecord {

@@ -211,62 +211,18 @@ fn cmd_commit(
     source: Option<PathBuf>,
     json: bool,
 ) -> Result<u8, u8> {
-    let cfg = load(config)?;
-    let Some(t) = cfg.table(table) else {
-        let known: Vec<_> = cfg.tables.iter().map(|t| t.name.as_str()).collect();
-        eprintln!(
-            "txmap: unknown table `{table}` in {} (configured: {})",
-            cfg.file.display(),
-            known.join(", ")
-        );
-        return Err(exit::USAGE);
-    };
-    let Some(source) = source.or_else(|| t.source.clone()) else {
+    let cfg = load_with_table(config, Some(table))?;
+    let Some(source) = source.or_else(|| cfg.table(table).and_then(|t| t.source.clone())) else {
         eprintln!(
             "txmap: table `{table}` has no `source` in {}; pass --source FILE",
             cfg.file.display()
         );
         return Err(exit::USAGE);
     };
-    let rt = runtime()?;
-    let report = rt.block_on(async {
-        let cluster = match cluster::Cluster::new(cfg) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("txmap: {e:#}");
-                return Err(exit::LOCAL);
-            }
-        };
-        let r = commit::commit_tracked(&cluster, table, &source).await;
-        cluster.close().await;
-        Ok(r)
+    let report = with_cluster(cfg, async |c| {
+        commit::commit_tracked(c, table, &source).await
     })?;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).unwrap_or_default()
-        );
-    } else {
-        for n in &report.nodes {
-            println!("{}: {}", n.node, n.detail);
-        }
-        let what = match report.exit {
-            exit::OK => "committed",
-            exit::INCOMPLETE => "decided commit, not yet acknowledged everywhere",
-            exit::BUSY => "aborted (table busy)",
-            exit::LOCAL => "failed locally",
-            _ => "aborted, nothing changed",
-        };
-        let gen = report
-            .generation
-            .map(|g| format!(" generation {g}"))
-            .unwrap_or_default();
-        let tx = report.txid.as_deref().unwrap_or("-");
-        eprintln!(
-            "txmap: {table}{gen}: {what} (txid {tx}, {} attempt(s), {} ms)",
-            report.attempts, report.elapsed_ms
-        );
-    }
+    print_report(&report, json, "commit");
     Ok(report.exit)
 }
 
@@ -280,24 +236,13 @@ struct NodeStatus {
 }
 
 fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Result<u8, u8> {
-    let cfg = load(config)?;
-    if let Some(t) = &table {
-        if cfg.table(t).is_none() {
-            eprintln!("txmap: unknown table `{t}` in {}", cfg.file.display());
-            return Err(exit::USAGE);
-        }
-    }
-    let rt = runtime()?;
+    let cfg = load_with_table(config, table.as_deref())?;
     let in_service: std::collections::HashMap<String, bool> = cfg
         .nodes
         .iter()
         .map(|n| (n.name.clone(), n.in_service))
         .collect();
-    let mut nodes: Vec<NodeStatus> = rt.block_on(async {
-        let cluster = cluster::Cluster::new(cfg).map_err(|e| {
-            eprintln!("txmap: {e:#}");
-            exit::LOCAL
-        })?;
+    let nodes: Vec<NodeStatus> = with_cluster(cfg, async |cluster| {
         let links = cluster.connect_all().await;
         let req = Request::Status {
             table: table.clone(),
@@ -308,47 +253,27 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
                 .map(|(_, l)| cluster::ask(l, &req, cluster.cfg.timeouts.connect)),
         )
         .await;
-        cluster.close().await;
-        Ok::<_, u8>(
-            links
-                .iter()
-                .zip(answers)
-                .map(|((n, _), a)| match a {
-                    Ok(Response::Status(tables)) => NodeStatus {
-                        node: n.name.clone(),
-                        in_service: true,
-                        reachable: true,
-                        error: None,
-                        tables,
-                    },
-                    Ok(Response::Refused(r)) => NodeStatus {
-                        node: n.name.clone(),
-                        in_service: true,
-                        reachable: true,
-                        error: Some(r.to_string()),
-                        tables: vec![],
-                    },
-                    Ok(other) => NodeStatus {
-                        node: n.name.clone(),
-                        in_service: true,
-                        reachable: true,
-                        error: Some(format!("unexpected answer {other:?}")),
-                        tables: vec![],
-                    },
-                    Err(e) => NodeStatus {
-                        node: n.name.clone(),
-                        in_service: true,
-                        reachable: false,
-                        error: Some(e),
-                        tables: vec![],
-                    },
-                })
-                .collect(),
-        )
+        links
+            .iter()
+            .zip(answers)
+            .map(|((n, _), a)| {
+                let (reachable, error, tables) = match a {
+                    Ok(Response::Status(t)) => (true, None, t),
+                    Ok(Response::Refused(r)) => (true, Some(r.to_string()), vec![]),
+                    Ok(other) => (true, Some(format!("unexpected answer {other:?}")), vec![]),
+                    Err(e) => (false, Some(e), vec![]),
+                };
+                let in_service = in_service.get(&n.name).copied().unwrap_or(true);
+                NodeStatus {
+                    node: n.name.clone(),
+                    in_service,
+                    reachable,
+                    error,
+                    tables,
+                }
+            })
+            .collect()
     })?;
-    for n in nodes.iter_mut() {
-        n.in_service = in_service.get(&n.node).copied().unwrap_or(true);
-    }
     let serving: Vec<&NodeStatus> = nodes.iter().filter(|n| n.in_service).collect();
     let all_reachable = serving.iter().all(|n| n.reachable && n.error.is_none());
     let mut agree = true;
@@ -450,16 +375,10 @@ fn cmd_recover(
     commit: Option<String>,
     json: bool,
 ) -> Result<u8, u8> {
-    let cfg = load(config)?;
-    let rt = runtime()?;
-    rt.block_on(async {
-        let cluster = cluster::Cluster::new(cfg).map_err(|e| {
-            eprintln!("txmap: {e:#}");
-            exit::LOCAL
-        })?;
+    with_cluster(load(config)?, async |cluster| {
         let code = match (abort, commit) {
             (None, None) => {
-                let (found, unreachable) = recover::list(&cluster).await;
+                let (found, unreachable) = recover::list(cluster).await;
                 if json {
                     println!(
                         "{}",
@@ -496,7 +415,7 @@ fn cmd_recover(
             (abort, commit) => {
                 let want_commit = commit.is_some();
                 let txid = commit.or(abort).unwrap_or_default();
-                match recover::resolve(&cluster, &txid, want_commit).await {
+                match recover::resolve(cluster, &txid, want_commit).await {
                     Ok(msg) => {
                         println!("{msg}");
                         exit::OK
@@ -508,17 +427,12 @@ fn cmd_recover(
                 }
             }
         };
-        cluster.close().await;
-        Ok(code)
+        code
     })
 }
 
-/// Loads the config, checks `table` is configured, and runs `f` with a cluster client.
-fn with_cluster<T>(
-    config: Option<&Path>,
-    table: Option<&str>,
-    f: impl AsyncFnOnce(&cluster::Cluster) -> T,
-) -> Result<T, u8> {
+/// Loads the config and checks that `table`, when given, is configured.
+fn load_with_table(config: Option<&Path>, table: Option<&str>) -> Result<Config, u8> {
     let cfg = load(config)?;
     if let Some(t) = table {
         if cfg.table(t).is_none() {
@@ -531,6 +445,11 @@ fn with_cluster<T>(
             return Err(exit::USAGE);
         }
     }
+    Ok(cfg)
+}
+
+/// Runs `f` with a cluster client on a fresh runtime, then closes the client.
+fn with_cluster<T>(cfg: Config, f: impl AsyncFnOnce(&cluster::Cluster) -> T) -> Result<T, u8> {
     let rt = runtime()?;
     rt.block_on(async {
         let cluster = cluster::Cluster::new(cfg).map_err(|e| {
@@ -574,7 +493,7 @@ fn print_report(report: &commit::CommitReport, json: bool, verb: &str) {
 }
 
 fn cmd_history(config: Option<&Path>, table: &str, json: bool) -> Result<u8, u8> {
-    let (gens, unreachable) = with_cluster(config, Some(table), async |c| {
+    let (gens, unreachable) = with_cluster(load_with_table(config, Some(table))?, async |c| {
         history::history(c, table).await
     })?;
     if json {
@@ -620,7 +539,7 @@ fn cmd_history(config: Option<&Path>, table: &str, json: bool) -> Result<u8, u8>
 }
 
 fn cmd_rollback(config: Option<&Path>, table: &str, to: Option<u64>, json: bool) -> Result<u8, u8> {
-    let report = with_cluster(config, Some(table), async |c| {
+    let report = with_cluster(load_with_table(config, Some(table))?, async |c| {
         history::rollback(c, table, to).await
     })?;
     print_report(&report, json, "rollback");
@@ -628,7 +547,7 @@ fn cmd_rollback(config: Option<&Path>, table: &str, to: Option<u64>, json: bool)
 }
 
 fn cmd_verify(config: Option<&Path>, table: Option<String>, json: bool) -> Result<u8, u8> {
-    let results = with_cluster(config, table.as_deref(), async |c| {
+    let results = with_cluster(load_with_table(config, table.as_deref())?, async |c| {
         let tables: Vec<String> = match &table {
             Some(t) => vec![t.clone()],
             None => c.cfg.tables.iter().map(|t| t.name.clone()).collect(),

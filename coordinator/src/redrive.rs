@@ -12,7 +12,6 @@ use crate::commit::deliver;
 use std::time::Instant;
 use tracing::{info, warn};
 use txmap_common::decision::{DecisionLog, DecisionRecord, Verdict};
-use txmap_common::now_ms;
 use txmap_common::proto::Request;
 
 /// One pass. Returns what it finished, for logs and tests.
@@ -25,19 +24,16 @@ pub async fn redrive(cluster: &Cluster) -> Vec<String> {
         }
         match log.get(open.txid) {
             Ok(None) => {
-                let rec = DecisionRecord {
-                    txid: open.txid,
-                    table: open.table.clone(),
-                    generation: 0,
-                    verdict: Verdict::Abort,
-                    nodes: cluster
+                let rec = DecisionRecord::fence(
+                    open.txid,
+                    &open.table,
+                    cluster
                         .cfg
                         .active_nodes()
                         .into_iter()
                         .map(|n| n.name)
                         .collect(),
-                    at_ms: now_ms(),
-                };
+                );
                 match log.decide(&rec) {
                     Ok(d) => {
                         info!(txid = %open.txid, verdict = ?d.verdict, "coordinator gone before deciding: fenced")

@@ -531,19 +531,13 @@ impl Node {
                 return Ok(OutcomeAnswer::Pending);
             }
             if fence {
-                let rec = DecisionRecord {
-                    txid,
-                    table: table.to_string(),
-                    generation: 0,
-                    verdict: Verdict::Abort,
-                    nodes: self
-                        .cfg
-                        .active_nodes()
-                        .into_iter()
-                        .map(|n| n.name)
-                        .collect(),
-                    at_ms: now_ms(),
-                };
+                let nodes = self
+                    .cfg
+                    .active_nodes()
+                    .into_iter()
+                    .map(|n| n.name)
+                    .collect();
+                let rec = DecisionRecord::fence(txid, table, nodes);
                 let d = log.decide(&rec).map_err(storage)?;
                 info!(%txid, verdict = ?d.verdict, "in-doubt query about a dead coordinator's transaction: fenced");
                 return Ok(answer(&d));
