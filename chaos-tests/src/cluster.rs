@@ -249,6 +249,11 @@ impl TestCluster {
         self.start_node_with(i, &[])
     }
 
+    /// Process id of node `i`'s daemon, if running.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.daemons[i - 1].as_ref().map(|c| c.id())
+    }
+
     /// Sends `sig` to node `i`'s daemon.
     pub fn signal(&self, i: usize, sig: i32) {
         if let Some(c) = &self.daemons[i - 1] {
