@@ -80,6 +80,21 @@ fn main() -> Result<()> {
             String::from_utf8_lossy(&out.stdout)
         );
     }
+    // Peak resident memory of each daemon over the whole run (tables are streamed, so this
+    // should not grow with the table).
+    let hwm: Vec<String> = (1..=3)
+        .map(|i| {
+            let kb = c
+                .pid(i)
+                .and_then(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+                .and_then(|s| {
+                    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?.to_string();
+                    line.split_whitespace().nth(1)?.parse::<u64>().ok()
+                })
+                .unwrap_or(0);
+            format!("{:.1} MiB", kb as f64 / 1024.0)
+        })
+        .collect();
     let (b, m) = (median(&mut base), median(&mut commit));
     println!(
         "table: {lines} lines, {} bytes; {rounds} rounds each; medians",
@@ -96,5 +111,6 @@ fn main() -> Result<()> {
         "ratio commit / postmap:         {:8.2}   (target <= 2.0)",
         ms(m) / ms(b)
     );
+    println!("txmapd peak RSS (VmHWM):        {}", hwm.join(", "));
     Ok(())
 }
