@@ -42,7 +42,16 @@ fn main() -> Result<()> {
     let table = transport_table("lists.example.org", 0..lines);
 
     // Baseline: one local postmap of the same table (what Sympa runs today).
-    let c = TestCluster::start("bench", 3)?;
+    let mut c = TestCluster::create("bench", 3)?;
+    for i in 1..=3 {
+        if lines > 100_000 {
+            // Big tables take seconds to build: give the deadlines room.
+            c.edit_config(i, |s| {
+                s.replace("prepare_ms = 5000", "prepare_ms = 120000\ntotal_ms = 240000\nbusy_retry_ms = 240000")
+            });
+        }
+        c.start_node(i)?;
+    }
     let local = c.dir.0.join("local");
     std::fs::create_dir_all(&local)?;
     std::fs::write(local.join("main.cf"), "")?;
