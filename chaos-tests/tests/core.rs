@@ -244,3 +244,41 @@ fn two_coordinators_racing_on_one_table_never_deadlock_and_generations_increase(
         "only {committed} of 10 racing commits succeeded"
     );
 }
+
+#[test]
+fn a_table_verified_by_sample_commits_and_a_broken_build_still_aborts() {
+    let mut c = TestCluster::create("sample", 3).unwrap();
+    for i in 1..=3 {
+        c.edit_config(i, |s| {
+            s.replacen(
+                "builder = \"postmap\"\n",
+                "builder = \"postmap\"\nverify = \"sample\"\n",
+                1,
+            )
+        });
+        c.start_node(i).unwrap();
+    }
+    c.write_source(&transport_table("lists.example.org", 0..5000));
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let all = keys("lists.example.org", 0..5000);
+    for i in 1..=3 {
+        assert!(
+            c.lookup(i, &all).unwrap().iter().all(|v| v.is_some()),
+            "node{i}"
+        );
+    }
+    // A line postmap warns about still fails the build on every node.
+    c.write_source(&format!(
+        "{}bad-line-without-value\n",
+        transport_table("x.example", 0..10)
+    ));
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("expected format"),
+        "{}",
+        describe(&out)
+    );
+    assert_clean(&c);
+}

@@ -78,6 +78,18 @@ impl Builder {
     }
 }
 
+/// How a built table is verified before the node answers *prepared*.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// Dump the built table (`postmap -s`) and compare its entry count with the source's
+    /// (the default; costs about as much as the build).
+    Count,
+    /// Look up 64 keys sampled uniformly from the source (`postmap -q -`): much cheaper on
+    /// large tables, but a dropped entry outside the sample goes unnoticed (postmap still
+    /// fails the build on any warning).
+    Sample,
+}
+
 /// One table this node serves.
 #[derive(Debug, Clone)]
 pub struct TableConfig {
@@ -93,6 +105,8 @@ pub struct TableConfig {
     pub builder: Builder,
     /// Accept builder warnings on stderr instead of failing the build.
     pub allow_warnings: bool,
+    /// How the built table is verified.
+    pub verify: VerifyMode,
 }
 
 impl TableConfig {
@@ -312,6 +326,7 @@ struct RawTable {
     builder: Option<String>,
     #[serde(default)]
     allow_warnings: bool,
+    verify: Option<String>,
 }
 
 /// A table name is a plain file-name-like word: it can never name a path.
@@ -593,7 +608,19 @@ impl Config {
                     None
                 }
             };
-            if let (Some(path), Some(kind), Some(builder)) = (path, kind, builder) {
+            let verify = match t.verify.as_deref() {
+                None | Some("count") => Some(VerifyMode::Count),
+                Some("sample") => Some(VerifyMode::Sample),
+                Some(v) => {
+                    problems.push(format!(
+                        "key `tables[{i}].verify`: unknown mode `{v}` (expected count or sample)"
+                    ));
+                    None
+                }
+            };
+            if let (Some(path), Some(kind), Some(builder), Some(verify)) =
+                (path, kind, builder, verify)
+            {
                 tables.push(TableConfig {
                     name,
                     path,
@@ -601,6 +628,7 @@ impl Config {
                     kind,
                     builder,
                     allow_warnings: t.allow_warnings,
+                    verify,
                 });
             }
         }

@@ -210,6 +210,7 @@ pub struct SourceWriter {
     file: std::io::BufWriter<File>,
     ctx: ring::digest::Context,
     counter: EntryCounter,
+    sampler: Option<KeySampler>,
     len: u64,
 }
 
@@ -245,6 +246,8 @@ impl SourceWriter {
             file: std::io::BufWriter::with_capacity(256 * 1024, file),
             ctx: ring::digest::Context::new(&ring::digest::SHA256),
             counter: EntryCounter::default(),
+            sampler: (t.verify == crate::config::VerifyMode::Sample)
+                .then(|| KeySampler::new(t.builder, ring_seed())),
             len: 0,
         })
     }
@@ -253,6 +256,9 @@ impl SourceWriter {
     pub fn write(&mut self, chunk: &[u8]) -> Result<(), TableError> {
         self.ctx.update(chunk);
         self.counter.feed(chunk);
+        if let Some(s) = self.sampler.as_mut() {
+            s.feed(chunk);
+        }
         self.len += chunk.len() as u64;
         self.file.write_all(chunk).map_err(io("write", &self.path))
     }
@@ -267,8 +273,9 @@ impl SourceWriter {
         self.len == 0
     }
 
-    /// Flushes and fsyncs the file; returns what was written.
-    pub fn finish(self) -> Result<SourceDigest, TableError> {
+    /// Flushes and fsyncs the file; returns what was written, and the sampled keys when the
+    /// table verifies by sample.
+    pub fn finish(self) -> Result<(SourceDigest, Option<Vec<Vec<u8>>>), TableError> {
         let path = self.path;
         let file = self
             .file
@@ -277,12 +284,21 @@ impl SourceWriter {
         file.sync_all().map_err(io("fsync", &path))?;
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(self.ctx.finish().as_ref());
-        Ok(SourceDigest {
+        let sample = self.sampler.map(KeySampler::finish);
+        let digest = SourceDigest {
             sha256,
             len: self.len,
             entries: self.counter.entries(),
-        })
+        };
+        Ok((digest, sample))
     }
+}
+
+fn ring_seed() -> u64 {
+    use ring::rand::SecureRandom;
+    let mut b = [0u8; 8];
+    let _ = ring::rand::SystemRandom::new().fill(&mut b);
+    u64::from_le_bytes(b)
 }
 
 fn builder_command(postfix: &PostfixSettings, builder: Builder) -> tokio::process::Command {
@@ -537,6 +553,49 @@ pub async fn verify_live(
         .unwrap_or_else(|e| vec![format!("verification task failed: {e}")])
 }
 
+/// Runs `postmap -q - TYPE:PATH` (or `postalias`), feeding it keys with `feed` while another
+/// thread counts the answers, so that neither pipe can fill up. Returns the number of keys
+/// answered, what the program printed on stderr, and what `feed` returned.
+fn lookup_keys<R>(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    path: &Path,
+    feed: impl FnOnce(&mut std::process::ChildStdin) -> R,
+) -> Result<(usize, Vec<u8>, R), String> {
+    use std::io::BufRead;
+    let program = match t.builder {
+        Builder::Postmap => &postfix.postmap,
+        Builder::Postalias => &postfix.postalias,
+    };
+    let mut cmd = std::process::Command::new(program);
+    if let Some(dir) = &postfix.config_dir {
+        cmd.arg("-c").arg(dir);
+    }
+    cmd.arg("-q").arg("-").arg(typed(t, path));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err("cannot talk to the lookup process".into());
+    };
+    let counter = std::thread::spawn(move || std::io::BufReader::new(stdout).split(b'\n').count());
+    let errors = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(stderr, 64 * 1024), &mut v);
+        v
+    });
+    let fed = feed(&mut stdin);
+    drop(stdin);
+    let _ = child.wait();
+    let found = counter.join().unwrap_or(0);
+    Ok((found, errors.join().unwrap_or_default(), fed))
+}
+
 fn verify_live_blocking(
     postfix: &PostfixSettings,
     t: &TableConfig,
@@ -556,61 +615,37 @@ fn verify_live_blocking(
             }
         }
     }
-    let program = match t.builder {
-        Builder::Postmap => &postfix.postmap,
-        Builder::Postalias => &postfix.postalias,
-    };
-    let mut cmd = std::process::Command::new(program);
-    if let Some(dir) = &postfix.config_dir {
-        cmd.arg("-c").arg(dir);
-    }
-    cmd.arg("-q").arg("-").arg(typed(t, &t.path));
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = match cmd.spawn() {
-        Ok(c) => c,
-        Err(e) => return vec![format!("cannot run {}: {e}", program.display())],
-    };
-    let (Some(mut stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return vec!["cannot talk to the lookup process".into()];
-    };
-    // Count the answers on another thread while the keys are fed in, so neither pipe fills up.
-    let counter = std::thread::spawn(move || std::io::BufReader::new(stdout).split(b'\n').count());
-    let errors = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(stderr, 64 * 1024), &mut v);
-        v
-    });
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut keys = 0usize;
-    let read = File::open(&t.path).and_then(|f| {
-        let mut r = std::io::BufReader::with_capacity(256 * 1024, f);
+    // Stream the live source once: hash it, and feed its keys to the lookup.
+    let feed = |stdin: &mut std::process::ChildStdin| -> std::io::Result<([u8; 32], usize)> {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut keys = 0usize;
+        let mut r = std::io::BufReader::with_capacity(256 * 1024, File::open(&t.path)?);
         let mut line = Vec::new();
         loop {
             line.clear();
             if r.read_until(b'\n', &mut line)? == 0 {
-                return Ok(());
+                break;
             }
             ctx.update(&line);
             if let Some(k) = key_of(t.builder, &line) {
                 keys += 1;
-                // A lookup process that died early is reported below; keep hashing.
+                // A lookup process that died early shows as missing answers; keep hashing.
                 let _ = stdin.write_all(k).and_then(|_| stdin.write_all(b"\n"));
             }
         }
-    });
-    drop(stdin);
-    let _ = child.wait();
-    let found = counter.join().unwrap_or(0);
-    let err_text = errors.join().unwrap_or_default();
-    if let Err(e) = read {
-        problems.push(format!("cannot read live source {}: {e}", t.path.display()));
-        return problems;
-    }
-    let sha: [u8; 32] = ctx.finish().as_ref().try_into().unwrap_or([0; 32]);
+        Ok((ctx.finish().as_ref().try_into().unwrap_or([0; 32]), keys))
+    };
+    let (found, err_text, (sha, keys)) = match lookup_keys(postfix, t, &t.path, feed) {
+        Ok((f, e, Ok(x))) => (f, e, x),
+        Ok((_, _, Err(e))) => {
+            problems.push(format!("cannot read live source {}: {e}", t.path.display()));
+            return problems;
+        }
+        Err(e) => {
+            problems.push(e);
+            return problems;
+        }
+    };
     if let Some(r) = recorded {
         if r != sha {
             problems.push(format!(
@@ -630,6 +665,151 @@ fn verify_live_blocking(
         problems.push(format!("{} -q: {}", t.builder.as_str(), clip(&err_text)));
     }
     problems
+}
+
+/// Keeps a uniform random sample of the keys of a source as it streams by (reservoir sampling),
+/// for `verify = "sample"`.
+#[derive(Debug, Clone)]
+pub struct KeySampler {
+    builder: Builder,
+    state: SamplerState,
+    cur: Vec<u8>,
+    seen: u64,
+    keys: Vec<Vec<u8>>,
+    rng: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SamplerState {
+    LineStart,
+    InKey,
+    Skip,
+}
+
+/// Keys kept by [`KeySampler`].
+pub const SAMPLE_KEYS: usize = 64;
+
+impl KeySampler {
+    /// A sampler for a source of `builder`'s format; `seed` makes it deterministic.
+    pub fn new(builder: Builder, seed: u64) -> KeySampler {
+        KeySampler {
+            builder,
+            state: SamplerState::LineStart,
+            cur: Vec::new(),
+            seen: 0,
+            keys: Vec::new(),
+            rng: seed | 1,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn take_key(&mut self) {
+        self.seen += 1;
+        let key = std::mem::take(&mut self.cur);
+        if self.keys.len() < SAMPLE_KEYS {
+            self.keys.push(key);
+        } else {
+            let j = self.next() % self.seen;
+            if let Some(slot) = self.keys.get_mut(j as usize) {
+                *slot = key;
+            }
+        }
+    }
+
+    /// Feeds the next bytes of the source.
+    pub fn feed(&mut self, chunk: &[u8]) {
+        for &b in chunk {
+            match self.state {
+                SamplerState::LineStart => {
+                    if matches!(b, b' ' | b'\t' | b'\r' | b'#' | 0x0b | 0x0c) {
+                        self.state = SamplerState::Skip;
+                    } else if b != b'\n' {
+                        self.cur.clear();
+                        self.cur.push(b);
+                        self.state = SamplerState::InKey;
+                    }
+                }
+                SamplerState::InKey => {
+                    if b == b'\n' {
+                        self.take_key();
+                        self.state = SamplerState::LineStart;
+                    } else if b.is_ascii_whitespace()
+                        || (self.builder == Builder::Postalias && b == b':')
+                    {
+                        self.take_key();
+                        self.state = SamplerState::Skip;
+                    } else if self.cur.len() < 4096 {
+                        self.cur.push(b);
+                    }
+                }
+                SamplerState::Skip => {
+                    if b == b'\n' {
+                        self.state = SamplerState::LineStart;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The sample (at most [`SAMPLE_KEYS`] keys).
+    pub fn finish(mut self) -> Vec<Vec<u8>> {
+        if self.state == SamplerState::InKey {
+            self.take_key();
+        }
+        self.keys
+    }
+}
+
+/// `verify = "sample"`: the built table must answer for every sampled key of the source.
+pub async fn verify_sample(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    staged: &Staged,
+    keys: Vec<Vec<u8>>,
+) -> Result<(), TableError> {
+    let (postfix, t, path) = (postfix.clone(), t.clone(), staged.source.clone());
+    let total = keys.len() as u64;
+    let res = tokio::task::spawn_blocking(move || {
+        lookup_keys(&postfix, &t, &path, |stdin| {
+            for k in &keys {
+                if stdin
+                    .write_all(k)
+                    .and_then(|_| stdin.write_all(b"\n"))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        })
+    })
+    .await;
+    let fail = |stderr: String| TableError::BuildFailed {
+        program: "postmap -q".into(),
+        status: "lookup".into(),
+        stderr,
+    };
+    match res {
+        Ok(Ok((found, err, ()))) if err.is_empty() => {
+            if found as u64 == total {
+                Ok(())
+            } else {
+                Err(TableError::VerifyFailed {
+                    expected: total,
+                    found: found as u64,
+                })
+            }
+        }
+        Ok(Ok((_, err, ()))) => Err(fail(clip(&err))),
+        Ok(Err(e)) => Err(fail(e)),
+        Err(e) => Err(fail(e.to_string())),
+    }
 }
 
 #[cfg(test)]
@@ -678,6 +858,31 @@ mod tests {
             keys_of(Builder::Postalias, b"list1: \"| q\"\nx:y\n"),
             vec!["list1", "x"]
         );
+    }
+
+    #[test]
+    fn samples_every_key_of_a_small_source_and_at_most_64_of_a_large_one() {
+        let src = b"# c\na@x b\n  cont\nc@y\td\n\nlast z";
+        let mut s = KeySampler::new(Builder::Postmap, 7);
+        for piece in src.chunks(2) {
+            s.feed(piece);
+        }
+        let mut keys = s.finish();
+        keys.sort();
+        assert_eq!(
+            keys,
+            vec![b"a@x".to_vec(), b"c@y".to_vec(), b"last".to_vec()]
+        );
+        let big: String = (0..10_000).map(|i| format!("k{i} v\n")).collect();
+        let mut s = KeySampler::new(Builder::Postmap, 7);
+        s.feed(big.as_bytes());
+        let keys = s.finish();
+        assert_eq!(keys.len(), SAMPLE_KEYS);
+        // Uniform, not just the first 64.
+        assert!(keys.iter().any(|k| k.len() >= 5), "{keys:?}");
+        let mut a = KeySampler::new(Builder::Postalias, 1);
+        a.feed(b"list1: \"| q\"\n");
+        assert_eq!(a.finish(), vec![b"list1".to_vec()]);
     }
 
     #[test]

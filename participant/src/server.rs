@@ -378,7 +378,7 @@ impl Node {
             }
         }
         let t_upload = std::time::Instant::now();
-        let got = w.finish()?;
+        let (got, sample) = w.finish()?;
         if got.len != p.source_len || got.sha256 != p.sha256.0 {
             return Err(Refusal::ContentMismatch {
                 detail: format!(
@@ -404,7 +404,10 @@ impl Node {
             })?;
         }
         let t_built = std::time::Instant::now();
-        table::verify(&self.cfg.postfix, t, &staged, got.entries).await?;
+        match sample {
+            Some(keys) => table::verify_sample(&self.cfg.postfix, t, &staged, keys).await?,
+            None => table::verify(&self.cfg.postfix, t, &staged, got.entries).await?,
+        }
         let t_verified = std::time::Instant::now();
         table::fsync_path(&staged.indexed)?;
         table::fsync_dir(t.dir())?;
