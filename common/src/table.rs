@@ -204,6 +204,9 @@ pub fn digest_reader<R: Read>(r: &mut R) -> std::io::Result<SourceDigest> {
     })
 }
 
+/// Keys sampled from a source, for `verify = "sample"`.
+pub type SampledKeys = Vec<Vec<u8>>;
+
 /// Writes an incoming source to its staged path, hashing and counting as it goes.
 pub struct SourceWriter {
     path: PathBuf,
@@ -275,7 +278,7 @@ impl SourceWriter {
 
     /// Flushes and fsyncs the file; returns what was written, and the sampled keys when the
     /// table verifies by sample.
-    pub fn finish(self) -> Result<(SourceDigest, Option<Vec<Vec<u8>>>), TableError> {
+    pub fn finish(self) -> Result<(SourceDigest, Option<SampledKeys>), TableError> {
         let path = self.path;
         let file = self
             .file
