@@ -22,7 +22,7 @@ use crate::cluster::{ask, join_all, Cluster, Link};
 use serde::Serialize;
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use txmap_common::config::NodeConfig;
 use txmap_common::decision::{DecisionLog, DecisionRecord, PendingRecord, Verdict};
 use txmap_common::exit;
@@ -226,6 +226,7 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
         let sreq = Request::Status {
             table: Some(table_name.to_string()),
         };
+        let t_connected = Instant::now();
         let statuses = join_all(
             links
                 .iter()
@@ -257,7 +258,14 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
         });
         if votes.iter().all(|v| v.is_none()) {
             let pd = deadline.cap(t.prepare);
+            let t_status = Instant::now();
             let fresh = join_all(links.iter().map(|(_, l)| prepare_one(l, &req, source, pd))).await;
+            debug!(
+                connect_ms = (t_connected - started).as_millis() as u64,
+                status_ms = (t_status - t_connected).as_millis() as u64,
+                prepare_ms = t_status.elapsed().as_millis() as u64,
+                "phases"
+            );
             votes = fresh.into_iter().map(Some).collect();
         } else {
             // Some node failed before prepare: abort without sending the table anywhere.
@@ -305,6 +313,7 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
         match decision {
             Decision::Commit => {
                 fail::fail_point!("coordinator::after_decision_durable");
+                let t_decided = Instant::now();
                 let creq = Request::Commit {
                     table: table_name.to_string(),
                     txid,
@@ -342,6 +351,7 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                 if acks.iter().all(|a| a.is_ok()) {
                     log.finish(txid);
                     report.exit = exit::OK;
+                    debug!(commit_ms = t_decided.elapsed().as_millis() as u64, "phases");
                 } else {
                     log.close(txid);
                     report.exit = exit::INCOMPLETE;
