@@ -86,6 +86,10 @@ pub struct PendingRecord {
     pub last_error: String,
     /// Not before (ms since epoch).
     pub next_ms: u64,
+    /// The process working on it right now (a coordinator records its intent before it starts,
+    /// so that if it dies, `txmapd` takes over at once instead of waiting for `next_ms`).
+    #[serde(default)]
+    pub owner_pid: Option<u32>,
 }
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8], replace: bool) -> std::io::Result<bool> {
@@ -190,14 +194,18 @@ impl DecisionLog {
         read_json(&self.dir.join(format!("{txid}.json")))
     }
 
-    /// Every recorded decision (for re-driving).
+    /// Every recorded decision not yet delivered to all its nodes (for re-driving).
     pub fn list(&self) -> Vec<DecisionRecord> {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
         let mut out: Vec<DecisionRecord> = rd
             .flatten()
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_suffix(".json")
+                    .is_some_and(|id| !self.dir.join(format!("{id}.delivered")).exists())
+            })
             .filter_map(|e| read_json(&e.path()).ok().flatten())
             .collect();
         out.sort_by_key(|r| r.at_ms);
@@ -215,10 +223,42 @@ impl DecisionLog {
             .collect()
     }
 
-    /// Forgets `txid` once every node has acknowledged its outcome.
+    /// Forgets a *commit* once every node has acknowledged it.
     pub fn finish(&self, txid: TxId) {
         let _ = std::fs::remove_file(self.dir.join(format!("{txid}.json")));
         let _ = std::fs::remove_file(self.dir.join(format!("{txid}.open")));
+    }
+
+    /// Marks an *abort* as delivered everywhere, but keeps its decision file as a tombstone: a
+    /// coordinator that wakes up late must still find it and lose the no-replace race.
+    /// Tombstones are removed by [`DecisionLog::expire_tombstones`].
+    pub fn delivered(&self, txid: TxId) {
+        let _ = std::fs::write(self.dir.join(format!("{txid}.delivered")), b"");
+        let _ = std::fs::remove_file(self.dir.join(format!("{txid}.open")));
+    }
+
+    /// Removes abort tombstones older than `age_ms` whose coordinator is long gone (its
+    /// deadline, by design far shorter, has passed; it refuses to decide after it).
+    pub fn expire_tombstones(&self, age_ms: u64) {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_suffix(".delivered") else {
+                continue;
+            };
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|d| d.as_millis() as u64 > age_ms);
+            if old {
+                let _ = std::fs::remove_file(self.dir.join(format!("{id}.json")));
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Removes only the open record (the coordinator ended without a commit decision, or the

@@ -111,6 +111,7 @@ mod tests {
                 coordinator: "n".into(),
                 sha256: Sha256([2; 32]),
                 entries: 1,
+                nodes: vec![],
             },
             0,
         );

@@ -64,6 +64,9 @@ pub struct Active {
     pub abort_requested: bool,
     /// Since when (ms since epoch).
     pub since_ms: u64,
+    /// Every node taking part (for cooperative termination).
+    #[serde(default)]
+    pub nodes: Vec<String>,
 }
 
 /// Everything a participant knows about one table; the journal stores exactly this.
@@ -102,6 +105,8 @@ pub enum Event {
         sha256: Sha256,
         /// Announced entries.
         entries: u64,
+        /// Nodes taking part.
+        nodes: Vec<String>,
     },
     /// Staging finished: built, verified, fsynced.
     StageDone {
@@ -217,6 +222,7 @@ impl TableState {
                 coordinator,
                 sha256,
                 entries,
+                nodes,
             } => {
                 match self.outcome_of(txid) {
                     Some(Outcome::Committed(g)) => {
@@ -263,6 +269,7 @@ impl TableState {
                     phase: Phase::Staging,
                     abort_requested: false,
                     since_ms: now_ms,
+                    nodes,
                 });
                 vec![A::Stage { txid }]
             }
@@ -453,6 +460,7 @@ mod tests {
             coordinator: "node1".into(),
             sha256: Sha256([1; 32]),
             entries: 3,
+            nodes: vec!["node1".into(), "node2".into()],
         }
     }
 

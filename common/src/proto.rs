@@ -251,6 +251,8 @@ pub struct Prepare {
     pub sha256: Sha256,
     /// Entries the coordinator counted in the source.
     pub entries: u64,
+    /// Every node taking part (asked for the outcome if the coordinator's node is unreachable).
+    pub nodes: Vec<String>,
 }
 
 /// A participant's answer.
@@ -571,6 +573,7 @@ mod tests {
             source_len: 10,
             sha256: Sha256([9; 32]),
             entries: 2,
+            nodes: vec!["node1".into()],
         });
         let f = crate::codec::encode(&p).unwrap();
         assert_eq!(crate::codec::decode::<Request>(&f).unwrap(), p);

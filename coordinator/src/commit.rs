@@ -124,6 +124,24 @@ async fn prepare_one(link: &Link, req: &Request, source: &Path, deadline: Durati
     }
 }
 
+/// Why a decision was not acknowledged by a node.
+#[derive(Debug, Clone)]
+pub enum DeliverError {
+    /// The node answered, and refused (it contradicts the node's own record): final.
+    Refused(txmap_common::proto::Refusal),
+    /// The node could not be reached, or answered nonsense, before the deadline: retry later.
+    Unreachable(String),
+}
+
+impl std::fmt::Display for DeliverError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeliverError::Refused(r) => write!(f, "refused: {r}"),
+            DeliverError::Unreachable(e) => write!(f, "not acknowledged: {e}"),
+        }
+    }
+}
+
 /// Sends a decision (`Commit` or `Abort`) to one node, re-dialling and retrying until `until`.
 pub async fn deliver(
     cluster: &Cluster,
@@ -131,7 +149,7 @@ pub async fn deliver(
     link: &Link,
     req: &Request,
     until: Instant,
-) -> Result<u64, String> {
+) -> Result<u64, DeliverError> {
     let mut link = link.clone();
     let mut last = String::from("no time left");
     while Instant::now() < until {
@@ -142,8 +160,12 @@ pub async fn deliver(
         match ask(&link, req, left).await {
             Ok(Response::Committed { generation, .. }) => return Ok(generation),
             Ok(Response::Aborted { .. }) => return Ok(0),
-            Ok(Response::Refused(r)) => return Err(format!("refused: {r}")),
-            Ok(other) => return Err(format!("unexpected answer {other:?}")),
+            Ok(Response::Refused(r)) => return Err(DeliverError::Refused(r)),
+            Ok(other) => {
+                return Err(DeliverError::Unreachable(format!(
+                    "unexpected answer {other:?}"
+                )))
+            }
             Err(e) => {
                 last = e;
                 link = Err(last.clone());
@@ -151,7 +173,7 @@ pub async fn deliver(
             }
         }
     }
-    Err(format!("not acknowledged: {last}"))
+    Err(DeliverError::Unreachable(last))
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -255,6 +277,7 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
             source_len: digest.len,
             sha256: Sha256(digest.sha256),
             entries: digest.entries,
+            nodes: links.iter().map(|(n, _)| n.name.clone()).collect(),
         });
         if votes.iter().all(|v| v.is_none()) {
             let pd = deadline.cap(t.prepare);
@@ -286,7 +309,14 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                 nodes: links.iter().map(|(n, _)| n.name.clone()).collect(),
                 at_ms: now_ms(),
             };
-            match log.decide(&rec) {
+            // Past our own deadline, recovery may already have fenced this transaction, or be
+            // about to: never decide commit then.
+            let decided = if now_ms() > deadline_ms {
+                Ok(DecisionRecord::fence(txid, table_name, rec.nodes.clone()))
+            } else {
+                log.decide(&rec)
+            };
+            match decided {
                 Ok(d) if d.verdict == Verdict::Commit => {}
                 Ok(_) => {
                     warn!(%txid, "recovery fenced this transaction as aborted before the decision");
@@ -413,31 +443,75 @@ async fn abort_all(links: &[(NodeConfig, Link)], table_name: &str, txid: TxId, d
     }
 }
 
-/// [`commit`], then records the outcome for convergence: a commit that did not reach every node
-/// leaves a pending record that `txmapd` retries with backoff; a complete one clears it.
+/// [`commit`], tracked for convergence (guarantee 6). The intent is recorded as pending
+/// *before* the commit starts, owned by this process: if the process dies, `txmapd` sees the
+/// owner gone and retries at once. A complete commit clears it; a failed one leaves it pending
+/// with a backoff, and `txmapd` retries it, reading the source again each time.
 pub async fn commit_tracked(cluster: &Cluster, table_name: &str, source: &Path) -> CommitReport {
-    let report = commit(cluster, table_name, source).await;
     let log = DecisionLog::new(&cluster.cfg.state_dir);
-    match report.exit {
-        exit::OK => log.clear_pending(table_name),
-        exit::ABORTED | exit::BUSY | exit::INCOMPLETE => {
-            let prev = log.pending(table_name);
-            let attempts = prev.as_ref().map(|p| p.attempts).unwrap_or(0) + 1;
-            let wait =
-                (1000u64 << attempts.min(6)).min(cluster.cfg.timeouts.retry_max.as_millis() as u64);
-            let rec = PendingRecord {
-                table: table_name.to_string(),
-                source: source.to_path_buf(),
-                since_ms: prev.map(|p| p.since_ms).unwrap_or_else(now_ms),
-                attempts,
-                last_error: report.failures(),
-                next_ms: now_ms() + wait,
-            };
-            if let Err(e) = log.set_pending(&rec) {
-                warn!(error = %e, "cannot record the pending commit");
-            }
-        }
-        _ => {}
+    let prev = log.pending(table_name);
+    let since_ms = prev.as_ref().map(|p| p.since_ms).unwrap_or_else(now_ms);
+    let attempts = prev.as_ref().map(|p| p.attempts).unwrap_or(0);
+    let intent = PendingRecord {
+        table: table_name.to_string(),
+        source: source.to_path_buf(),
+        since_ms,
+        attempts,
+        last_error: prev
+            .map(|p| p.last_error)
+            .unwrap_or_else(|| "in progress".into()),
+        next_ms: now_ms()
+            + (cluster.cfg.timeouts.total + cluster.cfg.timeouts.commit).as_millis() as u64,
+        owner_pid: Some(std::process::id()),
+    };
+    if let Err(e) = log.set_pending(&intent) {
+        warn!(error = %e, "cannot record the commit's intent as pending");
+    }
+    let report = commit(cluster, table_name, source).await;
+    if report.exit == exit::OK {
+        log.clear_pending(table_name);
+        return report;
+    }
+    if !source.exists() {
+        // The change it described is gone with its source: nothing left to converge to.
+        warn!(table = %table_name, source = %source.display(), "source vanished; dropping the pending commit");
+        log.clear_pending(table_name);
+        return report;
+    }
+    let attempts = attempts + 1;
+    let wait = (1000u64 << attempts.min(6)).min(cluster.cfg.timeouts.retry_max.as_millis() as u64);
+    let rec = PendingRecord {
+        attempts,
+        last_error: report.failures(),
+        next_ms: now_ms() + wait,
+        owner_pid: None,
+        ..intent
+    };
+    if let Err(e) = log.set_pending(&rec) {
+        warn!(error = %e, "cannot record the pending commit");
     }
     report
+}
+
+/// True when every in-service node serves exactly `source` (same sha256): a pending commit of
+/// it has nothing left to do.
+pub async fn converged(cluster: &Cluster, table_name: &str, source: &Path) -> bool {
+    let Ok(digest) = table::digest_file(source) else {
+        return false;
+    };
+    let nodes = cluster.cfg.active_nodes();
+    let req = Request::Status {
+        table: Some(table_name.to_string()),
+    };
+    let answers = join_all(nodes.iter().map(|n| async {
+        let link = cluster.connect(n).await;
+        ask(&link, &req, cluster.cfg.timeouts.connect).await
+    }))
+    .await;
+    answers.iter().all(|a| match a {
+        Ok(Response::Status(v)) => v
+            .iter()
+            .any(|s| s.prepared.is_none() && s.sha256.map(|h| h.0) == Some(digest.sha256)),
+        _ => false,
+    })
 }

@@ -23,9 +23,24 @@ pub struct Generation {
     pub conflicting: Vec<String>,
 }
 
-/// The history of `table` across the cluster, oldest first, plus unreachable nodes.
-pub async fn history(cluster: &Cluster, table: &str) -> (Vec<Generation>, Vec<String>) {
-    let links = cluster.connect_all().await;
+/// The history of `table` across the cluster (or its in-service nodes), oldest first, plus the
+/// nodes that could not be asked.
+pub async fn history(
+    cluster: &Cluster,
+    table: &str,
+    in_service_only: bool,
+) -> (Vec<Generation>, Vec<String>) {
+    let nodes = if in_service_only {
+        cluster.cfg.active_nodes()
+    } else {
+        cluster.cfg.nodes.clone()
+    };
+    let links = join_all(
+        nodes
+            .iter()
+            .map(|n| async { (n.clone(), cluster.connect(n).await) }),
+    )
+    .await;
     let req = Request::History {
         table: table.to_string(),
     };
@@ -76,7 +91,7 @@ pub async fn rollback(cluster: &Cluster, table: &str, to: Option<u64>) -> Commit
             detail,
         }],
     };
-    let (gens, unreachable) = history(cluster, table).await;
+    let (gens, unreachable) = history(cluster, table, true).await;
     if !unreachable.is_empty() {
         return fail(
             exit::ABORTED,

@@ -150,6 +150,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -494,7 +498,7 @@ fn print_report(report: &commit::CommitReport, json: bool, verb: &str) {
 
 fn cmd_history(config: Option<&Path>, table: &str, json: bool) -> Result<u8, u8> {
     let (gens, unreachable) = with_cluster(load_with_table(config, Some(table))?, async |c| {
-        history::history(c, table).await
+        history::history(c, table, false).await
     })?;
     if json {
         println!(

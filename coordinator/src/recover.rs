@@ -108,7 +108,7 @@ pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result
     }
     if commit && !committed {
         return Err(format!(
-            "refusing to commit {txid}: no node recorded a commit decision, so it resolves to abort ({summary})"
+            "refusing to commit {txid}: no reachable node reports a commit decision (if the coordinator's node is down, it may hold one: bring it back) ({summary})"
         ));
     }
     if !commit && committed {

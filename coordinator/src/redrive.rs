@@ -8,7 +8,7 @@
 //!   forgotten.
 
 use crate::cluster::{join_all, Cluster};
-use crate::commit::deliver;
+use crate::commit::{deliver, DeliverError};
 use std::time::Instant;
 use tracing::{info, warn};
 use txmap_common::decision::{DecisionLog, DecisionRecord, Verdict};
@@ -81,13 +81,27 @@ pub async fn redrive(cluster: &Cluster) -> Vec<String> {
             .zip(&results)
             .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{}: {e}", n.name)))
             .collect();
-        if failed.is_empty() {
-            info!(txid = %rec.txid, table = %rec.table, verdict = ?rec.verdict, "decision delivered to every node");
-            log.finish(rec.txid);
+        // A node that answered and refused will refuse forever: sending again is pointless.
+        let retry = results
+            .iter()
+            .any(|r| matches!(r, Err(DeliverError::Unreachable(_))));
+        if !failed.is_empty() && !retry {
+            warn!(txid = %rec.txid, verdict = ?rec.verdict, refusals = %failed.join("; "), "decision refused by nodes; giving up on it");
+        }
+        if !retry {
+            match rec.verdict {
+                Verdict::Commit => log.finish(rec.txid),
+                Verdict::Abort => log.delivered(rec.txid),
+            }
+            if failed.is_empty() {
+                info!(txid = %rec.txid, table = %rec.table, verdict = ?rec.verdict, "decision delivered to every node");
+            }
             done.push(format!("{} {:?}", rec.txid, rec.verdict));
         } else {
             info!(txid = %rec.txid, verdict = ?rec.verdict, failed = %failed.join("; "), "decision not yet delivered everywhere");
         }
     }
+    // Abort tombstones outlive any coordinator by far (deadlines are seconds).
+    log.expire_tombstones(24 * 3600 * 1000);
     done
 }

@@ -27,6 +27,10 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
     // Crash-only: a panic anywhere (including a `panic` failpoint) ends the whole daemon, and
     // the journal-driven recovery at the next start takes over.
@@ -65,14 +69,20 @@ fn main() -> ExitCode {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) {
+        (Ok(mut term), Ok(mut hup)) => loop {
             tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => return,
+                _ = tokio::signal::ctrl_c() => return,
+                _ = hup.recv() => tracing::warn!(
+                    "SIGHUP ignored: txmapd does not reload its config; restart it to apply changes"
+                ),
             }
-        }
-        Err(_) => {
+        },
+        _ => {
             let _ = tokio::signal::ctrl_c().await;
         }
     }

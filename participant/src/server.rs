@@ -112,6 +112,19 @@ impl Node {
                     // The decision was commit and is journaled: finish the renames.
                     info!(table = %t.name, txid = %a.txid, "finishing an interrupted commit");
                     table::install(t, &table::staged_paths(t, a.txid))?;
+                    let entry = HistoryEntry {
+                        generation: a.generation,
+                        committed_at_ms: now_ms(),
+                        sha256: a.sha256,
+                        entries: a.entries,
+                        coordinator: a.coordinator.clone(),
+                        txid: a.txid,
+                    };
+                    if let Err(e) =
+                        History::new(&cfg.state_dir, &t.name).finalize(&entry, cfg.history_keep)
+                    {
+                        warn!(error = %e, "cannot record the generation in history");
+                    }
                     let actions = state.step(Event::InstallDone { txid: a.txid }, now_ms());
                     debug!(?actions, "recovered");
                     journal.store(&t.name, &state)?;
@@ -294,6 +307,7 @@ impl Node {
             coordinator: p.coordinator.clone(),
             sha256: p.sha256,
             entries: p.entries,
+            nodes: p.nodes.clone(),
         };
         let actions = slot.state.lock().await.step(event, now_ms());
         if actions.first() != Some(&Action::Stage { txid: p.txid }) {
@@ -607,7 +621,14 @@ impl Node {
                 };
                 let mut verdict = from_coordinator;
                 if verdict.is_none() && age > self.cfg.timeouts.in_doubt.as_millis() as u64 / 2 {
-                    for n in self.cfg.active_nodes() {
+                    // The transaction's own node list: this node's idea of who is in service
+                    // may differ from the coordinator's.
+                    let peers = a
+                        .nodes
+                        .iter()
+                        .filter_map(|n| self.cfg.node_by_name(n))
+                        .cloned();
+                    for n in peers.collect::<Vec<_>>() {
                         if n.name == self.cfg.node || n.name == a.coordinator {
                             continue;
                         }
@@ -703,12 +724,13 @@ impl Node {
             },
             Some(t) => {
                 info!(table = %t.name, ?uid, "distribution requested by the Sympa hook");
-                let _ = std::fs::remove_file(
-                    txmap_common::config::HookSettings::requests_dir(&self.cfg.state_dir)
-                        .join(&t.name),
-                );
                 let src = t.source.clone().unwrap_or_default();
                 let r = txmap_coordinator::commit::commit_tracked(cluster, &t.name, &src).await;
+                // Only now: until here the queued request covered a crash of this daemon; from
+                // here the pending record (if the commit failed) covers the retries.
+                let queued = txmap_common::config::HookSettings::requests_dir(&self.cfg.state_dir)
+                    .join(&t.name);
+                let _ = std::fs::remove_file(queued);
                 LocalResponse::Done {
                     table: t.name.clone(),
                     exit: r.exit,
@@ -758,6 +780,7 @@ impl Node {
                     attempts: 0,
                     last_error: "queued by txmap-sympa while txmapd was down".into(),
                     next_ms: 0,
+                    owner_pid: None,
                 };
                 if let Err(e) = log.set_pending(&rec) {
                     warn!(error = %e, "cannot record the queued request");
@@ -774,7 +797,20 @@ impl Node {
             self.adopt_queued_requests();
             let log = DecisionLog::new(&self.cfg.state_dir);
             for p in log.list_pending() {
-                if now_ms() < p.next_ms || self.cfg.table(&p.table).is_none() {
+                if self.cfg.table(&p.table).is_none() {
+                    continue;
+                }
+                // A live owner (a `txmap commit` or a hook request at work) keeps it until its
+                // deadline; a dead one hands it over at once.
+                let owner_alive = p
+                    .owner_pid
+                    .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+                if now_ms() < p.next_ms && (owner_alive || p.owner_pid.is_none()) {
+                    continue;
+                }
+                if txmap_coordinator::commit::converged(&cluster, &p.table, &p.source).await {
+                    info!(table = %p.table, "pending commit already served everywhere (its coordinator finished before dying)");
+                    log.clear_pending(&p.table);
                     continue;
                 }
                 let r =

@@ -101,7 +101,8 @@ fn run() -> u8 {
 
 fn ask(cfg: &Config, path: &str) -> std::io::Result<LocalResponse> {
     let mut s = UnixStream::connect(&cfg.hook.socket)?;
-    let wait = cfg.timeouts.total + Duration::from_secs(1);
+    // The commit is bounded by `total`, plus `commit` to collect acknowledgements once decided.
+    let wait = cfg.timeouts.total + cfg.timeouts.commit + Duration::from_secs(1);
     s.set_read_timeout(Some(wait))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     let frame = txmap_common::codec::encode(&LocalRequest::Distribute {
