@@ -280,7 +280,10 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
             nodes: links.iter().map(|(n, _)| n.name.clone()).collect(),
         });
         if votes.iter().all(|v| v.is_none()) {
-            let pd = deadline.cap(t.prepare);
+            // Leave room in the overall deadline for the commit acknowledgements.
+            let pd = deadline
+                .cap(t.prepare)
+                .min(deadline.left().saturating_sub(t.commit));
             let t_status = Instant::now();
             let fresh = join_all(links.iter().map(|(_, l)| prepare_one(l, &req, source, pd))).await;
             debug!(
@@ -348,9 +351,9 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                     table: table_name.to_string(),
                     txid,
                 };
-                // Commit acknowledgements get their own deadline even when the overall one is
-                // nearly spent: the decision is made, and finishing it is worth a little time.
-                let until = Instant::now() + t.commit;
+                // The prepare phase left `commit` of the overall deadline for this (at least
+                // 500 ms even if the clock ran over: the decision is made and worth finishing).
+                let until = Instant::now() + deadline.cap(t.commit).max(Duration::from_millis(500));
                 let acks = join_all(links.iter().enumerate().map(|(i, (n, l))| {
                     let creq = &creq;
                     async move {
