@@ -797,7 +797,12 @@ impl Node {
             self.adopt_queued_requests();
             let log = DecisionLog::new(&self.cfg.state_dir);
             for p in log.list_pending() {
-                if self.cfg.table(&p.table).is_none() {
+                let Some(slot) = self.slots.get(&p.table) else {
+                    continue;
+                };
+                // A transaction still holds the table here: let it resolve first (a dead
+                // coordinator's commit may be finishing; retrying now would only be refused).
+                if slot.state.lock().await.active.is_some() {
                     continue;
                 }
                 // A live owner (a `txmap commit` or a hook request at work) keeps it until its
