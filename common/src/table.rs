@@ -102,7 +102,9 @@ pub fn list_staged(t: &TableConfig) -> Vec<(TxId, PathBuf)> {
     let mut out = Vec::new();
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(&prefix) else {
+        // Berkeley DB's temporary file of a build that failed half-way: `__db.<staged>.db`.
+        let plain = name.strip_prefix(BDB_TEMP_PREFIX).unwrap_or(&name);
+        let Some(rest) = plain.strip_prefix(&prefix) else {
             continue;
         };
         let (id, suffix) = rest.split_at(rest.len().min(32));
@@ -115,10 +117,28 @@ pub fn list_staged(t: &TableConfig) -> Vec<(TxId, PathBuf)> {
     out
 }
 
-/// Removes the staged files of `txid` (missing files are fine).
+/// Prefix of the temporary file Berkeley DB creates beside a `.db` it builds; a build that fails
+/// half-way (disk full) leaves it behind.
+const BDB_TEMP_PREFIX: &str = "__db.";
+
+/// Removes the staged files of `txid` (missing files are fine), including a temporary file the
+/// builder left behind.
 pub fn remove_staged(t: &TableConfig, txid: TxId) -> Result<(), TableError> {
     let s = staged_paths(t, txid);
-    for p in [&s.indexed, &s.source, &with_suffix(&s.source, ".cdb.tmp")] {
+    let bdb_temp = s
+        .indexed
+        .file_name()
+        .map(|f| {
+            t.dir()
+                .join(format!("{BDB_TEMP_PREFIX}{}", f.to_string_lossy()))
+        })
+        .unwrap_or_else(|| s.indexed.clone());
+    for p in [
+        &s.indexed,
+        &s.source,
+        &with_suffix(&s.source, ".cdb.tmp"),
+        &bdb_temp,
+    ] {
         match std::fs::remove_file(p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

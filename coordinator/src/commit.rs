@@ -333,7 +333,7 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                 Err(e) => {
                     // Not durable, so the decision cannot be commit.
                     warn!(error = %e, "cannot log the decision; aborting");
-                    abort_all(&links, table_name, txid, deadline).await;
+                    let _ = abort_all(&links, table_name, txid, deadline).await;
                     log.close(txid);
                     local_failure(
                         &mut report,
@@ -392,7 +392,20 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                 break;
             }
             Decision::Abort { retry } => {
-                abort_all(&links, table_name, txid, deadline).await;
+                // A node that prepared may miss the abort (down, or its vote lost): record the
+                // abort, so its resolver, even on this very node, finds it, and txmapd
+                // re-drives it. Not needed when every node refused: none holds anything.
+                let maybe_prepared = votes.iter().any(|v| !matches!(v, Some(Vote::Refused(_))));
+                let names: Vec<String> = links.iter().map(|(n, _)| n.name.clone()).collect();
+                let recorded = maybe_prepared
+                    && log
+                        .decide(&DecisionRecord::fence(txid, table_name, names))
+                        .map_err(|e| warn!(error = %e, "cannot record the abort; nodes presume it"))
+                        .is_ok();
+                let all_acked = abort_all(&links, table_name, txid, deadline).await;
+                if recorded && all_acked {
+                    log.delivered(txid);
+                }
                 log.close(txid);
                 report.nodes = links
                     .iter()
@@ -425,7 +438,13 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
     report
 }
 
-async fn abort_all(links: &[(NodeConfig, Link)], table_name: &str, txid: TxId, deadline: Deadline) {
+/// Sends `Abort` to every node; true when every node acknowledged it.
+async fn abort_all(
+    links: &[(NodeConfig, Link)],
+    table_name: &str,
+    txid: TxId,
+    deadline: Deadline,
+) -> bool {
     let req = Request::Abort {
         table: table_name.to_string(),
         txid,
@@ -436,14 +455,17 @@ async fn abort_all(links: &[(NodeConfig, Link)], table_name: &str, txid: TxId, d
         .cap(Duration::from_millis(1000))
         .max(Duration::from_millis(200));
     let res = join_all(links.iter().map(|(_, l)| ask(l, &req, d))).await;
+    let mut all = true;
     for ((n, _), r) in links.iter().zip(res) {
         match r {
             Ok(Response::Aborted { .. }) => {}
             other => {
+                all = false;
                 info!(node = %n.name, %txid, result = ?other, "abort not acknowledged; the node resolves it by itself")
             }
         }
     }
+    all
 }
 
 /// [`commit`], tracked for convergence (guarantee 6). The intent is recorded as pending

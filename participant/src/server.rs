@@ -572,6 +572,18 @@ impl Node {
         if let Some(a) = st.active.as_ref().filter(|a| a.txid == txid) {
             return Ok(match a.phase {
                 Phase::Staging => OutcomeAnswer::Pending,
+                // This node coordinated it, yet its log holds neither a decision nor an open
+                // record: the coordinator is gone without deciding commit (a commit decision is
+                // always logged first). Fence it.
+                Phase::Prepared if fence && a.coordinator == self.cfg.node => {
+                    let nodes = a.nodes.clone();
+                    drop(st);
+                    let d = log
+                        .decide(&DecisionRecord::fence(txid, table, nodes))
+                        .map_err(storage)?;
+                    info!(%txid, verdict = ?d.verdict, "own coordinator gone without a decision: fenced");
+                    return Ok(answer(&d));
+                }
                 Phase::Prepared => OutcomeAnswer::InDoubt,
                 Phase::Installing => OutcomeAnswer::Committed {
                     generation: a.generation,
