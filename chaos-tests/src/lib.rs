@@ -9,5 +9,9 @@
 //! `target/chaos` (a separate target directory, so the feature never forces a rebuild of the
 //! ordinary `target/debug` binaries).
 
+pub mod chaos;
 pub mod cluster;
+pub mod invariants;
 pub mod postfix;
+pub mod proxy;
+pub mod rng;
