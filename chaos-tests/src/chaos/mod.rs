@@ -1,0 +1,1092 @@
+//! The chaos runner: a real N-node sandbox cluster, a UDP fault proxy on every link between
+//! nodes, readers on every node, and a schedule of faults drawn from a seed; then the
+//! invariant checkers of [`crate::invariants`] judge what happened.
+//!
+//! One *step* of the schedule writes a new version of the shared source (stable keys, a marker
+//! key only this version has, some churn lines) and commits it under one primary fault
+//! (a failpoint, a kill, a freeze, a partition, a failing builder, a full disk, or concurrent
+//! coordinators), while the background network condition (loss, delay, duplication,
+//! reordering on some or all links) changes every few steps. After the last step every fault
+//! stops, and the cluster must converge by itself: nobody runs a command.
+//!
+//! Use [`run`] (the `chaos` binary and `tests/chaos.rs` do).
+
+pub mod config_edit;
+pub mod schedule;
+
+use crate::cluster::{bins, is_root, TestCluster, TABLE};
+use crate::invariants::journal::Sampler;
+use crate::invariants::outcomes::CommitRun;
+use crate::invariants::visibility::{ReaderTarget, Readers};
+use crate::invariants::{
+    aborted, clean, convergence, monotonic, outcomes, visibility, Clock, Tally, Version, Versions,
+    Violation,
+};
+use crate::proxy::{Faults, ProxySet, Stats};
+use anyhow::{Context, Result};
+use schedule::{Fault, Kind, Profile, Schedule, Step, FAILPOINTS};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Nodes in the cluster.
+    pub nodes: usize,
+    /// Steps (transactions) in the schedule.
+    pub transactions: usize,
+    /// The seed everything random is drawn from.
+    pub seed: u64,
+    /// The fault mix and settings.
+    pub profile: Profile,
+    /// Start this node's `txmapd` with `TXMAP_CHAOS_BROKEN=rename-before-durable` (a
+    /// deliberately broken participant: the checkers must catch it).
+    pub broken: Option<usize>,
+    /// Print each step as it runs (to stderr).
+    pub verbose: bool,
+    /// Set (e.g. by a signal handler) to stop between two steps; the run then returns an
+    /// error and cleans up.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl Options {
+    /// The profile's defaults with this seed.
+    pub fn new(profile: Profile, seed: u64) -> Options {
+        Options {
+            nodes: profile.nodes,
+            transactions: profile.transactions,
+            seed,
+            profile,
+            broken: None,
+            verbose: false,
+            stop: None,
+        }
+    }
+}
+
+/// One row of the fault table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FaultRow {
+    /// What.
+    pub label: String,
+    /// Times the schedule asked for it.
+    pub planned: u64,
+    /// Times it took effect (the failpoint fired, the kill hit a live process, datagrams...).
+    pub injected: u64,
+    /// Remark.
+    pub note: String,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// The schedule that ran.
+    pub schedule: Schedule,
+    /// Deliberately broken node, if any.
+    pub broken: Option<usize>,
+    /// Faults planned and injected.
+    pub faults: Vec<FaultRow>,
+    /// Each invariant with its checks and violations.
+    pub invariants: Vec<(&'static str, Tally)>,
+    /// `txmap commit` runs by exit code (`killed` for those killed on purpose).
+    pub exits: BTreeMap<String, u64>,
+    /// Distinct transactions the journals showed committed and aborted (retries by the
+    /// coordinators and pending retries by `txmapd` included).
+    pub transactions_seen: (u64, u64),
+    /// Highest generation reached.
+    pub final_generation: u64,
+    /// Wall time of the whole run.
+    pub elapsed: Duration,
+    /// Time from the faults stopping to convergence (None: never).
+    pub convergence: Option<Duration>,
+    /// Reader lookups (`postmap -q` runs) and the slowest, in ms.
+    pub reader_rounds: (u64, u64),
+    /// Longest time a transaction stayed prepared on a node: (node, txid, ms).
+    pub longest_in_doubt: Option<(usize, String, u64)>,
+    /// Datagram counters of every proxy.
+    pub proxy: Stats,
+    /// The sandbox directory (kept only with `TXMAP_KEEP_TEST_DIRS`).
+    pub dir: PathBuf,
+    /// Oddities that break no guarantee of DESIGN.md but deserve a look.
+    pub findings: Vec<String>,
+}
+
+impl Report {
+    /// Every violation, in invariant order.
+    pub fn violations(&self) -> Vec<&Violation> {
+        self.invariants
+            .iter()
+            .flat_map(|(_, t)| t.violations.iter())
+            .collect()
+    }
+
+    /// The tables and, on failure, the violations, the seed and the schedule.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let sch = &self.schedule;
+        s.push_str(&format!(
+            "chaos run: seed {} profile {} nodes {} transactions {} (schedule {}){}\n",
+            sch.seed,
+            sch.profile,
+            sch.nodes,
+            sch.steps.len(),
+            sch.fingerprint(),
+            self.broken
+                .map(|b| format!(", BROKEN participant on node{b}"))
+                .unwrap_or_default()
+        ));
+        s.push_str(&format!(
+            "wall time {:.1} s; final generation {}; transactions seen in journals: {} committed, {} aborted\n",
+            self.elapsed.as_secs_f64(),
+            self.final_generation,
+            self.transactions_seen.0,
+            self.transactions_seen.1
+        ));
+        let exits: Vec<String> = self
+            .exits
+            .iter()
+            .map(|(k, v)| format!("{k}: {v}"))
+            .collect();
+        s.push_str(&format!("txmap commit exits: {}\n", exits.join(", ")));
+        s.push_str(&format!(
+            "convergence after the faults stopped: {}; longest in doubt: {}; reader lookups: {} (slowest {} ms)\n\n",
+            self.convergence
+                .map(|d| format!("{:.1} s", d.as_secs_f64()))
+                .unwrap_or_else(|| "NEVER".into()),
+            self.longest_in_doubt
+                .as_ref()
+                .map(|(n, _, ms)| format!("{ms} ms on node{n}"))
+                .unwrap_or_else(|| "-".into()),
+            self.reader_rounds.0,
+            self.reader_rounds.1
+        ));
+        let w = self
+            .faults
+            .iter()
+            .map(|f| f.label.len())
+            .max()
+            .unwrap_or(10)
+            .max(5);
+        s.push_str(&format!(
+            "{:<w$}  {:>8}  {:>9}  note\n",
+            "fault", "planned", "injected"
+        ));
+        s.push_str(&format!("{}\n", "-".repeat(w + 32)));
+        for f in &self.faults {
+            s.push_str(&format!(
+                "{:<w$}  {:>8}  {:>9}  {}\n",
+                f.label, f.planned, f.injected, f.note
+            ));
+        }
+        s.push('\n');
+        let w = self
+            .invariants
+            .iter()
+            .map(|(n, _)| n.len())
+            .max()
+            .unwrap_or(10)
+            .max(9);
+        s.push_str(&format!(
+            "{:<w$}  {:>9}  {:>10}\n",
+            "invariant", "checks", "violations"
+        ));
+        s.push_str(&format!("{}\n", "-".repeat(w + 24)));
+        for (n, t) in &self.invariants {
+            s.push_str(&format!(
+                "{:<w$}  {:>9}  {:>10}\n",
+                n,
+                t.checks,
+                t.violations.len()
+            ));
+        }
+        if !self.findings.is_empty() {
+            s.push_str(&format!(
+                "\nfindings (no guarantee broken): {}\n",
+                self.findings.len()
+            ));
+            for f in self.findings.iter().take(10) {
+                s.push_str(&format!("  {f}\n"));
+            }
+        }
+        let v = self.violations();
+        if v.is_empty() {
+            s.push_str("\nviolations: 0\n");
+        } else {
+            s.push_str(&format!(
+                "\nVIOLATIONS: {} (seed {}, profile {}, nodes {}, transactions {})\n",
+                v.len(),
+                sch.seed,
+                sch.profile,
+                sch.nodes,
+                sch.steps.len()
+            ));
+            for (name, t) in &self.invariants {
+                for x in t.violations.iter().take(15) {
+                    s.push_str(&format!("  {x}\n"));
+                }
+                if t.violations.len() > 15 {
+                    s.push_str(&format!(
+                        "  [{name}] ... and {} more\n",
+                        t.violations.len() - 15
+                    ));
+                }
+            }
+            s.push_str(&format!(
+                "\nreplay: cargo run -p txmap-chaos-tests --bin chaos -- run --nodes {} --transactions {} --seed {} --profile {}{}\n",
+                sch.nodes,
+                sch.steps.len(),
+                sch.seed,
+                sch.profile,
+                self.broken.map(|b| format!(" --broken {b}")).unwrap_or_default()
+            ));
+            if std::env::var_os("TXMAP_KEEP_TEST_DIRS").is_some() {
+                s.push_str(&format!("sandbox (kept): {}\n\n", self.dir.display()));
+            } else {
+                s.push_str("sandbox removed; add --keep to look at logs and journals\n\n");
+            }
+            s.push_str(&sch.to_string());
+        }
+        s
+    }
+}
+
+/// A running `txmap commit --json`, its output drained by threads.
+struct Proc {
+    child: Child,
+    out: Option<JoinHandle<String>>,
+    err: Option<JoinHandle<String>>,
+    started: Instant,
+    started_ms: u64,
+    coordinator: usize,
+    version: u64,
+}
+
+fn drain<R: Read + Send + 'static>(r: Option<R>) -> Option<JoinHandle<String>> {
+    r.map(|mut r| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    })
+}
+
+/// Ballast file that fills a node's table directory.
+const BALLAST: &str = "chaos-ballast";
+/// Size of the tmpfs mounted over every table directory (root only).
+const TMPFS_SIZE: &str = "24m";
+
+#[derive(Debug, Default, Clone)]
+struct Count {
+    planned: u64,
+    injected: u64,
+    note: String,
+}
+
+struct Runner<'a> {
+    opts: &'a Options,
+    c: TestCluster,
+    proxies: ProxySet,
+    clock: Clock,
+    versions: Arc<Versions>,
+    sampler: Option<Sampler>,
+    readers: Option<Readers>,
+    running: Vec<bool>,
+    runs: Vec<CommitRun>,
+    counts: BTreeMap<Kind, Count>,
+    stuck: Tally,
+    findings: Vec<String>,
+    tmpfs: bool,
+    failing_postmap: PathBuf,
+    stable: Vec<String>,
+    content: String,
+    limit: Duration,
+}
+
+/// Runs the whole thing: setup, the schedule, the faults stopping, convergence, the checks.
+pub fn run(opts: &Options) -> Result<Report> {
+    let started = Instant::now();
+    let tmpfs_possible = is_root();
+    let schedule = Schedule::draw(
+        opts.seed,
+        &opts.profile,
+        opts.nodes,
+        opts.transactions,
+        tmpfs_possible,
+    );
+    let mut r = Runner::setup(opts, tmpfs_possible)?;
+    if opts.verbose {
+        eprintln!(
+            "chaos: sandbox {} (schedule {})",
+            r.c.root().display(),
+            schedule.fingerprint()
+        );
+    }
+    for step in &schedule.steps {
+        if opts.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+            anyhow::bail!("interrupted before step {}", step.index);
+        }
+        r.step(step)?;
+    }
+    r.finish(schedule, started)
+}
+
+impl<'a> Runner<'a> {
+    fn setup(opts: &'a Options, tmpfs_possible: bool) -> Result<Runner<'a>> {
+        anyhow::ensure!(opts.nodes >= 1 && opts.nodes <= 9, "--nodes must be 1..=9");
+        anyhow::ensure!(opts.transactions >= 1, "--transactions must be at least 1");
+        if let Some(b) = opts.broken {
+            anyhow::ensure!(
+                (1..=opts.nodes).contains(&b),
+                "--broken must name a node (1..={})",
+                opts.nodes
+            );
+        }
+        let n = opts.nodes;
+        let c = TestCluster::create(&format!("chaos-{}", opts.seed), n)?;
+        let clock = Clock::start();
+        // A proxy for every link between two different nodes; every node's config names its
+        // peers by their proxy. A node reaches itself directly.
+        let mut proxies = ProxySet::new()?;
+        let real = |k: usize| -> SocketAddr {
+            SocketAddr::from(([127, 0, 0, 1], c.base_port + k as u16 - 1))
+        };
+        for j in 1..=n {
+            for k in (1..=n).filter(|k| *k != j) {
+                let via = proxies.add(j, k, 0, real(k), opts.seed)?;
+                c.edit_config(j, |t| {
+                    config_edit::set_node_address(&t, &format!("node{k}"), &via.to_string())
+                });
+            }
+            c.edit_config(j, |mut t| {
+                for (k, v) in &opts.profile.timeouts {
+                    t = config_edit::set_key(&t, Some("timeouts"), k, &v.to_string());
+                }
+                // Keep every generation's copy: the checkers read the history at the end.
+                config_edit::set_key(&t, None, "history_keep", "1000000")
+            });
+        }
+        let failing_postmap = c.dir.0.join("failing-postmap");
+        std::fs::write(
+            &failing_postmap,
+            "#!/bin/sh\necho \"postmap: fatal: chaos: this node's builder fails on purpose\" >&2\nexit 1\n",
+        )?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&failing_postmap, std::fs::Permissions::from_mode(0o755))?;
+        }
+        let mut c = c;
+        let mut tmpfs = false;
+        if tmpfs_possible {
+            tmpfs = true;
+            for i in 1..=n {
+                if let Err(e) = c.mount_tmpfs(i, TMPFS_SIZE) {
+                    eprintln!("chaos: cannot mount a tmpfs ({e:#}); no full-disk faults");
+                    tmpfs = false;
+                    break;
+                }
+            }
+        }
+        let versions = Versions::shared();
+        let stable = Versions::stable_keys(opts.profile.stable_keys);
+        let state_dirs = (1..=n).map(|i| c.node_dir(i).join("state")).collect();
+        let sampler = Sampler::start(state_dirs, TABLE, clock, Duration::from_millis(50));
+        let t = |k: &str| {
+            opts.profile
+                .timeouts
+                .iter()
+                .find(|(x, _)| *x == k)
+                .map(|(_, v)| *v)
+        };
+        let limit = Duration::from_millis(
+            t("total_ms").unwrap_or(9000) + t("commit_ms").unwrap_or(2000) + 3000,
+        );
+        let mut r = Runner {
+            opts,
+            c,
+            proxies,
+            clock,
+            versions,
+            sampler: Some(sampler),
+            readers: None,
+            running: vec![false; n],
+            runs: Vec::new(),
+            counts: BTreeMap::new(),
+            stuck: Tally::default(),
+            findings: Vec::new(),
+            tmpfs,
+            failing_postmap,
+            stable,
+            content: String::new(),
+            limit,
+        };
+        for i in 1..=n {
+            anyhow::ensure!(r.start(i, None), "txmapd of node{i} does not start");
+        }
+        // Version 0, committed with no fault, is what the readers find first.
+        r.new_version(0)?;
+        let mut ok = false;
+        for _ in 0..5 {
+            let p = r.spawn_commit(1, &[])?;
+            let run = r.finish_commit(p, usize::MAX, false);
+            if run.exit == Some(0) {
+                ok = true;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        anyhow::ensure!(ok, "the first, fault-free commit failed");
+        let targets = (1..=n)
+            .map(|i| ReaderTarget {
+                node: i,
+                confdir: r.c.table_dir(i),
+                live: r.c.live(i),
+            })
+            .collect();
+        r.readers = Some(Readers::start(
+            targets,
+            r.stable.clone(),
+            r.versions.clone(),
+            clock,
+            opts.profile.reader_pause,
+        ));
+        Ok(r)
+    }
+
+    fn count(&mut self, k: Kind, planned: bool, injected: bool) {
+        let e = self.counts.entry(k).or_default();
+        e.planned += planned as u64;
+        e.injected += injected as u64;
+    }
+
+    fn note(&mut self, k: Kind, note: &str) {
+        let e = self.counts.entry(k).or_default();
+        if !e.note.contains(note) {
+            if !e.note.is_empty() {
+                e.note.push_str("; ");
+            }
+            e.note.push_str(note);
+        }
+    }
+
+    /// Starts node `i` (with a failpoint, or the broken switch when it is the broken node).
+    /// A daemon that cannot start again is a stuck state.
+    fn start(&mut self, i: usize, failpoint: Option<&str>) -> bool {
+        let fp = failpoint.map(|p| format!("{p}=panic"));
+        let mut env: Vec<(&str, &str)> = Vec::new();
+        if let Some(f) = &fp {
+            env.push(("FAILPOINTS", f));
+        }
+        if self.opts.broken == Some(i) {
+            env.push(("TXMAP_CHAOS_BROKEN", "rename-before-durable"));
+        }
+        let mut last = String::new();
+        for _ in 0..10 {
+            match self.c.start_node_with(i, &env) {
+                Ok(()) => {
+                    self.running[i - 1] = true;
+                    return true;
+                }
+                Err(e) => {
+                    last = format!("{e:#}");
+                    self.c.kill_node(i);
+                    std::thread::sleep(Duration::from_millis(1000));
+                }
+            }
+        }
+        let at = self.clock.ms();
+        self.stuck.check(false, clean::NAME, at, || {
+            format!(
+                "node{i}: txmapd does not start again: {}",
+                last.chars()
+                    .rev()
+                    .take(600)
+                    .collect::<String>()
+                    .chars()
+                    .rev()
+                    .collect::<String>()
+            )
+        });
+        false
+    }
+
+    fn kill(&mut self, i: usize) {
+        self.c.kill_node(i);
+        self.running[i - 1] = false;
+    }
+
+    /// Notices daemons that died on their own (none should: every failpoint is cleared
+    /// within its step).
+    fn check_daemons(&mut self) {
+        for i in 1..=self.opts.nodes {
+            if !self.running[i - 1] {
+                continue;
+            }
+            if let Some(st) = self.c.wait_exit(i, Duration::from_millis(1)) {
+                self.running[i - 1] = false;
+                let log = std::fs::read_to_string(self.c.log(i)).unwrap_or_default();
+                let tail: String = log
+                    .lines()
+                    .rev()
+                    .take(5)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect::<Vec<_>>()
+                    .join(" | ");
+                let at = self.clock.ms();
+                if st.success() && tail.contains("shutting down") {
+                    // A clean shutdown: SIGTERM or SIGINT from outside the runner (which only
+                    // ever sends SIGKILL, SIGSTOP and SIGCONT). Not txmap's doing; restart it.
+                    self.findings.push(format!(
+                        "node{i}: txmapd was stopped by a SIGTERM/SIGINT from outside the runner at {:.1} s (restarted)",
+                        at as f64 / 1000.0
+                    ));
+                } else {
+                    self.stuck.check(false, clean::NAME, at, || {
+                        format!("node{i}: txmapd exited on its own ({st}); log: {tail}")
+                    });
+                }
+            }
+        }
+    }
+
+    fn ensure_running(&mut self) {
+        for i in 1..=self.opts.nodes {
+            if !self.running[i - 1] {
+                self.start(i, None);
+            }
+        }
+    }
+
+    /// Registers and writes (atomically: temp file + rename, as an editor would) a new
+    /// version of the shared source.
+    fn new_version(&mut self, churn: usize) -> Result<Version> {
+        let id = self.versions.all().len() as u64;
+        let content = Versions::content(id, self.opts.profile.stable_keys, churn);
+        let sha = txmap_common::table::hex(
+            &txmap_common::table::digest_reader(&mut content.as_bytes())?.sha256,
+        );
+        let v = Version {
+            id,
+            sha256: sha,
+            marker: Versions::marker(id),
+            written_ms: self.clock.ms(),
+        };
+        self.versions.add(v.clone());
+        let src = self.c.source();
+        let tmp = src.with_file_name(".sympa_transport.chaos-tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(content.as_bytes())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &src)?;
+        self.content = content;
+        Ok(v)
+    }
+
+    fn spawn_commit(&self, node: usize, env: &[(&str, &str)]) -> Result<Proc> {
+        let mut cmd = Command::new(&bins().txmap);
+        cmd.arg("--config")
+            .arg(self.c.config(node))
+            .args(["commit", TABLE, "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("spawn txmap commit")?;
+        let out = drain(child.stdout.take());
+        let err = drain(child.stderr.take());
+        Ok(Proc {
+            child,
+            out,
+            err,
+            started: Instant::now(),
+            started_ms: self.clock.ms(),
+            coordinator: node,
+            version: self.versions.last().map(|v| v.id).unwrap_or(0),
+        })
+    }
+
+    /// Waits for a commit (killing it if it hangs far past every deadline) and records it.
+    fn finish_commit(&mut self, mut p: Proc, step: usize, killed: bool) -> CommitRun {
+        let hard = self.limit + Duration::from_secs(30);
+        let status = loop {
+            match p.child.try_wait() {
+                Ok(Some(st)) => break Some(st),
+                Ok(None) if p.started.elapsed() > hard => {
+                    let _ = p.child.kill();
+                    let _ = p.child.wait();
+                    break None;
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+                Err(_) => break None,
+            }
+        };
+        let elapsed_ms = p.started.elapsed().as_millis() as u64;
+        let out = p.out.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let err = p.err.take().and_then(|h| h.join().ok()).unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap_or(serde_json::Value::Null);
+        let mut lines: Vec<String> = json
+            .get("nodes")
+            .and_then(|n| n.as_array())
+            .map(|a| {
+                a.iter()
+                    .map(|n| {
+                        format!(
+                            "{}: {}",
+                            n.get("node").and_then(|x| x.as_str()).unwrap_or("?"),
+                            n.get("detail").and_then(|x| x.as_str()).unwrap_or("")
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if status.is_none() {
+            lines.push("HUNG: killed by the runner".into());
+        }
+        if lines.is_empty() && !err.trim().is_empty() {
+            lines.push(err.lines().last().unwrap_or("").to_string());
+        }
+        let run = CommitRun {
+            step,
+            coordinator: p.coordinator,
+            version: p.version,
+            started_ms: p.started_ms,
+            elapsed_ms,
+            exit: status.and_then(|s| s.code()),
+            killed,
+            txid: json
+                .get("txid")
+                .and_then(|t| t.as_str())
+                .map(str::to_string),
+            generation: json.get("generation").and_then(|g| g.as_u64()),
+            lines,
+        };
+        self.runs.push(run.clone());
+        run
+    }
+
+    fn commit(&mut self, s: &Step, node: usize, env: &[(&str, &str)]) -> Result<CommitRun> {
+        let p = self.spawn_commit(node, env)?;
+        Ok(self.finish_commit(p, s.index, false))
+    }
+
+    fn apply_net(&mut self, s: &Step) {
+        let Some(n) = &s.net else { return };
+        let partitioned: Vec<(usize, usize)> = self
+            .proxies
+            .links()
+            .into_iter()
+            .filter(|(a, b)| {
+                self.proxies
+                    .get(*a, *b)
+                    .is_some_and(|p| p.faults().partitioned)
+            })
+            .collect();
+        match n.scope {
+            None => self.proxies.set_all(n.faults),
+            Some(node) => {
+                self.proxies.set_all(Faults::clean());
+                self.proxies.set_node(node, n.faults);
+            }
+        }
+        for (a, b) in partitioned {
+            if let Some(p) = self.proxies.get(a, b) {
+                let mut f = p.faults();
+                f.partitioned = true;
+                p.set(f);
+            }
+        }
+    }
+
+    fn fill_disk(&self, node: usize, leave_kb: u64) -> Result<()> {
+        let p = self.c.table_dir(node).join(BALLAST);
+        let mut f = std::fs::File::create(&p)?;
+        let chunk = vec![0u8; 256 * 1024];
+        loop {
+            if f.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = f.flush();
+        if leave_kb > 0 {
+            let len = f.metadata()?.len();
+            f.set_len(len.saturating_sub(leave_kb * 1024))?;
+        }
+        Ok(())
+    }
+
+    fn free_disk(&self, node: usize) {
+        let _ = std::fs::remove_file(self.c.table_dir(node).join(BALLAST));
+    }
+
+    fn step(&mut self, s: &Step) -> Result<()> {
+        let t0 = Instant::now();
+        self.apply_net(s);
+        self.check_daemons();
+        self.ensure_running();
+        self.new_version(s.churn)?;
+        let kind = s.fault.kind();
+        let first = self.runs.len();
+        match &s.fault {
+            Fault::None => {
+                self.count(kind, true, true);
+                self.commit(s, s.coordinator, &[])?;
+            }
+            Fault::ParticipantFailpoint { point, node } => {
+                let (point, node) = (*point, *node);
+                self.kill(node);
+                self.start(node, Some(FAILPOINTS[point].0));
+                // A commit that aborts early (another fault) never reaches the point: one more
+                // try, still armed.
+                let mut fired = false;
+                for _ in 0..2 {
+                    self.commit(s, s.coordinator, &[])?;
+                    fired = self
+                        .c
+                        .wait_exit(node, Duration::from_millis(1000))
+                        .is_some();
+                    if fired {
+                        break;
+                    }
+                }
+                if fired {
+                    self.running[node - 1] = false;
+                } else {
+                    self.note(kind, "some never reached the point");
+                    self.kill(node);
+                }
+                self.count(kind, true, fired);
+                self.start(node, None);
+            }
+            Fault::CoordinatorFailpoint { point } => {
+                let fp = format!("{}=panic", FAILPOINTS[*point].0);
+                let mut fired = false;
+                for _ in 0..2 {
+                    let p = self.spawn_commit(s.coordinator, &[("FAILPOINTS", &fp)])?;
+                    let run = self.finish_commit(p, s.index, false);
+                    fired = run.exit.is_none();
+                    if fired {
+                        if let Some(last) = self.runs.last_mut() {
+                            last.killed = true;
+                        }
+                        break;
+                    }
+                }
+                if !fired {
+                    self.note(kind, "some never reached the point");
+                }
+                self.count(kind, true, fired);
+            }
+            Fault::KillTxmapd {
+                node,
+                after_ms,
+                down_ms,
+            } => {
+                let node = *node;
+                let p = self.spawn_commit(s.coordinator, &[])?;
+                std::thread::sleep(Duration::from_millis(*after_ms));
+                let hit = self.running[node - 1];
+                self.kill(node);
+                std::thread::sleep(Duration::from_millis(*down_ms));
+                self.start(node, None);
+                self.finish_commit(p, s.index, false);
+                self.count(kind, true, hit);
+            }
+            Fault::KillTxmap { after_ms } => {
+                let mut p = self.spawn_commit(s.coordinator, &[])?;
+                std::thread::sleep(Duration::from_millis(*after_ms));
+                let alive = matches!(p.child.try_wait(), Ok(None));
+                if alive {
+                    let _ = p.child.kill();
+                } else {
+                    self.note(kind, "some commits ended before the kill");
+                }
+                self.finish_commit(p, s.index, alive);
+                self.count(kind, true, alive);
+            }
+            Fault::Freeze {
+                node,
+                after_ms,
+                for_ms,
+            } => {
+                let node = *node;
+                let p = self.spawn_commit(s.coordinator, &[])?;
+                std::thread::sleep(Duration::from_millis(*after_ms));
+                let hit = self.running[node - 1];
+                self.c.signal(node, libc::SIGSTOP);
+                std::thread::sleep(Duration::from_millis(*for_ms));
+                self.c.signal(node, libc::SIGCONT);
+                self.finish_commit(p, s.index, false);
+                self.count(kind, true, hit);
+            }
+            Fault::Partition {
+                node,
+                heal_after_ms,
+            } => {
+                self.proxies.partition(*node);
+                let p = self.spawn_commit(s.coordinator, &[])?;
+                std::thread::sleep(Duration::from_millis(*heal_after_ms));
+                self.proxies.heal();
+                self.finish_commit(p, s.index, false);
+                self.count(kind, true, true);
+            }
+            Fault::BuilderFails { node } => {
+                let node = *node;
+                let original = std::fs::read_to_string(self.c.config(node))?;
+                let wrapper = format!("\"{}\"", self.failing_postmap.display());
+                self.c.edit_config(node, |t| {
+                    config_edit::set_key(&t, Some("postfix"), "postmap", &wrapper)
+                });
+                self.kill(node);
+                self.start(node, None);
+                let run = self.commit(s, s.coordinator, &[])?;
+                let hit = run.lines.iter().any(|l| {
+                    l.starts_with(&format!("node{node}:"))
+                        && l.contains("chaos: this node's builder")
+                });
+                if !hit {
+                    self.note(kind, "some commits failed before building");
+                }
+                self.c.edit_config(node, |_| original);
+                self.kill(node);
+                self.start(node, None);
+                self.count(kind, true, hit);
+            }
+            Fault::DiskFull { node, leave_kb } => {
+                if self.tmpfs {
+                    self.fill_disk(*node, *leave_kb)?;
+                    let run = self.commit(s, s.coordinator, &[])?;
+                    self.free_disk(*node);
+                    let hit = run.lines.iter().any(|l| {
+                        l.starts_with(&format!("node{node}:")) && l.contains("No space left")
+                    });
+                    if !hit {
+                        self.note(kind, "some commits fit in the space left or failed first");
+                    }
+                    self.count(kind, true, hit);
+                } else {
+                    self.note(kind, "skipped: needs root for a tmpfs");
+                    self.count(kind, true, false);
+                    self.commit(s, s.coordinator, &[])?;
+                }
+            }
+            Fault::Concurrent { nodes } => {
+                let mut ps = Vec::new();
+                for n in nodes {
+                    ps.push(self.spawn_commit(*n, &[])?);
+                }
+                for p in ps {
+                    self.finish_commit(p, s.index, false);
+                }
+                let k = Kind::Concurrent;
+                self.count(k, true, true);
+                self.note(k, &format!("{} coordinators", nodes.len()));
+            }
+        }
+        if s.index % 10 == 9 {
+            let st = self.c.status(1);
+            if let Some(sm) = &self.sampler {
+                sm.record_status(&st);
+            }
+        }
+        if self.opts.verbose {
+            let exits: Vec<String> = self.runs[first..]
+                .iter()
+                .map(|r| match (r.exit, r.killed) {
+                    (_, true) => "killed".to_string(),
+                    (Some(c), _) => c.to_string(),
+                    (None, _) => "signal".to_string(),
+                })
+                .collect();
+            eprintln!(
+                "{s} => exit {} in {} ms",
+                exits.join(","),
+                t0.elapsed().as_millis()
+            );
+            for r in &self.runs[first..] {
+                if r.exit != Some(0) && !r.lines.is_empty() {
+                    eprintln!("        {}", r.lines.join(" | "));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(mut self, schedule: Schedule, started: Instant) -> Result<Report> {
+        // The faults stop.
+        self.proxies.set_all(Faults::clean());
+        for i in 1..=self.opts.nodes {
+            self.c.signal(i, libc::SIGCONT);
+            self.free_disk(i);
+        }
+        self.check_daemons();
+        self.ensure_running();
+        let n = self.opts.nodes;
+        let nodes = in_service(&self.c, n);
+        let target = self.versions.last().context("no version was written")?;
+        let sampler = self.sampler.take().context("sampler")?;
+        let (conv, took, status) = convergence::wait_and_check(
+            &self.c,
+            &nodes,
+            &target,
+            &self.content,
+            &self.stable,
+            &self.versions,
+            self.opts.profile.convergence_bound,
+            self.clock,
+            &sampler,
+        );
+        let mut cleanup = clean::check(&self.c, &nodes, &status, self.clock);
+        let mut findings = std::mem::take(&mut self.findings);
+        findings.extend((1..=n).flat_map(|i| clean::history_leftovers(&self.c, i)));
+        cleanup.merge(std::mem::take(&mut self.stuck));
+        let seen = self.readers_result();
+        let log = sampler.stop();
+        let end = self.clock.ms();
+        let invariants = vec![
+            (visibility::NAME, seen.tally.clone()),
+            (convergence::NAME, conv),
+            (clean::NAME, cleanup),
+            (monotonic::NAME, monotonic::check(&log, end)),
+            (
+                aborted::NAME,
+                aborted::check(&self.runs, &log, &seen, &self.versions, end),
+            ),
+            (
+                outcomes::NAME,
+                outcomes::check(&self.runs, &log, &nodes, self.limit, end),
+            ),
+        ];
+        let mut exits: BTreeMap<String, u64> = BTreeMap::new();
+        for r in &self.runs {
+            let k = match (r.killed, r.exit) {
+                (true, _) => "killed".to_string(),
+                (false, Some(c)) => format!("exit {c}"),
+                (false, None) => "signal".to_string(),
+            };
+            *exits.entry(k).or_default() += 1;
+        }
+        let mut committed = std::collections::BTreeSet::new();
+        let mut aborted_set = std::collections::BTreeSet::new();
+        for nl in &log.nodes {
+            for (t, o) in &nl.outcomes {
+                if o.committed.is_some() {
+                    committed.insert(t.clone());
+                } else if o.aborted.is_some() {
+                    aborted_set.insert(t.clone());
+                }
+            }
+        }
+        let final_generation = log
+            .nodes
+            .iter()
+            .filter_map(|n| n.journal.last().map(|l| l.generation))
+            .max()
+            .unwrap_or(0);
+        let faults = self.fault_rows(&schedule);
+        Ok(Report {
+            broken: self.opts.broken,
+            faults,
+            invariants,
+            exits,
+            transactions_seen: (committed.len() as u64, aborted_set.len() as u64),
+            final_generation,
+            elapsed: started.elapsed(),
+            convergence: took,
+            reader_rounds: (seen.rounds, seen.slowest_ms),
+            longest_in_doubt: log.longest_in_doubt(),
+            proxy: self.proxies.stats(),
+            dir: self.c.root(),
+            findings,
+            schedule,
+        })
+    }
+
+    fn readers_result(&mut self) -> visibility::VisibilityResult {
+        self.readers.take().map(Readers::stop).unwrap_or_default()
+    }
+
+    fn fault_rows(&self, schedule: &Schedule) -> Vec<FaultRow> {
+        let mut rows = Vec::new();
+        for k in Kind::all() {
+            let c = self.counts.get(&k).cloned().unwrap_or_default();
+            rows.push(FaultRow {
+                label: k.label(),
+                planned: c.planned,
+                injected: c.injected,
+                note: c.note,
+            });
+        }
+        let changes: Vec<&schedule::NetChange> = schedule
+            .steps
+            .iter()
+            .filter_map(|s| s.net.as_ref())
+            .collect();
+        let periods =
+            |f: &dyn Fn(&Faults) -> bool| changes.iter().filter(|c| f(&c.faults)).count() as u64;
+        let st = self.proxies.stats();
+        rows.push(FaultRow {
+            label: "net: datagram loss".into(),
+            planned: periods(&|f| f.drop_pct > 0.0),
+            injected: st.dropped,
+            note: "planned: periods; injected: datagrams dropped".into(),
+        });
+        rows.push(FaultRow {
+            label: "net: delay + jitter".into(),
+            planned: periods(&|f| f.delay_ms > 0 || f.jitter_ms > 0),
+            injected: st.delayed,
+            note: "datagrams delayed".into(),
+        });
+        rows.push(FaultRow {
+            label: "net: duplication".into(),
+            planned: periods(&|f| f.dup_pct > 0.0),
+            injected: st.duplicated,
+            note: "datagrams duplicated".into(),
+        });
+        rows.push(FaultRow {
+            label: "net: reordering".into(),
+            planned: periods(&|f| f.reorder_pct > 0.0),
+            injected: st.reordered,
+            note: "datagrams held back to be overtaken".into(),
+        });
+        rows.push(FaultRow {
+            label: "net: partition".into(),
+            planned: self
+                .counts
+                .get(&Kind::Partition)
+                .map(|c| c.planned)
+                .unwrap_or(0),
+            injected: st.partitioned,
+            note: "datagrams cut off".into(),
+        });
+        rows
+    }
+}
+
+/// The in-service node numbers, per node1's config (every node unless marked otherwise).
+fn in_service(c: &TestCluster, n: usize) -> Vec<usize> {
+    match txmap_common::config::Config::load(&c.config(1)) {
+        Ok(cfg) => (1..=n)
+            .filter(|i| {
+                cfg.nodes
+                    .iter()
+                    .find(|x| x.name == format!("node{i}"))
+                    .is_none_or(|x| x.in_service)
+            })
+            .collect(),
+        Err(_) => (1..=n).collect(),
+    }
+}

@@ -1,0 +1,184 @@
+//! Atomic visibility (guarantee 1): a reader on every node, looping Debian's real
+//! `postmap -q - hash:<live table>` the way a Postfix daemon looks up a list, must never miss
+//! a stable key, never get an error, never block, and always find exactly one version marker
+//! (a partial, empty or mixed table has none or several).
+//!
+//! Besides judging, the readers record which version each node's live `.db` served and when:
+//! [`super::aborted`] checks that every served version was committed somewhere.
+
+use super::{Clock, Tally, Versions};
+use crate::cluster::postmap_query;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Invariant name.
+pub const NAME: &str = "atomic visibility";
+
+/// A lookup slower than this counts as blocked (txmap must never make a reader wait).
+pub const BLOCKED_AFTER: Duration = Duration::from_secs(3);
+
+/// When and how often one node served one version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Served {
+    /// First lookup that saw it (ms since the start).
+    pub first_ms: u64,
+    /// Last lookup that saw it.
+    pub last_ms: u64,
+    /// Lookups that saw it.
+    pub rounds: u64,
+}
+
+/// What the readers found.
+#[derive(Debug, Clone, Default)]
+pub struct VisibilityResult {
+    /// Checks: one per key looked up; violations of [`NAME`].
+    pub tally: Tally,
+    /// Per node (index 0 = node1): version id → when it was served.
+    pub served: Vec<BTreeMap<u64, Served>>,
+    /// `postmap -q` runs.
+    pub rounds: u64,
+    /// Slowest single `postmap -q` run, in ms.
+    pub slowest_ms: u64,
+}
+
+/// One reader thread per node.
+#[derive(Debug)]
+pub struct Readers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<ReaderOutcome>>,
+}
+
+/// What one reader thread found: checks, served versions, rounds, slowest lookup (ms).
+type ReaderOutcome = (Tally, BTreeMap<u64, Served>, u64, u64);
+
+/// What one reader reads: node number, `postmap -c` directory, live table path.
+#[derive(Debug, Clone)]
+pub struct ReaderTarget {
+    /// Node number (1-based).
+    pub node: usize,
+    /// Postfix config directory of the node (holds `main.cf`).
+    pub confdir: PathBuf,
+    /// The live table source path (`hash:` of it is the `.db`).
+    pub live: PathBuf,
+}
+
+impl Readers {
+    /// Starts one reader per target. Each loops until [`Readers::stop`], sleeping `pause`
+    /// between lookups so that the system under test keeps some CPU.
+    pub fn start(
+        targets: Vec<ReaderTarget>,
+        stable: Vec<String>,
+        versions: Arc<Versions>,
+        clock: Clock,
+        pause: Duration,
+    ) -> Readers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = targets
+            .into_iter()
+            .map(|t| {
+                let (stop, stable, versions) = (stop.clone(), stable.clone(), versions.clone());
+                std::thread::Builder::new()
+                    .name(format!("reader-node{}", t.node))
+                    .spawn(move || read_loop(t, stable, versions, clock, pause, stop))
+                    .expect("spawn a reader thread")
+            })
+            .collect();
+        Readers { stop, threads }
+    }
+
+    /// Stops the readers and returns what they saw.
+    pub fn stop(self) -> VisibilityResult {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut out = VisibilityResult::default();
+        for t in self.threads {
+            let (tally, served, rounds, slowest) = t.join().unwrap_or_default();
+            out.tally.merge(tally);
+            out.served.push(served);
+            out.rounds += rounds;
+            out.slowest_ms = out.slowest_ms.max(slowest);
+        }
+        out
+    }
+}
+
+fn read_loop(
+    t: ReaderTarget,
+    stable: Vec<String>,
+    versions: Arc<Versions>,
+    clock: Clock,
+    pause: Duration,
+    stop: Arc<AtomicBool>,
+) -> ReaderOutcome {
+    let mut tally = Tally::default();
+    let mut served: BTreeMap<u64, Served> = BTreeMap::new();
+    let (mut rounds, mut slowest) = (0u64, 0u64);
+    let node = t.node;
+    while !stop.load(Ordering::SeqCst) {
+        let markers = versions.markers();
+        let mut keys = stable.clone();
+        keys.extend(markers.iter().cloned());
+        let started = Instant::now();
+        let r = postmap_query(&t.confdir, &t.live, &keys);
+        let took = started.elapsed();
+        let at = clock.ms();
+        rounds += 1;
+        slowest = slowest.max(took.as_millis() as u64);
+        tally.check(took < BLOCKED_AFTER, NAME, at, || {
+            format!("node{node}: a postmap -q lookup took {took:?} (blocked)")
+        });
+        match r {
+            Err(e) => tally.check(false, NAME, at, || {
+                format!("node{node}: postmap -q failed: {e:#}")
+            }),
+            Ok(values) => {
+                let missing: Vec<&String> = stable
+                    .iter()
+                    .zip(&values)
+                    .filter(|(_, v)| v.is_none())
+                    .map(|(k, _)| k)
+                    .collect();
+                tally.checks += stable.len() as u64 - 1;
+                tally.check(missing.is_empty(), NAME, at, || {
+                    format!(
+                        "node{node}: {} of {} stable keys missing, e.g. {:?}",
+                        missing.len(),
+                        stable.len(),
+                        &missing[..missing.len().min(3)]
+                    )
+                });
+                let found: Vec<u64> = markers
+                    .iter()
+                    .zip(&values[stable.len()..])
+                    .filter(|(_, v)| v.is_some())
+                    .filter_map(|(k, _)| versions.by_marker(k))
+                    .collect();
+                if found.is_empty() && versions.markers().len() != markers.len() {
+                    // A version registered after this lookup's key list was taken: look again
+                    // with the new list rather than blame the table.
+                    continue;
+                }
+                tally.check(found.len() == 1, NAME, at, || {
+                    format!(
+                        "node{node}: the live table holds {} version markers {found:?} (expected exactly one: a partial, empty or mixed table)",
+                        found.len()
+                    )
+                });
+                for id in found {
+                    let e = served.entry(id).or_insert(Served {
+                        first_ms: at,
+                        last_ms: at,
+                        rounds: 0,
+                    });
+                    e.last_ms = at;
+                    e.rounds += 1;
+                }
+            }
+        }
+        std::thread::sleep(pause);
+    }
+    (tally, served, rounds, slowest)
+}
