@@ -112,19 +112,7 @@ impl Node {
                     // The decision was commit and is journaled: finish the renames.
                     info!(table = %t.name, txid = %a.txid, "finishing an interrupted commit");
                     table::install(t, &table::staged_paths(t, a.txid))?;
-                    let entry = HistoryEntry {
-                        generation: a.generation,
-                        committed_at_ms: now_ms(),
-                        sha256: a.sha256,
-                        entries: a.entries,
-                        coordinator: a.coordinator.clone(),
-                        txid: a.txid,
-                    };
-                    if let Err(e) =
-                        History::new(&cfg.state_dir, &t.name).finalize(&entry, cfg.history_keep)
-                    {
-                        warn!(error = %e, "cannot record the generation in history");
-                    }
+                    record_history(&cfg, t, &a);
                     let actions = state.step(Event::InstallDone { txid: a.txid }, now_ms());
                     debug!(?actions, "recovered");
                     journal.store(&t.name, &state)?;
@@ -884,18 +872,7 @@ impl Node {
                         Ok(()) => {
                             fail::fail_point!("participant::after_commit_rename");
                             if let Some(a) = state.active.as_ref().filter(|a| a.txid == txid) {
-                                let entry = HistoryEntry {
-                                    generation: a.generation,
-                                    committed_at_ms: now_ms(),
-                                    sha256: a.sha256,
-                                    entries: a.entries,
-                                    coordinator: a.coordinator.clone(),
-                                    txid,
-                                };
-                                let h = History::new(&self.cfg.state_dir, &t.name);
-                                if let Err(e) = h.finalize(&entry, self.cfg.history_keep) {
-                                    warn!(error = %e, "cannot record the generation in history");
-                                }
+                                record_history(&self.cfg, t, a);
                             }
                             Event::InstallDone { txid }
                         }
@@ -958,4 +935,20 @@ fn set_mode_and_group(
         std::os::unix::fs::chown(path, None, Some(gid))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Turns the history copies of an installed transaction into its generation. History is for
+/// operators: a failure is logged, never fatal.
+fn record_history(cfg: &Config, t: &TableConfig, a: &txmap_common::machine::Active) {
+    let entry = HistoryEntry {
+        generation: a.generation,
+        committed_at_ms: now_ms(),
+        sha256: a.sha256,
+        entries: a.entries,
+        coordinator: a.coordinator.clone(),
+        txid: a.txid,
+    };
+    if let Err(e) = History::new(&cfg.state_dir, &t.name).finalize(&entry, cfg.history_keep) {
+        warn!(error = %e, "cannot record the generation in history");
+    }
 }
