@@ -540,3 +540,12 @@ pub async fn converged(cluster: &Cluster, table_name: &str, source: &Path) -> bo
         _ => false,
     })
 }
+
+/// `node: error` for every node whose decision was not acknowledged.
+pub fn failures(nodes: &[NodeConfig], results: &[Result<u64, DeliverError>]) -> Vec<String> {
+    nodes
+        .iter()
+        .zip(results)
+        .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{}: {e}", n.name)))
+        .collect()
+}

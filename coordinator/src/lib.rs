@@ -16,3 +16,26 @@ pub mod history;
 pub mod recover;
 pub mod redrive;
 pub mod sandbox;
+
+/// Process set-up shared by `txmap` and `txmapd`: logs to stderr filtered by `TXMAP_LOG`
+/// (default `default_log`), colours only on a terminal and never with `NO_COLOR`; and
+/// crash-only panics: a panic anywhere (a `panic` failpoint included) aborts the whole process,
+/// and journal-driven recovery takes over.
+pub fn init_process(default_log: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TXMAP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
+        .init();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
+}

@@ -135,11 +135,7 @@ pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result
             .map(|(n, l)| deliver(cluster, n, l, &req, until)),
     )
     .await;
-    let failed: Vec<String> = nodes
-        .iter()
-        .zip(&results)
-        .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{}: {e}", n.name)))
-        .collect();
+    let failed = crate::commit::failures(&nodes, &results);
     let what = if commit { "committed" } else { "aborted" };
     if failed.is_empty() {
         Ok(format!("{txid} {what} on every node"))

@@ -76,11 +76,7 @@ pub async fn redrive(cluster: &Cluster) -> Vec<String> {
             }
         }))
         .await;
-        let failed: Vec<String> = nodes
-            .iter()
-            .zip(&results)
-            .filter_map(|(n, r)| r.as_ref().err().map(|e| format!("{}: {e}", n.name)))
-            .collect();
+        let failed = crate::commit::failures(&nodes, &results);
         // A node that answered and refused will refuse forever: sending again is pointless.
         let retry = results
             .iter()

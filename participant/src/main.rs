@@ -21,24 +21,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TXMAP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .init();
-    // Crash-only: a panic anywhere (including a `panic` failpoint) ends the whole daemon, and
-    // the journal-driven recovery at the next start takes over.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        default_hook(info);
-        std::process::abort();
-    }));
+    txmap_coordinator::init_process("info");
     let _failpoints = fail::FailScenario::setup();
     let path = txmap_common::config::Config::resolve_path(args.config.as_deref());
     let cfg = match txmap_common::config::Config::load(&path) {
