@@ -112,6 +112,10 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8], replace: bool) -> std::io:
             Err(e) => return Err(e),
         }
     };
+    // Storage error after the new name exists (chaos and regression tests).
+    fail::fail_point!("decision::after_link", |_| Err(std::io::Error::other(
+        "injected failure (decision::after_link)"
+    )));
     std::fs::File::open(dir)?.sync_all()?;
     Ok(created)
 }

@@ -73,6 +73,10 @@ impl Journal {
             durable.active = None;
         }
         let path = self.path(table);
+        fail::fail_point!("journal::store", |_| Err(JournalError::Io {
+            path: path.clone(),
+            source: std::io::Error::other("injected failure (journal::store)"),
+        }));
         let tmp = self.dir.join(format!(".{table}.json.tmp"));
         let io = |source| JournalError::Io {
             path: path.clone(),

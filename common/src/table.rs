@@ -498,6 +498,9 @@ pub fn fsync_dir(p: &Path) -> Result<(), TableError> {
 /// finished by calling this again).
 pub fn install(t: &TableConfig, staged: &Staged) -> Result<(), TableError> {
     let live_indexed = t.live_indexed();
+    fail::fail_point!("table::install", |_| Err(io("rename", &staged.indexed)(
+        std::io::Error::other("injected failure (table::install)")
+    )));
     for (from, to) in [(&staged.indexed, &live_indexed), (&staged.source, &t.path)] {
         match std::fs::rename(from, to) {
             Ok(()) => {}
