@@ -18,7 +18,7 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Version byte that starts every frame. Bump it when the message types change incompatibly.
-pub const PROTOCOL_VERSION: u8 = 1;
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Largest payload accepted in one frame (control messages only; tables are streamed raw).
 pub const MAX_FRAME: usize = 256 * 1024;

@@ -490,6 +490,13 @@ impl Config {
             set("in_doubt_ms", t.in_doubt_ms, &mut timeouts.in_doubt);
             set("retry_max_ms", t.retry_max_ms, &mut timeouts.retry_max);
         }
+        if timeouts.commit >= timeouts.total {
+            problems.push(format!(
+                "keys `timeouts.commit_ms` ({}) and `timeouts.total_ms` ({}): commit_ms must be below total_ms (the commit phase is part of the total; otherwise every commit aborts)",
+                timeouts.commit.as_millis(),
+                timeouts.total.as_millis()
+            ));
+        }
 
         if raw.history_keep == Some(0) {
             problems.push("key `history_keep`: must be at least 1 (the live generation)".into());
@@ -500,6 +507,7 @@ impl Config {
         if raw.nodes.is_empty() {
             problems.push("no `[[nodes]]`: the cluster needs at least this node".into());
         }
+        let raw_names: BTreeSet<String> = raw.nodes.iter().filter_map(|n| n.name.clone()).collect();
         for (i, n) in raw.nodes.into_iter().enumerate() {
             let name = match n.name {
                 None => {
@@ -512,9 +520,10 @@ impl Config {
                 }
                 Some(name) => name,
             };
-            if !names.insert(name.clone()) {
+            // Certificates match names case-insensitively (DNS names), so must we.
+            if !names.insert(name.to_ascii_lowercase()) {
                 problems.push(format!(
-                    "key `nodes[{i}].name`: node `{name}` is listed twice"
+                    "key `nodes[{i}].name`: node `{name}` is listed twice (names compare case-insensitively)"
                 ));
             }
             match n.address.as_deref().map(|a| (a, a.parse::<SocketAddr>())) {
@@ -535,7 +544,7 @@ impl Config {
             }
         }
         if let Some(n) = &node {
-            if !names.contains(n) {
+            if !names.contains(&n.to_ascii_lowercase()) || !raw_names.contains(n) {
                 problems.push(format!("key `node`: `{n}` is not one of the `[[nodes]]`"));
             }
         }

@@ -1,11 +1,16 @@
 //! The coordinator's durable records, kept in the coordinating node's `state_dir`:
 //!
-//! - `decisions/<txid>.open`: a coordinator is working on this transaction (its pid and start
-//!   time). Lets the node's `txmapd` tell a live coordinator from a dead one.
+//! - `decisions/<txid>.open`: a coordinator is working on this transaction (its generation,
+//!   nodes and deadline). The coordinator holds an exclusive `flock` on it for as long as it
+//!   lives: the node's `txmapd` tells a live coordinator from a dead one by trying that lock,
+//!   which works in a chroot without `/proc` and across pid namespaces (the kernel drops the lock
+//!   with the process).
 //! - `decisions/<txid>.json`: the decision. Created with *no-replace* semantics (a hard link
 //!   from a fsynced temporary file), so exactly one of "the coordinator decides commit" and
 //!   "recovery fences the transaction as aborted" can ever happen: whoever creates the file
-//!   first wins, and the loser sees the winner's decision.
+//!   first wins, and the loser sees the winner's decision. A decision is acted on only once it
+//!   is durable: whoever reads one ([`DecisionLog::get`]) first fsyncs the directory, so a
+//!   power cut can never take back a decision that somebody already acted on.
 //! - `pending/<table>.json`: a commit of this table that could not be completed (a node down,
 //!   a deadline passed). `txmapd` retries it with backoff until the cluster serves the newest
 //!   source.
@@ -43,12 +48,13 @@ pub struct DecisionRecord {
 }
 
 impl DecisionRecord {
-    /// The abort that fences a transaction whose coordinator is gone (presumed abort).
-    pub fn fence(txid: TxId, table: &str, nodes: Vec<String>) -> DecisionRecord {
+    /// The abort that fences a transaction whose coordinator is gone (presumed abort), or that
+    /// was decided abort. `generation` is the one it offered: nodes fence prepares up to it.
+    pub fn fence(txid: TxId, table: &str, generation: u64, nodes: Vec<String>) -> DecisionRecord {
         DecisionRecord {
             txid,
             table: table.to_string(),
-            generation: 0,
+            generation,
             verdict: Verdict::Abort,
             nodes,
             at_ms: crate::now_ms(),
@@ -63,12 +69,22 @@ pub struct OpenRecord {
     pub txid: TxId,
     /// Table.
     pub table: String,
-    /// Process id of the coordinator.
+    /// Generation it offers.
+    pub generation: u64,
+    /// Nodes it asks.
+    pub nodes: Vec<String>,
+    /// Process id of the coordinator (for operators; liveness is its lock).
     pub pid: u32,
     /// When it started (ms since epoch).
     pub started_ms: u64,
     /// Its overall deadline (ms since epoch); past it, it is considered dead.
     pub deadline_ms: u64,
+}
+
+/// The lock a live coordinator holds on its open record (see [`DecisionLog::open`]).
+#[derive(Debug)]
+pub struct CoordinatorLock {
+    _file: std::fs::File,
 }
 
 /// A commit that still has to reach every node.
@@ -86,19 +102,38 @@ pub struct PendingRecord {
     pub last_error: String,
     /// Not before (ms since epoch).
     pub next_ms: u64,
-    /// The process working on it right now (a coordinator records its intent before it starts,
-    /// so that if it dies, `txmapd` takes over at once instead of waiting for `next_ms`).
+    /// Set while a process works on it (a coordinator records its intent before it starts, so
+    /// that if it dies, `txmapd` takes over at once instead of waiting for `next_ms`). Whether
+    /// that process is alive is told by its lock ([`DecisionLog::pending_owner_alive`]), never
+    /// by this pid.
     #[serde(default)]
     pub owner_pid: Option<u32>,
 }
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8], replace: bool) -> std::io::Result<bool> {
+    write_atomic_locked(dir, name, bytes, replace, false).map(|(created, _)| created)
+}
+
+/// Writes `name` atomically; with `lock`, the new file is returned with an exclusive `flock`
+/// held on it (taken before it becomes visible under its name).
+fn write_atomic_locked(
+    dir: &Path,
+    name: &str,
+    bytes: &[u8],
+    replace: bool,
+    lock: bool,
+) -> std::io::Result<(bool, Option<std::fs::File>)> {
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".{name}.{}.tmp", TxId::random()));
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)?;
+    if lock {
+        fs4::FileExt::lock(&f)?;
+    }
     f.write_all(bytes)?;
     f.sync_all()?;
-    drop(f);
     let target = dir.join(name);
     let created = if replace {
         std::fs::rename(&tmp, &target)?;
@@ -116,8 +151,15 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8], replace: bool) -> std::io:
     fail::fail_point!("decision::after_link", |_| Err(std::io::Error::other(
         "injected failure (decision::after_link)"
     )));
-    std::fs::File::open(dir)?.sync_all()?;
-    Ok(created)
+    sync_dir(dir)?;
+    Ok((created, lock.then_some(f)))
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fail::fail_point!("decision::sync_dir", |_| Err(std::io::Error::other(
+        "injected failure (decision::sync_dir)"
+    )));
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> std::io::Result<Option<T>> {
@@ -149,22 +191,36 @@ impl DecisionLog {
         }
     }
 
-    /// Records that this process coordinates `txid` until `deadline_ms`.
-    pub fn open(&self, txid: TxId, table: &str, deadline_ms: u64) -> std::io::Result<()> {
+    /// Records that this process coordinates `txid` (offering `generation` to `nodes`) until
+    /// `deadline_ms`. The returned file holds the record's lock: keep it until the transaction
+    /// is decided and delivered (or given up); dropping it tells recovery the coordinator is
+    /// gone.
+    pub fn open(
+        &self,
+        txid: TxId,
+        table: &str,
+        generation: u64,
+        nodes: Vec<String>,
+        deadline_ms: u64,
+    ) -> std::io::Result<CoordinatorLock> {
         let rec = OpenRecord {
             txid,
             table: table.to_string(),
+            generation,
+            nodes,
             pid: std::process::id(),
             started_ms: crate::now_ms(),
             deadline_ms,
         };
-        write_atomic(
+        let (_, file) = write_atomic_locked(
             &self.dir,
             &format!("{txid}.open"),
             &serde_json::to_vec(&rec)?,
             true,
+            true,
         )?;
-        Ok(())
+        file.map(|f| CoordinatorLock { _file: f })
+            .ok_or_else(|| std::io::Error::other("open record written without its lock"))
     }
 
     /// The open record of `txid`, if a coordinator registered it.
@@ -172,10 +228,23 @@ impl DecisionLog {
         read_json(&self.dir.join(format!("{txid}.open")))
     }
 
-    /// True when the coordinator of `rec` may still be working: its process exists and its
-    /// deadline has not passed.
-    pub fn coordinator_alive(rec: &OpenRecord) -> bool {
-        crate::now_ms() <= rec.deadline_ms && Path::new(&format!("/proc/{}", rec.pid)).exists()
+    /// True when the coordinator of `rec` may still be working: it still holds the lock on its
+    /// open record and its deadline has not passed. (No `/proc`: the kernel releases the lock
+    /// when the process dies, whatever its pid namespace.)
+    pub fn coordinator_alive(&self, rec: &OpenRecord) -> bool {
+        if crate::now_ms() > rec.deadline_ms {
+            return false;
+        }
+        let path = self.dir.join(format!("{}.open", rec.txid));
+        let Ok(f) = std::fs::File::open(&path) else {
+            return false;
+        };
+        match fs4::FileExt::try_lock_shared(&f) {
+            Ok(()) => false,
+            Err(fs4::TryLockError::WouldBlock) => true,
+            // Cannot tell: presume alive until its deadline (never fence a live coordinator).
+            Err(fs4::TryLockError::Error(_)) => true,
+        }
     }
 
     /// Durably records `rec` unless a decision for that transaction exists already; returns the
@@ -193,16 +262,25 @@ impl DecisionLog {
             .ok_or_else(|| std::io::Error::other(format!("decision {} vanished", rec.txid)))
     }
 
-    /// The decision for `txid`, if any.
+    /// The decision for `txid`, if any, made durable before it is returned: the directory is
+    /// fsynced first, so nobody acts on a decision a power cut could still take back.
     pub fn get(&self, txid: TxId) -> std::io::Result<Option<DecisionRecord>> {
-        read_json(&self.dir.join(format!("{txid}.json")))
+        let rec = read_json(&self.dir.join(format!("{txid}.json")))?;
+        if rec.is_some() {
+            sync_dir(&self.dir)?;
+        }
+        Ok(rec)
     }
 
-    /// Every recorded decision not yet delivered to all its nodes (for re-driving).
+    /// Every recorded decision not yet delivered to all its nodes (for re-driving), commits
+    /// first; empty when the directory cannot be made durable.
     pub fn list(&self) -> Vec<DecisionRecord> {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
+        if sync_dir(&self.dir).is_err() {
+            return Vec::new();
+        }
         let mut out: Vec<DecisionRecord> = rd
             .flatten()
             .filter(|e| {
@@ -212,7 +290,7 @@ impl DecisionLog {
             })
             .filter_map(|e| read_json(&e.path()).ok().flatten())
             .collect();
-        out.sort_by_key(|r| r.at_ms);
+        out.sort_by_key(|r| (r.verdict != Verdict::Commit, r.at_ms));
         out
     }
 
@@ -300,6 +378,35 @@ impl DecisionLog {
             .collect()
     }
 
+    /// Marks this process as the one working on `table`'s pending commit, for as long as the
+    /// returned file lives (an exclusive `flock` on `pending/<table>.owner`). `None`: another
+    /// live process works on it.
+    pub fn own_pending(&self, table: &str) -> std::io::Result<Option<std::fs::File>> {
+        std::fs::create_dir_all(&self.pending)?;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.pending.join(format!("{table}.owner")))?;
+        match fs4::FileExt::try_lock(&f) {
+            Ok(()) => Ok(Some(f)),
+            Err(fs4::TryLockError::WouldBlock) => Ok(None),
+            Err(fs4::TryLockError::Error(e)) => Err(e),
+        }
+    }
+
+    /// True while some process holds the owner lock of `table`'s pending commit.
+    pub fn pending_owner_alive(&self, table: &str) -> bool {
+        let Ok(f) = std::fs::File::open(self.pending.join(format!("{table}.owner"))) else {
+            return false;
+        };
+        matches!(
+            fs4::FileExt::try_lock_shared(&f),
+            Err(fs4::TryLockError::WouldBlock)
+        )
+    }
+
     /// Clears the pending commit of `table`.
     pub fn clear_pending(&self, table: &str) {
         let _ = std::fs::remove_file(self.pending.join(format!("{table}.json")));
@@ -344,22 +451,21 @@ mod tests {
     }
 
     #[test]
-    fn a_coordinator_past_its_deadline_or_gone_is_dead() {
-        let me = OpenRecord {
-            txid: TxId(1),
-            table: "t".into(),
-            pid: std::process::id(),
-            started_ms: 0,
-            deadline_ms: crate::now_ms() + 60_000,
-        };
-        assert!(DecisionLog::coordinator_alive(&me));
-        assert!(!DecisionLog::coordinator_alive(&OpenRecord {
+    fn a_coordinator_is_alive_while_it_holds_its_open_record() {
+        let dir = std::env::temp_dir().join(format!("txmap-decision-{}", TxId::random()));
+        let log = DecisionLog::new(&dir);
+        let t = TxId::random();
+        let far = crate::now_ms() + 60_000;
+        let guard = log.open(t, "t", 3, vec!["a".into()], far).unwrap();
+        let rec = log.open_record(t).unwrap().unwrap();
+        assert_eq!(rec.generation, 3);
+        assert!(log.coordinator_alive(&rec));
+        assert!(!log.coordinator_alive(&OpenRecord {
             deadline_ms: 1,
-            ..me.clone()
+            ..rec.clone()
         }));
-        assert!(!DecisionLog::coordinator_alive(&OpenRecord {
-            pid: u32::MAX - 1,
-            ..me
-        }));
+        drop(guard);
+        assert!(!log.coordinator_alive(&rec), "lock released: gone");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

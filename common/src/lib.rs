@@ -4,7 +4,9 @@
 //! - [`codec`]: the only module that knows the wire encoding (bincode 2.0.1 behind a version
 //!   byte and a size limit).
 //! - [`proto`]: the messages, the transaction id, and the message-flow diagram.
-//! - [`machine`]: the 2PC logic as pure state machines (no I/O), tested step by step.
+//! - [`machine`]: the participant's 2PC state machine (no I/O), tested step by step.
+//! - [`coordinator`]: the coordinator side's rules as pure functions: decide, read back a
+//!   failed decision write, classify acknowledgements, what recovery may conclude.
 //! - [`config`]: the per-node TOML config and its validation.
 //! - [`table`]: staging, building (`postmap`/`postalias`), verifying and installing a table.
 //! - [`journal`]: durable per-table state of a participant (atomic write + fsync).
@@ -17,6 +19,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod coordinator;
 pub mod decision;
 pub mod exit;
 pub mod history;

@@ -18,7 +18,7 @@
 //! Only *Prepared* is journaled; a crash while *Staging* leaves no record, so restart removes
 //! the staged files (presumed abort) and the lock died with the process.
 
-use crate::proto::{PreparedInfo, Refusal, Response, Sha256, TableStatus, TxId};
+use crate::proto::{OutcomeAnswer, PreparedInfo, Refusal, Response, Sha256, TableStatus, TxId};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
@@ -86,8 +86,12 @@ pub struct TableState {
     pub coordinator: Option<String>,
     /// Transaction holding the table.
     pub active: Option<Active>,
-    /// Recently finished transactions, newest last.
+    /// Recently finished transactions, newest last (bounded: answers repeated messages; never
+    /// the only proof of an abort).
     pub recent: VecDeque<(TxId, Outcome)>,
+    /// No prepare of this generation or below is accepted (fences of aborted transactions).
+    #[serde(default)]
+    pub fenced: u64,
 }
 
 /// Input to the participant machine.
@@ -124,6 +128,8 @@ pub enum Event {
     Commit {
         /// Transaction.
         txid: TxId,
+        /// The generation it installs.
+        generation: u64,
     },
     /// The renames are done and durable.
     InstallDone {
@@ -141,6 +147,17 @@ pub enum Event {
     Abort {
         /// Transaction.
         txid: TxId,
+        /// The generation it would have installed.
+        generation: u64,
+    },
+    /// What became of a transaction? (see [`crate::proto::Request::Outcome`]).
+    Query {
+        /// Transaction.
+        txid: TxId,
+        /// The generation it installs.
+        generation: u64,
+        /// Fence it if this node can prove it never installed it.
+        fence: bool,
     },
 }
 
@@ -200,14 +217,55 @@ impl TableState {
             committed_at_ms: self.committed_at_ms,
             last_txid: self.last_txid,
             coordinator: self.coordinator.clone(),
+            fenced: self.fenced,
             prepared: self.active.as_ref().map(|a| PreparedInfo {
                 txid: a.txid,
                 generation: a.generation,
                 coordinator: a.coordinator.clone(),
                 durable: a.phase != Phase::Staging,
+                installing: a.phase == Phase::Installing,
                 since_ms: a.since_ms,
+                nodes: a.nodes.clone(),
             }),
             pending: None,
+        }
+    }
+
+    /// The highest generation no prepare may offer any more: the live one, or a fence above it.
+    pub fn floor(&self) -> u64 {
+        self.generation.max(self.fenced)
+    }
+
+    /// Records that no transaction of generation `generation` or below may be prepared here any
+    /// more (the fence of an aborted or presumed-aborted transaction). A number, not a list of
+    /// transaction ids: it cannot be evicted by a flood of fences.
+    fn fence(&mut self, generation: u64) -> bool {
+        if generation > self.fenced {
+            self.fenced = generation;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// What this node can say about `txid` (installing `generation`) from its own state; with
+    /// `fence`, an unknown transaction is fenced when this node can prove it never installed it.
+    ///
+    /// The proof rule: a transaction this node no longer holds and whose generation is above the
+    /// live one was never installed here (generations only grow, and a transaction installs
+    /// exactly its own). Anything else that is not remembered is `Unknown`, never `Aborted`:
+    /// "not remembered" is not "aborted" (it may have been committed and forgotten since).
+    fn knowledge(&self, txid: TxId, generation: u64) -> Knowledge {
+        if let Some(o) = self.outcome_of(txid) {
+            return Knowledge::Ended(o);
+        }
+        if let Some(a) = self.active.as_ref().filter(|a| a.txid == txid) {
+            return Knowledge::Holds(a.phase);
+        }
+        if generation > self.generation {
+            Knowledge::NeverInstalled
+        } else {
+            Knowledge::Unknown
         }
     }
 
@@ -251,12 +309,12 @@ impl TableState {
                         }),
                     ];
                 }
-                if generation <= self.generation {
+                if generation <= self.floor() {
                     return vec![
                         A::DiscardBody,
                         refuse(Refusal::StaleGeneration {
                             offered: generation,
-                            current: self.generation,
+                            current: self.floor(),
                         }),
                     ];
                 }
@@ -276,7 +334,9 @@ impl TableState {
             Event::StageDone { txid } => match &mut self.active {
                 Some(a) if a.txid == txid && a.phase == Phase::Staging => {
                     if a.abort_requested {
+                        let g = a.generation;
                         self.active = None;
+                        self.fence(g);
                         self.remember(txid, Outcome::Aborted);
                         vec![
                             A::RemoveStaged { txid },
@@ -299,31 +359,32 @@ impl TableState {
                 }
                 _ => vec![A::RemoveStaged { txid }, refuse(why)],
             },
-            Event::Commit { txid } => {
-                if let Some(Outcome::Committed(g)) = self.outcome_of(txid) {
-                    return vec![A::Reply(Response::Committed {
-                        txid,
-                        generation: g,
-                    })];
+            Event::Commit { txid, generation } => match self.knowledge(txid, generation) {
+                Knowledge::Ended(Outcome::Committed(g)) => vec![A::Reply(Response::Committed {
+                    txid,
+                    generation: g,
+                })],
+                Knowledge::Ended(Outcome::Aborted) => {
+                    vec![refuse(Refusal::AlreadyAborted { txid })]
                 }
-                match &mut self.active {
-                    Some(a) if a.txid == txid && a.phase == Phase::Prepared => {
-                        // Journal the decision first: a crash before the renames finishes them.
+                Knowledge::Holds(Phase::Prepared) => {
+                    // Journal the decision first: a crash before the renames finishes them, and
+                    // from here on nothing can abort it (a commit decision is sticky).
+                    if let Some(a) = self.active.as_mut() {
                         a.phase = Phase::Installing;
-                        vec![A::Persist, A::Install { txid }]
                     }
-                    Some(a) if a.txid == txid && a.phase == Phase::Installing => {
-                        vec![A::Install { txid }]
-                    }
-                    Some(a) if a.txid == txid => vec![refuse(Refusal::Protocol {
-                        detail: format!("commit of {txid} before it was prepared"),
-                    })],
-                    _ => match self.outcome_of(txid) {
-                        Some(Outcome::Aborted) => vec![refuse(Refusal::AlreadyAborted { txid })],
-                        _ => vec![refuse(Refusal::UnknownTransaction { txid })],
-                    },
+                    vec![A::Persist, A::Install { txid }]
                 }
-            }
+                Knowledge::Holds(Phase::Installing) => vec![A::Install { txid }],
+                Knowledge::Holds(Phase::Staging) => vec![refuse(Refusal::Protocol {
+                    detail: format!("commit of {txid} before it was prepared"),
+                })],
+                // A commit decision means this node prepared it; it holds it no more and its
+                // live generation is at or past it: it installed it and forgot (or a newer
+                // generation replaced it). Either way there is nothing left to do.
+                Knowledge::Unknown => vec![A::Reply(Response::Committed { txid, generation })],
+                Knowledge::NeverInstalled => vec![refuse(Refusal::UnknownTransaction { txid })],
+            },
             Event::InstallDone { txid } => match self.active.take() {
                 Some(a) if a.txid == txid && a.phase == Phase::Installing => {
                     self.generation = a.generation;
@@ -347,50 +408,79 @@ impl TableState {
                     vec![refuse(Refusal::UnknownTransaction { txid })]
                 }
             },
-            Event::InstallFailed { txid, why } => {
-                // Stay prepared: the decision is commit, the rename must be retried.
-                if let Some(a) = &mut self.active {
-                    if a.txid == txid && a.phase == Phase::Installing {
-                        a.phase = Phase::Prepared;
-                    }
+            // Stay *Installing*: the decision is commit and journaled; the shell retries the
+            // renames with backoff, and nothing can turn this transaction into an abort.
+            Event::InstallFailed { why, .. } => vec![refuse(why)],
+            Event::Abort { txid, generation } => match self.knowledge(txid, generation) {
+                Knowledge::Ended(Outcome::Committed(_)) | Knowledge::Holds(Phase::Installing) => {
+                    vec![refuse(Refusal::AlreadyCommitted { txid })]
                 }
-                vec![refuse(why)]
-            }
-            Event::Abort { txid } => {
-                if let Some(Outcome::Committed(_)) = self.outcome_of(txid) {
-                    return vec![refuse(Refusal::AlreadyCommitted { txid })];
-                }
-                match &mut self.active {
-                    Some(a) if a.txid == txid && a.phase == Phase::Staging => {
+                Knowledge::Ended(Outcome::Aborted) => vec![A::Reply(Response::Aborted { txid })],
+                Knowledge::Holds(Phase::Staging) => {
+                    if let Some(a) = self.active.as_mut() {
                         a.abort_requested = true;
-                        vec![A::Reply(Response::Aborted { txid })]
                     }
-                    Some(a) if a.txid == txid && a.phase == Phase::Prepared => {
-                        self.active = None;
-                        self.remember(txid, Outcome::Aborted);
-                        vec![
-                            A::RemoveStaged { txid },
-                            A::Persist,
-                            A::Unlock,
-                            A::Reply(Response::Aborted { txid }),
-                        ]
+                    vec![A::Reply(Response::Aborted { txid })]
+                }
+                Knowledge::Holds(Phase::Prepared) => {
+                    self.active = None;
+                    self.fence(generation);
+                    self.remember(txid, Outcome::Aborted);
+                    vec![
+                        A::RemoveStaged { txid },
+                        A::Persist,
+                        A::Unlock,
+                        A::Reply(Response::Aborted { txid }),
+                    ]
+                }
+                // Presumed abort: the fence makes sure a late prepare can never resurrect it.
+                Knowledge::NeverInstalled => {
+                    self.fence(generation);
+                    vec![A::Persist, A::Reply(Response::Aborted { txid })]
+                }
+                // At or below the live generation, a prepare of it is refused as stale anyway.
+                Knowledge::Unknown => vec![A::Reply(Response::Aborted { txid })],
+            },
+            Event::Query {
+                txid,
+                generation,
+                fence,
+            } => {
+                let answer = |x| A::Reply(Response::Outcome(x));
+                match self.knowledge(txid, generation) {
+                    Knowledge::Ended(Outcome::Committed(g)) => {
+                        vec![answer(OutcomeAnswer::Committed { generation: g })]
                     }
-                    Some(a) if a.txid == txid => vec![refuse(Refusal::Protocol {
-                        detail: format!("abort of {txid} after its commit began"),
-                    })],
-                    _ => {
-                        if self.outcome_of(txid).is_none() {
-                            // Presumed abort: remember it (durably) so that a late prepare can
-                            // never resurrect it. This is the participant's fence.
-                            self.remember(txid, Outcome::Aborted);
-                            return vec![A::Persist, A::Reply(Response::Aborted { txid })];
-                        }
-                        vec![A::Reply(Response::Aborted { txid })]
+                    Knowledge::Ended(Outcome::Aborted) => vec![answer(OutcomeAnswer::Aborted)],
+                    Knowledge::Holds(Phase::Staging) => vec![answer(OutcomeAnswer::Pending)],
+                    Knowledge::Holds(Phase::Prepared) => vec![answer(OutcomeAnswer::InDoubt)],
+                    Knowledge::Holds(Phase::Installing) => {
+                        vec![answer(OutcomeAnswer::Committed { generation })]
+                    }
+                    Knowledge::NeverInstalled if fence => {
+                        self.fence(generation);
+                        vec![A::Persist, answer(OutcomeAnswer::Aborted)]
+                    }
+                    Knowledge::NeverInstalled | Knowledge::Unknown => {
+                        vec![answer(OutcomeAnswer::Unknown)]
                     }
                 }
             }
         }
     }
+}
+
+/// What a node knows of one transaction from its own state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Knowledge {
+    /// Remembered as ended.
+    Ended(Outcome),
+    /// Held here, in this phase.
+    Holds(Phase),
+    /// Not held, not remembered, and above the live generation: never installed here.
+    NeverInstalled,
+    /// Not held, not remembered, at or below the live generation: can't tell.
+    Unknown,
 }
 
 /// A participant's vote as the coordinator sees it.
@@ -442,6 +532,7 @@ pub fn next_generation(statuses: &[TableStatus]) -> u64 {
         .iter()
         .map(|s| {
             s.generation
+                .max(s.fenced)
                 .max(s.prepared.as_ref().map(|p| p.generation).unwrap_or(0))
         })
         .max()
@@ -492,7 +583,13 @@ mod tests {
             ]
         );
         assert_eq!(
-            s.step(Event::Commit { txid: TxId(1) }, 12),
+            s.step(
+                Event::Commit {
+                    txid: TxId(1),
+                    generation: 1
+                },
+                12
+            ),
             vec![Action::Persist, Action::Install { txid: TxId(1) }]
         );
         let a = s.step(Event::InstallDone { txid: TxId(1) }, 13);
@@ -517,10 +614,22 @@ mod tests {
                 Action::Reply(Response::Prepared { txid: TxId(1) })
             ]
         );
-        s.step(Event::Commit { txid: TxId(1) }, 0);
+        s.step(
+            Event::Commit {
+                txid: TxId(1),
+                generation: 1,
+            },
+            0,
+        );
         s.step(Event::InstallDone { txid: TxId(1) }, 0);
         // A duplicated commit answers Committed, with no second install.
-        let a = s.step(Event::Commit { txid: TxId(1) }, 0);
+        let a = s.step(
+            Event::Commit {
+                txid: TxId(1),
+                generation: 1,
+            },
+            0,
+        );
         assert_eq!(
             a,
             vec![Action::Reply(Response::Committed {
@@ -529,7 +638,13 @@ mod tests {
             })]
         );
         // An abort after commit is refused.
-        let a = s.step(Event::Abort { txid: TxId(1) }, 0);
+        let a = s.step(
+            Event::Abort {
+                txid: TxId(1),
+                generation: 1,
+            },
+            0,
+        );
         assert_eq!(
             replies(&a),
             vec![&Response::Refused(Refusal::AlreadyCommitted {
@@ -551,7 +666,13 @@ mod tests {
             })]
         );
         s.step(Event::StageDone { txid: TxId(1) }, 0);
-        s.step(Event::Commit { txid: TxId(1) }, 0);
+        s.step(
+            Event::Commit {
+                txid: TxId(1),
+                generation: 1,
+            },
+            0,
+        );
         s.step(Event::InstallDone { txid: TxId(1) }, 0);
         let a = s.step(prepare(3, 5), 0);
         assert_eq!(
@@ -568,7 +689,13 @@ mod tests {
     fn abort_during_staging_never_becomes_prepared() {
         let mut s = TableState::default();
         s.step(prepare(1, 1), 0);
-        let a = s.step(Event::Abort { txid: TxId(1) }, 0);
+        let a = s.step(
+            Event::Abort {
+                txid: TxId(1),
+                generation: 1,
+            },
+            0,
+        );
         assert_eq!(replies(&a), vec![&Response::Aborted { txid: TxId(1) }]);
         let a = s.step(Event::StageDone { txid: TxId(1) }, 0);
         assert!(a.contains(&Action::RemoveStaged { txid: TxId(1) }));
@@ -587,13 +714,20 @@ mod tests {
     #[test]
     fn abort_of_an_unknown_transaction_fences_it() {
         let mut s = TableState::default();
-        let a = s.step(Event::Abort { txid: TxId(9) }, 0);
+        let a = s.step(
+            Event::Abort {
+                txid: TxId(9),
+                generation: 1,
+            },
+            0,
+        );
         assert_eq!(replies(&a), vec![&Response::Aborted { txid: TxId(9) }]);
         let a = s.step(prepare(9, 1), 0);
         assert_eq!(
             replies(&a),
-            vec![&Response::Refused(Refusal::AlreadyAborted {
-                txid: TxId(9)
+            vec![&Response::Refused(Refusal::StaleGeneration {
+                offered: 1,
+                current: 1
             })]
         );
     }
@@ -625,22 +759,195 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_install_stays_prepared_for_a_retry() {
+    fn a_failed_install_stays_installing_and_can_never_be_aborted() {
         let mut s = TableState::default();
         s.step(prepare(1, 1), 0);
         s.step(Event::StageDone { txid: TxId(1) }, 0);
-        s.step(Event::Commit { txid: TxId(1) }, 0);
+        s.step(
+            Event::Commit {
+                txid: TxId(1),
+                generation: 1,
+            },
+            0,
+        );
         let why = Refusal::Storage {
             op: "rename".into(),
             path: "x".into(),
             error: "EIO".into(),
         };
         s.step(Event::InstallFailed { txid: TxId(1), why }, 0);
-        assert_eq!(s.active.as_ref().map(|a| a.phase), Some(Phase::Prepared));
-        assert_eq!(
-            s.step(Event::Commit { txid: TxId(1) }, 0),
-            vec![Action::Persist, Action::Install { txid: TxId(1) }]
+        assert_eq!(s.active.as_ref().map(|a| a.phase), Some(Phase::Installing));
+        // An abort (from anyone) is refused: the decision was commit.
+        let a = s.step(
+            Event::Abort {
+                txid: TxId(1),
+                generation: 1,
+            },
+            0,
         );
+        assert_eq!(
+            replies(&a),
+            vec![&Response::Refused(Refusal::AlreadyCommitted {
+                txid: TxId(1)
+            })]
+        );
+        // A fencing query answers committed.
+        let a = s.step(
+            Event::Query {
+                txid: TxId(1),
+                generation: 1,
+                fence: true,
+            },
+            0,
+        );
+        assert_eq!(
+            replies(&a),
+            vec![&Response::Outcome(OutcomeAnswer::Committed {
+                generation: 1
+            })]
+        );
+        // The retry installs.
+        assert_eq!(
+            s.step(
+                Event::Commit {
+                    txid: TxId(1),
+                    generation: 1
+                },
+                0
+            ),
+            vec![Action::Install { txid: TxId(1) }]
+        );
+        s.step(Event::InstallDone { txid: TxId(1) }, 0);
+        assert_eq!(s.generation, 1);
+    }
+
+    /// Commits `n` transactions 1..=n, generation = txid.
+    fn committed(n: u128) -> TableState {
+        let mut s = TableState::default();
+        for t in 1..=n {
+            s.step(prepare(t, t as u64), 0);
+            s.step(Event::StageDone { txid: TxId(t) }, 0);
+            s.step(
+                Event::Commit {
+                    txid: TxId(t),
+                    generation: t as u64,
+                },
+                0,
+            );
+            s.step(Event::InstallDone { txid: TxId(t) }, 0);
+        }
+        s
+    }
+
+    #[test]
+    fn a_forgotten_commit_is_unknown_never_aborted() {
+        let n = RECENT as u128 + 10;
+        let mut s = committed(n);
+        assert_eq!(s.outcome_of(TxId(1)), None, "evicted from memory");
+        for fence in [false, true] {
+            let a = s.step(
+                Event::Query {
+                    txid: TxId(1),
+                    generation: 1,
+                    fence,
+                },
+                0,
+            );
+            assert_eq!(
+                replies(&a),
+                vec![&Response::Outcome(OutcomeAnswer::Unknown)]
+            );
+        }
+        // A late commit delivery is acknowledged, an abort changes nothing.
+        let a = s.step(
+            Event::Commit {
+                txid: TxId(1),
+                generation: 1,
+            },
+            0,
+        );
+        assert_eq!(
+            replies(&a),
+            vec![&Response::Committed {
+                txid: TxId(1),
+                generation: 1
+            }]
+        );
+        let before = s.clone();
+        s.step(
+            Event::Abort {
+                txid: TxId(1),
+                generation: 1,
+            },
+            0,
+        );
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn a_flood_of_fences_cannot_evict_a_fence() {
+        let mut s = TableState::default();
+        // Fence T=500 at generation 3, then ten thousand other fences.
+        let a = s.step(
+            Event::Query {
+                txid: TxId(500),
+                generation: 3,
+                fence: true,
+            },
+            0,
+        );
+        assert_eq!(a[0], Action::Persist);
+        for t in 1000..11000u128 {
+            s.step(
+                Event::Abort {
+                    txid: TxId(t),
+                    generation: 2,
+                },
+                0,
+            );
+        }
+        // T's late prepare is still refused.
+        let a = s.step(prepare(500, 3), 0);
+        assert!(matches!(
+            replies(&a)[..],
+            [Response::Refused(Refusal::StaleGeneration { .. })]
+        ));
+        // And the next coordinator offers above the fence.
+        assert_eq!(next_generation(&[s.status("t")]), 4);
+    }
+
+    #[test]
+    fn an_unknown_transaction_above_the_live_generation_is_fenced_only_when_asked() {
+        let mut s = committed(2);
+        let a = s.step(
+            Event::Query {
+                txid: TxId(7),
+                generation: 3,
+                fence: false,
+            },
+            0,
+        );
+        assert_eq!(
+            replies(&a),
+            vec![&Response::Outcome(OutcomeAnswer::Unknown)]
+        );
+        assert_eq!(s.fenced, 0);
+        let a = s.step(
+            Event::Query {
+                txid: TxId(7),
+                generation: 3,
+                fence: true,
+            },
+            0,
+        );
+        assert_eq!(
+            a,
+            vec![
+                Action::Persist,
+                Action::Reply(Response::Outcome(OutcomeAnswer::Aborted))
+            ]
+        );
+        assert_eq!(s.fenced, 3);
     }
 
     #[test]

@@ -176,6 +176,8 @@ pub enum Request {
         table: String,
         /// Transaction.
         txid: TxId,
+        /// The generation it installs.
+        generation: u64,
     },
     /// Drop a transaction (prepared, in progress or unknown).
     Abort {
@@ -183,6 +185,9 @@ pub enum Request {
         table: String,
         /// Transaction.
         txid: TxId,
+        /// The generation it would have installed (a node whose live generation is below it
+        /// can prove it never installed it, and fences every prepare up to it).
+        generation: u64,
     },
     /// The generations this node holds in its history.
     History {
@@ -211,7 +216,10 @@ pub enum Request {
         table: String,
         /// Transaction.
         txid: TxId,
-        /// Fence an unknown transaction as aborted.
+        /// The generation it installs (the proof rule needs it).
+        generation: u64,
+        /// Fence an unknown transaction as aborted, when this node can prove it never
+        /// installed it.
         fence: bool,
     },
 }
@@ -230,7 +238,7 @@ pub enum OutcomeAnswer {
     InDoubt,
     /// The coordinator is still at work: ask again later.
     Pending,
-    /// Never seen here (only without `fence`).
+    /// Not held here, and nothing here proves how it ended (never seen, or forgotten).
     Unknown,
 }
 
@@ -373,6 +381,8 @@ pub struct TableStatus {
     pub last_txid: Option<TxId>,
     /// Node that coordinated it.
     pub coordinator: Option<String>,
+    /// No prepare at or below this generation is accepted (fences of aborted transactions).
+    pub fenced: u64,
     /// A transaction holding the table, if any.
     pub prepared: Option<PreparedInfo>,
     /// A commit this node coordinated that has not reached every node yet.
@@ -390,8 +400,12 @@ pub struct PreparedInfo {
     pub coordinator: String,
     /// `true` once prepared (durable); `false` while staging.
     pub durable: bool,
+    /// `true` once the commit decision arrived (the renames are under way, or retried).
+    pub installing: bool,
     /// Since when (ms since the Unix epoch).
     pub since_ms: u64,
+    /// Every node taking part.
+    pub nodes: Vec<String>,
 }
 
 /// Why a participant refused a request. Nothing changed on that node.

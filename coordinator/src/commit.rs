@@ -24,9 +24,12 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use txmap_common::config::NodeConfig;
+use txmap_common::coordinator::{
+    after_decision_write, delivery, on_votes, AfterWrite, Delivery, OnVotes, WriteResult,
+};
 use txmap_common::decision::{DecisionLog, DecisionRecord, PendingRecord, Verdict};
 use txmap_common::exit;
-use txmap_common::machine::{decide, next_generation, Decision, Vote};
+use txmap_common::machine::{next_generation, Vote};
 use txmap_common::net;
 use txmap_common::proto::{Prepare, Request, Response, Sha256, TableStatus, TxId};
 use txmap_common::{now_ms, table};
@@ -127,22 +130,24 @@ async fn prepare_one(link: &Link, req: &Request, source: &Path, deadline: Durati
 /// Why a decision was not acknowledged by a node.
 #[derive(Debug, Clone)]
 pub enum DeliverError {
-    /// The node answered, and refused (it contradicts the node's own record): final.
-    Refused(txmap_common::proto::Refusal),
-    /// The node could not be reached, or answered nonsense, before the deadline: retry later.
-    Unreachable(String),
+    /// The node holds the opposite outcome (a broken rule; never retried, reported loudly).
+    Contradicts(String),
+    /// Not acknowledged before the deadline (unreachable, or not able to install yet): the
+    /// decision stays recorded and is sent again.
+    NotYet(String),
 }
 
 impl std::fmt::Display for DeliverError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            DeliverError::Refused(r) => write!(f, "refused: {r}"),
-            DeliverError::Unreachable(e) => write!(f, "not acknowledged: {e}"),
+            DeliverError::Contradicts(r) => write!(f, "CONTRADICTS the decision: {r}"),
+            DeliverError::NotYet(e) => write!(f, "not acknowledged: {e}"),
         }
     }
 }
 
-/// Sends a decision (`Commit` or `Abort`) to one node, re-dialling and retrying until `until`.
+/// Sends a decision (`Commit` or `Abort`) to one node, re-dialling and retrying until `until`
+/// or a definitive answer (see [`txmap_common::coordinator::delivery`]).
 pub async fn deliver(
     cluster: &Cluster,
     node: &NodeConfig,
@@ -150,6 +155,10 @@ pub async fn deliver(
     req: &Request,
     until: Instant,
 ) -> Result<u64, DeliverError> {
+    let verdict = match req {
+        Request::Commit { .. } => Verdict::Commit,
+        _ => Verdict::Abort,
+    };
     let mut link = link.clone();
     let mut last = String::from("no time left");
     while Instant::now() < until {
@@ -157,23 +166,28 @@ pub async fn deliver(
             link = cluster.connect(node).await;
         }
         let left = until.saturating_duration_since(Instant::now());
-        match ask(&link, req, left).await {
-            Ok(Response::Committed { generation, .. }) => return Ok(generation),
-            Ok(Response::Aborted { .. }) => return Ok(0),
-            Ok(Response::Refused(r)) => return Err(DeliverError::Refused(r)),
-            Ok(other) => {
-                return Err(DeliverError::Unreachable(format!(
-                    "unexpected answer {other:?}"
-                )))
+        let answer = ask(&link, req, left).await;
+        match delivery(verdict, answer.as_ref().ok()) {
+            Delivery::Acked => {
+                return Ok(match answer {
+                    Ok(Response::Committed { generation, .. }) => generation,
+                    _ => 0,
+                })
             }
-            Err(e) => {
-                last = e;
-                link = Err(last.clone());
+            Delivery::Contradicts(r) => return Err(DeliverError::Contradicts(r)),
+            Delivery::Retry(why) => {
+                last = match answer {
+                    Err(e) => {
+                        link = Err(e.clone());
+                        e
+                    }
+                    Ok(_) => why,
+                };
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
-    Err(DeliverError::Unreachable(last))
+    Err(DeliverError::NotYet(last))
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -220,13 +234,6 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
         let txid = TxId::random();
         report.txid = Some(txid.to_string());
         let deadline_ms = now_ms() + deadline.left().as_millis() as u64 + 1000;
-        if let Err(e) = log.open(txid, table_name, deadline_ms) {
-            local_failure(
-                &mut report,
-                format!("decision log in {}: {e}", cluster.cfg.state_dir.display()),
-            );
-            break;
-        }
         // (Re-)dial nodes whose connection failed or closed.
         if links.is_empty() {
             links =
@@ -269,6 +276,19 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
         }
         let generation = next_generation(&known);
         report.generation = Some(generation);
+        let names: Vec<String> = links.iter().map(|(n, _)| n.name.clone()).collect();
+        // Registered before anything is sent: from here on the node's recovery knows this
+        // transaction, and knows this process is alive by the lock the guard holds.
+        let _alive = match log.open(txid, table_name, generation, names.clone(), deadline_ms) {
+            Ok(g) => g,
+            Err(e) => {
+                local_failure(
+                    &mut report,
+                    format!("decision log in {}: {e}", cluster.cfg.state_dir.display()),
+                );
+                break;
+            }
+        };
         let req = Request::Prepare(Prepare {
             txid,
             table: table_name.to_string(),
@@ -277,9 +297,10 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
             source_len: digest.len,
             sha256: Sha256(digest.sha256),
             entries: digest.entries,
-            nodes: links.iter().map(|(n, _)| n.name.clone()).collect(),
+            nodes: names.clone(),
         });
-        if votes.iter().all(|v| v.is_none()) {
+        let prepare_sent = votes.iter().all(|v| v.is_none());
+        if prepare_sent {
             // Leave room in the overall deadline for the commit acknowledgements.
             let pd = deadline
                 .cap(t.prepare)
@@ -301,55 +322,73 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                 ));
             }
         }
-        let mut decision = decide(&votes).unwrap_or(Decision::Abort { retry: false });
-        if decision == Decision::Commit {
+        let votes: Vec<Vote> = votes
+            .into_iter()
+            .map(|v| v.unwrap_or(Vote::Unreachable("no vote".into())))
+            .collect();
+        let sent = vec![prepare_sent; votes.len()];
+        let mut decision = on_votes(&votes, &sent, now_ms() > deadline_ms);
+        let mut votes = votes;
+        if decision == OnVotes::LogCommit {
             fail::fail_point!("coordinator::after_all_prepared");
             let rec = DecisionRecord {
                 txid,
                 table: table_name.to_string(),
                 generation,
                 verdict: Verdict::Commit,
-                nodes: links.iter().map(|(n, _)| n.name.clone()).collect(),
+                nodes: names.clone(),
                 at_ms: now_ms(),
             };
-            // Past our own deadline, recovery may already have fenced this transaction, or be
-            // about to: never decide commit then.
-            let decided = if now_ms() > deadline_ms {
-                Ok(DecisionRecord::fence(txid, table_name, rec.nodes.clone()))
-            } else {
-                log.decide(&rec)
-            };
-            match decided {
-                Ok(d) if d.verdict == Verdict::Commit => {}
-                Ok(_) => {
-                    warn!(%txid, "recovery fenced this transaction as aborted before the decision");
-                    for v in votes.iter_mut() {
-                        *v = Some(Vote::Unreachable(
-                            "fenced: recovery aborted the transaction first".into(),
-                        ));
-                    }
-                    decision = Decision::Abort { retry: false };
-                }
+            let written = match log.decide(&rec) {
+                Ok(d) => WriteResult::Stands(d.verdict),
                 Err(e) => {
-                    // Not durable, so the decision cannot be commit.
-                    warn!(error = %e, "cannot log the decision; aborting");
-                    let _ = abort_all(&links, table_name, txid, deadline).await;
-                    log.close(txid);
-                    local_failure(
-                        &mut report,
-                        format!("decision log in {}: {e}", cluster.cfg.state_dir.display()),
-                    );
+                    warn!(error = %e, "decision log write failed; reading back what is on disk");
+                    match log.get(txid) {
+                        Ok(d) => WriteResult::ReadBack(d.map(|d| d.verdict)),
+                        Err(e) => {
+                            warn!(error = %e, "cannot read the decision back");
+                            WriteResult::Unreadable
+                        }
+                    }
+                }
+            };
+            match after_decision_write(written) {
+                AfterWrite::Commit => {}
+                AfterWrite::Abort => {
+                    warn!(%txid, "no commit decision stands (recovery fenced it first, or the write failed before it existed); aborting");
+                    for v in votes.iter_mut() {
+                        *v = Vote::Unreachable("no commit decision could be recorded".into());
+                    }
+                    decision = OnVotes::Abort {
+                        record: false,
+                        retry: false,
+                    };
+                }
+                AfterWrite::Unsure => {
+                    // A commit record may be durable: never abort. Leave the open record; this
+                    // node's txmapd settles it from the disk (it delivers a commit it finds,
+                    // and fences otherwise) once this process is gone.
+                    report.exit = exit::LOCAL;
+                    report.nodes = vec![NodeReport {
+                        node: cluster.cfg.node.clone(),
+                        ok: false,
+                        detail: format!(
+                            "decision log in {}: cannot tell whether the commit decision was recorded; txmapd resolves it from the disk",
+                            cluster.cfg.state_dir.display()
+                        ),
+                    }];
                     break;
                 }
             }
         }
         match decision {
-            Decision::Commit => {
+            OnVotes::LogCommit => {
                 fail::fail_point!("coordinator::after_decision_durable");
                 let t_decided = Instant::now();
                 let creq = Request::Commit {
                     table: table_name.to_string(),
                     txid,
+                    generation,
                 };
                 // The prepare phase left `commit` of the overall deadline for this (at least
                 // 500 ms even if the clock ran over: the decision is made and worth finishing).
@@ -391,18 +430,21 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                 }
                 break;
             }
-            Decision::Abort { retry } => {
+            OnVotes::Abort { record, retry } => {
                 // A node that prepared may miss the abort (down, or its vote lost): record the
                 // abort, so its resolver, even on this very node, finds it, and txmapd
-                // re-drives it. Not needed when every node refused: none holds anything.
-                let maybe_prepared = votes.iter().any(|v| !matches!(v, Some(Vote::Refused(_))));
-                let names: Vec<String> = links.iter().map(|(n, _)| n.name.clone()).collect();
-                let recorded = maybe_prepared
+                // re-drives it. Not needed when no node can hold anything.
+                let recorded = record
                     && log
-                        .decide(&DecisionRecord::fence(txid, table_name, names))
+                        .decide(&DecisionRecord::fence(
+                            txid,
+                            table_name,
+                            generation,
+                            names.clone(),
+                        ))
                         .map_err(|e| warn!(error = %e, "cannot record the abort; nodes presume it"))
                         .is_ok();
-                let all_acked = abort_all(&links, table_name, txid, deadline).await;
+                let all_acked = abort_all(&links, table_name, txid, generation, deadline).await;
                 if recorded && all_acked {
                     log.delivered(txid);
                 }
@@ -410,13 +452,10 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                 report.nodes = links
                     .iter()
                     .zip(&votes)
-                    .map(|((n, _), v)| {
-                        let v = v.clone().unwrap_or(Vote::Unreachable("no vote".into()));
-                        NodeReport {
-                            node: n.name.clone(),
-                            ok: v == Vote::Prepared,
-                            detail: vote_text(&v),
-                        }
+                    .map(|((n, _), v)| NodeReport {
+                        node: n.name.clone(),
+                        ok: *v == Vote::Prepared,
+                        detail: vote_text(v),
                     })
                     .collect();
                 if retry && Instant::now() + Duration::from_millis(50) < busy_until {
@@ -443,11 +482,13 @@ async fn abort_all(
     links: &[(NodeConfig, Link)],
     table_name: &str,
     txid: TxId,
+    generation: u64,
     deadline: Deadline,
 ) -> bool {
     let req = Request::Abort {
         table: table_name.to_string(),
         txid,
+        generation,
     };
     // Abort is best effort: a node that misses it resolves the transaction by itself
     // (presumed abort), so it never costs more than a short, bounded wait.
@@ -474,6 +515,8 @@ async fn abort_all(
 /// with a backoff, and `txmapd` retries it, reading the source again each time.
 pub async fn commit_tracked(cluster: &Cluster, table_name: &str, source: &Path) -> CommitReport {
     let log = DecisionLog::new(&cluster.cfg.state_dir);
+    // Held until this function returns: txmapd sees this process at work (or gone) by it.
+    let _owner = log.own_pending(table_name).ok().flatten();
     let prev = log.pending(table_name);
     let since_ms = prev.as_ref().map(|p| p.since_ms).unwrap_or_else(now_ms);
     let attempts = prev.as_ref().map(|p| p.attempts).unwrap_or(0);

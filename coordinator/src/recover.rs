@@ -1,18 +1,20 @@
 //! `txmap recover`: list in-doubt transactions on every node, and resolve one by hand without
 //! ever contradicting a recorded decision.
 //!
-//! - `--abort TXID` asks every node for the outcome *with fencing*: the coordinator's node
-//!   fences a dead coordinator's transaction, and a node that never prepared it fences it
-//!   locally. It is refused when any node reports it committed (or a commit decision exists),
-//!   and when every node is prepared and the coordinator's node cannot be reached (only that
-//!   node may know it decided commit). Otherwise it sends `Abort` everywhere.
+//! - `--abort TXID` asks the transaction's own nodes and its coordinator's node for the outcome
+//!   *with fencing*: the coordinator's node fences a dead coordinator's transaction, and a member
+//!   that can prove it never installed it fences it locally. It is refused when any of them
+//!   reports it committed (or a commit decision exists), and unless the coordinator's node or a
+//!   member vouches for the abort. Otherwise it sends `Abort` to those nodes.
 //! - `--commit TXID` is accepted only when a commit decision exists or a node already committed
 //!   it (it then re-drives the commit to every node). Anything else would be a guess.
 
 use crate::cluster::{ask, join_all, Cluster};
 use crate::commit::deliver;
 use std::time::Instant;
-use txmap_common::proto::{OutcomeAnswer, PreparedInfo, Request, Response};
+use txmap_common::config::NodeConfig;
+use txmap_common::coordinator::{may_recover, Heard};
+use txmap_common::proto::{PreparedInfo, Request, Response};
 
 /// A transaction found prepared (or staging) on some node.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -58,6 +60,10 @@ pub async fn list(cluster: &Cluster) -> (Vec<InDoubt>, Vec<String>) {
 }
 
 /// Resolves `txid` by hand. `Ok(message)` when done; `Err(message)` when refused.
+///
+/// Only the transaction's own nodes (named in its prepare) and its coordinator's node are
+/// asked and counted (see [`txmap_common::coordinator::may_recover`]): a node that never took
+/// part can fence an unknown transaction, which proves nothing about the others.
 pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result<String, String> {
     let txid = txmap_common::proto::TxId::parse(txid_text)
         .ok_or_else(|| format!("`{txid_text}` is not a transaction id (32 hex digits)"))?;
@@ -66,12 +72,21 @@ pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result
         return Err(format!("no reachable node holds transaction {txid}"));
     };
     let table = first.table.clone();
-    let coordinator = first.prepared.coordinator.clone();
-    let nodes = cluster.cfg.nodes.clone();
+    let p = first.prepared;
+    let nodes: Vec<NodeConfig> = cluster
+        .cfg
+        .nodes
+        .iter()
+        .filter(|n| {
+            p.nodes.iter().any(|m| m.eq_ignore_ascii_case(&n.name)) || n.name == p.coordinator
+        })
+        .cloned()
+        .collect();
     let links = join_all(nodes.iter().map(|n| cluster.connect(n))).await;
     let q = Request::Outcome {
         table: table.clone(),
         txid,
+        generation: p.generation,
         fence: !commit,
     };
     let answers = join_all(
@@ -80,20 +95,17 @@ pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result
             .map(|l| ask(l, &q, cluster.cfg.timeouts.connect)),
     )
     .await;
-    let mut committed = false;
-    let mut aborted = false;
-    let mut pending = false;
-    let mut coordinator_reached = false;
+    let mut heard = Vec::new();
     let mut lines = Vec::new();
     for (n, a) in nodes.iter().zip(&answers) {
         match a {
             Ok(Response::Outcome(x)) => {
-                if n.name == coordinator {
-                    coordinator_reached = true;
-                }
-                committed |= matches!(x, OutcomeAnswer::Committed { .. });
-                aborted |= matches!(x, OutcomeAnswer::Aborted);
-                pending |= matches!(x, OutcomeAnswer::Pending);
+                heard.push(Heard {
+                    node: n.name.clone(),
+                    member: p.nodes.iter().any(|m| m.eq_ignore_ascii_case(&n.name)),
+                    coordinator: n.name == p.coordinator,
+                    answer: *x,
+                });
                 lines.push(format!("{}: {x:?}", n.name));
             }
             Ok(other) => lines.push(format!("{}: {other:?}", n.name)),
@@ -101,31 +113,21 @@ pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result
         }
     }
     let summary = lines.join("; ");
-    if pending {
-        return Err(format!(
-            "the coordinator of {txid} is still at work; try again shortly ({summary})"
-        ));
-    }
-    if commit && !committed {
-        return Err(format!(
-            "refusing to commit {txid}: no reachable node reports a commit decision (if the coordinator's node is down, it may hold one: bring it back) ({summary})"
-        ));
-    }
-    if !commit && committed {
-        return Err(format!(
-            "refusing to abort {txid}: it was decided commit ({summary})"
-        ));
-    }
-    if !commit && !aborted && !coordinator_reached {
-        return Err(format!(
-            "refusing to abort {txid}: every reachable node is prepared and the coordinator's node {coordinator} \
-             cannot be reached; only it knows whether it decided commit ({summary})"
-        ));
-    }
+    let what = if commit { "commit" } else { "abort" };
+    may_recover(commit, &heard)
+        .map_err(|why| format!("refusing to {what} {txid}: {why} ({summary})"))?;
     let req = if commit {
-        Request::Commit { table, txid }
+        Request::Commit {
+            table,
+            txid,
+            generation: p.generation,
+        }
     } else {
-        Request::Abort { table, txid }
+        Request::Abort {
+            table,
+            txid,
+            generation: p.generation,
+        }
     };
     let until = Instant::now() + cluster.cfg.timeouts.commit;
     let results = join_all(

@@ -11,13 +11,14 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 use txmap_common::codec;
 use txmap_common::config::{Config, TableConfig};
+use txmap_common::coordinator::{log_answer, resolve, Heard, LogAnswer};
 use txmap_common::decision::{DecisionLog, DecisionRecord, Verdict};
 use txmap_common::history::History;
 use txmap_common::journal::Journal;
-use txmap_common::machine::{Action, Event, Phase, TableState};
+use txmap_common::machine::{Action, Active, Event, Phase, TableState};
 use txmap_common::now_ms;
 use txmap_common::proto::{
     HistoryEntry, OutcomeAnswer, PendingInfo, Prepare, Refusal, Request, Response, Sha256, TxId,
@@ -34,6 +35,9 @@ struct Slot {
     state: Mutex<TableState>,
     /// The table's `flock`, held from the start of staging until commit or abort.
     lock: std::sync::Mutex<Option<std::fs::File>>,
+    /// The journal lags behind the machine (a write failed): nothing is answered from this
+    /// table until it is written.
+    dirty: std::sync::atomic::AtomicBool,
 }
 
 /// Everything the daemon serves.
@@ -109,14 +113,22 @@ impl Node {
                     )?,
                 );
                 if a.phase == Phase::Installing {
-                    // The decision was commit and is journaled: finish the renames.
+                    // The decision was commit and is journaled: finish the renames. If they
+                    // still fail, the table stays installing and the retry loop keeps at it;
+                    // the daemon (and every other table) serves on.
                     info!(table = %t.name, txid = %a.txid, "finishing an interrupted commit");
-                    table::install(t, &table::staged_paths(t, a.txid))?;
-                    record_history(&cfg, t, &a);
-                    let actions = state.step(Event::InstallDone { txid: a.txid }, now_ms());
-                    debug!(?actions, "recovered");
-                    journal.store(&t.name, &state)?;
-                    lock = None;
+                    match install_checked(t, &a) {
+                        Ok(()) => {
+                            record_history(&cfg, t, &a);
+                            let actions = state.step(Event::InstallDone { txid: a.txid }, now_ms());
+                            debug!(?actions, "recovered");
+                            journal.store(&t.name, &state)?;
+                            lock = None;
+                        }
+                        Err(e) => {
+                            error!(table = %t.name, txid = %a.txid, error = %e, "cannot finish the commit yet; the table stays installing and it is retried");
+                        }
+                    }
                 } else {
                     info!(table = %t.name, txid = %a.txid, generation = a.generation, "transaction still prepared; holding its lock until the decision arrives");
                 }
@@ -127,6 +139,7 @@ impl Node {
                     table: t.clone(),
                     state: Mutex::new(state),
                     lock: std::sync::Mutex::new(lock),
+                    dirty: std::sync::atomic::AtomicBool::new(false),
                 }),
             );
         }
@@ -194,15 +207,23 @@ impl Node {
                     info_span!("prepare", txid = %p.txid, table = %p.table, node = %self.cfg.node);
                 self.prepare(&peer, p, &mut recv).instrument(span).await
             }
-            Request::Commit { table, txid } => {
+            Request::Commit {
+                table,
+                txid,
+                generation,
+            } => {
                 let span = info_span!("commit", %txid, %table, node = %self.cfg.node);
-                self.decide(&table, Event::Commit { txid })
+                self.decide(&table, Event::Commit { txid, generation }, Some(&peer))
                     .instrument(span)
                     .await
             }
-            Request::Abort { table, txid } => {
+            Request::Abort {
+                table,
+                txid,
+                generation,
+            } => {
                 let span = info_span!("abort", %txid, %table, node = %self.cfg.node);
-                self.decide(&table, Event::Abort { txid })
+                self.decide(&table, Event::Abort { txid, generation }, Some(&peer))
                     .instrument(span)
                     .await
             }
@@ -215,12 +236,15 @@ impl Node {
                 return;
             }
             Request::Verify { table } => self.verify(&table).await,
-            Request::Outcome { table, txid, fence } => {
-                match self.outcome(&table, txid, fence).await {
-                    Ok(a) => Response::Outcome(a),
-                    Err(r) => r,
-                }
-            }
+            Request::Outcome {
+                table,
+                txid,
+                generation,
+                fence,
+            } => match self.outcome(&table, txid, generation, fence).await {
+                Ok(a) => Response::Outcome(a),
+                Err(r) => r,
+            },
         };
         self.reply(&mut send, resp).await;
     }
@@ -281,6 +305,18 @@ impl Node {
             return Response::Refused(Refusal::NotAuthorized {
                 detail: format!("peer {peer} may not coordinate as {}", p.coordinator),
             });
+        }
+        if !self.cfg.node_by_name(peer).is_some_and(|n| n.in_service) {
+            let _ = recv.stop(quinn::VarInt::from_u32(3));
+            return Response::Refused(Refusal::NotAuthorized {
+                detail: format!(
+                    "{peer} is out of service here: out-of-service nodes do not coordinate"
+                ),
+            });
+        }
+        if let Err(r) = self.flush(&slot, &*slot.state.lock().await) {
+            let _ = recv.stop(quinn::VarInt::from_u32(3));
+            return r;
         }
         if p.source_len > self.cfg.max_table_bytes {
             let _ = recv.stop(quinn::VarInt::from_u32(3));
@@ -429,14 +465,57 @@ impl Node {
         Ok(())
     }
 
-    async fn decide(&self, table: &str, event: Event) -> Response {
+    /// Steps a table's machine with a decision (or a local retry when `peer` is `None`).
+    /// Authority follows the transaction: a decision about a transaction this node holds comes
+    /// from its coordinator or one of its nodes, never from an out-of-service node.
+    async fn decide(&self, table: &str, event: Event, peer: Option<&str>) -> Response {
         let slot = match self.slot(table) {
             Ok(s) => s.clone(),
             Err(r) => return r,
         };
         let mut guard = slot.state.lock().await;
+        if let Err(r) = self.flush(&slot, &guard) {
+            return r;
+        }
+        if let Some(peer) = peer {
+            let txid = match &event {
+                Event::Commit { txid, .. } | Event::Abort { txid, .. } => Some(*txid),
+                _ => None,
+            };
+            let in_service = self.cfg.node_by_name(peer).is_some_and(|n| n.in_service);
+            let member = guard
+                .active
+                .as_ref()
+                .filter(|a| Some(a.txid) == txid)
+                .is_none_or(|a| a.coordinator == peer || a.nodes.iter().any(|n| n == peer));
+            if !in_service || !member {
+                warn!(%peer, ?event, "decision refused: the peer is not the transaction's coordinator or one of its in-service nodes");
+                return Response::Refused(Refusal::NotAuthorized {
+                    detail: format!("{peer} may not decide this transaction here"),
+                });
+            }
+        }
         let actions = guard.step(event, now_ms());
         self.execute(&slot, guard, actions).await
+    }
+
+    /// Writes a journal that lags behind its machine; refuses to answer until it is written.
+    fn flush(&self, slot: &Slot, state: &TableState) -> Result<(), Response> {
+        use std::sync::atomic::Ordering;
+        if !slot.dirty.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match self.journal.store(&slot.table.name, state) {
+            Ok(()) => {
+                slot.dirty.store(false, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) => Err(Response::Refused(Refusal::Storage {
+                op: "journal".into(),
+                path: self.cfg.state_dir.display().to_string(),
+                error: e.to_string(),
+            })),
+        }
     }
 
     /// Streams the source of one generation from history.
@@ -507,11 +586,13 @@ impl Node {
     }
 
     /// What this node knows of `txid` (see [`Request::Outcome`]): its decision log first (it
-    /// may be the coordinator's node), then its own participant state.
+    /// may be the coordinator's node; see [`log_answer`]), then its own participant state (see
+    /// the proof rule of the machine's `Query`).
     async fn outcome(
         &self,
         table: &str,
         txid: TxId,
+        generation: u64,
         fence: bool,
     ) -> Result<OutcomeAnswer, Response> {
         let storage = |e: std::io::Error| {
@@ -527,133 +608,180 @@ impl Node {
             },
             Verdict::Abort => OutcomeAnswer::Aborted,
         };
-        let log = DecisionLog::new(&self.cfg.state_dir);
-        if let Some(d) = log.get(txid).map_err(storage)? {
-            return Ok(answer(&d));
-        }
-        if let Some(open) = log.open_record(txid).map_err(storage)? {
-            if DecisionLog::coordinator_alive(&open) {
-                return Ok(OutcomeAnswer::Pending);
-            }
-            if fence {
-                let nodes = self
-                    .cfg
-                    .active_nodes()
-                    .into_iter()
-                    .map(|n| n.name)
-                    .collect();
-                let rec = DecisionRecord::fence(txid, table, nodes);
-                let d = log.decide(&rec).map_err(storage)?;
-                info!(%txid, verdict = ?d.verdict, "in-doubt query about a dead coordinator's transaction: fenced");
-                return Ok(answer(&d));
-            }
-        }
         let slot = self.slot(table)?.clone();
+        let log = DecisionLog::new(&self.cfg.state_dir);
+        let decision = log.get(txid).map_err(storage)?;
+        let open = log.open_record(txid).map_err(storage)?;
         let mut st = slot.state.lock().await;
-        match st.outcome_of(txid) {
-            Some(txmap_common::machine::Outcome::Committed(g)) => {
-                return Ok(OutcomeAnswer::Committed { generation: g })
+        self.flush(&slot, &st)?;
+        let own = st
+            .active
+            .as_ref()
+            .filter(|a| a.txid == txid && a.phase == Phase::Prepared)
+            .filter(|a| a.coordinator == self.cfg.node)
+            .cloned();
+        match log_answer(
+            decision.as_ref().map(|d| (d.verdict, d.generation)),
+            open.as_ref().map(|o| log.coordinator_alive(o)),
+            own.is_some(),
+            fence,
+        ) {
+            LogAnswer::Answer(x) => Ok(x),
+            LogAnswer::Fence => {
+                drop(st);
+                let (generation, nodes) = match (&open, &own) {
+                    (Some(o), _) => (o.generation, o.nodes.clone()),
+                    (None, Some(a)) => (a.generation, a.nodes.clone()),
+                    (None, None) => (generation, Vec::new()),
+                };
+                let d = log
+                    .decide(&DecisionRecord::fence(txid, table, generation, nodes))
+                    .map_err(storage)?;
+                info!(%txid, verdict = ?d.verdict, "in-doubt query about a transaction whose coordinator is gone: its decision stands");
+                Ok(answer(&d))
             }
-            Some(txmap_common::machine::Outcome::Aborted) => return Ok(OutcomeAnswer::Aborted),
-            None => {}
-        }
-        if let Some(a) = st.active.as_ref().filter(|a| a.txid == txid) {
-            return Ok(match a.phase {
-                Phase::Staging => OutcomeAnswer::Pending,
-                // This node coordinated it, yet its log holds neither a decision nor an open
-                // record: the coordinator is gone without deciding commit (a commit decision is
-                // always logged first). Fence it.
-                Phase::Prepared if fence && a.coordinator == self.cfg.node => {
-                    let nodes = a.nodes.clone();
-                    drop(st);
-                    let d = log
-                        .decide(&DecisionRecord::fence(txid, table, nodes))
-                        .map_err(storage)?;
-                    info!(%txid, verdict = ?d.verdict, "own coordinator gone without a decision: fenced");
-                    return Ok(answer(&d));
+            LogAnswer::AskParticipant => {
+                let actions = st.step(
+                    Event::Query {
+                        txid,
+                        generation,
+                        fence,
+                    },
+                    now_ms(),
+                );
+                match self.execute(&slot, st, actions).await {
+                    Response::Outcome(x) => Ok(x),
+                    other => Err(other),
                 }
-                Phase::Prepared => OutcomeAnswer::InDoubt,
-                Phase::Installing => OutcomeAnswer::Committed {
-                    generation: a.generation,
-                },
-            });
+            }
         }
-        if !fence {
-            return Ok(OutcomeAnswer::Unknown);
-        }
-        let actions = st.step(Event::Abort { txid }, now_ms());
-        self.execute(&slot, st, actions).await;
-        Ok(OutcomeAnswer::Aborted)
     }
 
     /// Resolves prepared transactions whose decision has not arrived: asks the coordinator's
     /// node (which fences a dead coordinator's transaction), and when that node cannot be
-    /// reached for half the in-doubt bound, asks the peers (cooperative termination).
+    /// reached for half the in-doubt bound, asks the transaction's other nodes (cooperative
+    /// termination); concludes only what [`resolve`] allows. Also retries the renames of
+    /// transactions decided commit whose install failed (a storage error), with backoff.
     async fn resolve_loop(self: Arc<Self>, cluster: Arc<Cluster>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let mut install_retry: HashMap<String, (u64, u32)> = HashMap::new();
         loop {
             tick.tick().await;
             for slot in self.slots.values() {
                 let active = slot.state.lock().await.active.clone();
-                let Some(a) = active.filter(|a| a.phase == Phase::Prepared) else {
-                    continue;
-                };
-                let age = now_ms().saturating_sub(a.since_ms);
-                if age < 1000 {
-                    continue;
-                }
                 let table = slot.table.name.clone();
-                let q = Request::Outcome {
-                    table: table.clone(),
-                    txid: a.txid,
-                    fence: true,
-                };
-                let deadline = self.cfg.timeouts.connect;
-                let from_coordinator = if a.coordinator == self.cfg.node {
-                    self.outcome(&table, a.txid, true).await.ok()
-                } else if let Some(n) = self.cfg.node_by_name(&a.coordinator) {
-                    match ask(&cluster.connect(n).await, &q, deadline).await {
-                        Ok(Response::Outcome(x)) => Some(x),
-                        _ => None,
-                    }
-                } else {
-                    None
-                };
-                let mut verdict = from_coordinator;
-                if verdict.is_none() && age > self.cfg.timeouts.in_doubt.as_millis() as u64 / 2 {
-                    // The transaction's own node list: this node's idea of who is in service
-                    // may differ from the coordinator's.
-                    let peers = a
-                        .nodes
-                        .iter()
-                        .filter_map(|n| self.cfg.node_by_name(n))
-                        .cloned();
-                    for n in peers.collect::<Vec<_>>() {
-                        if n.name == self.cfg.node || n.name == a.coordinator {
+                match active {
+                    Some(a) if a.phase == Phase::Installing => {
+                        let (next, tries) = install_retry.get(&table).copied().unwrap_or((0, 0));
+                        if now_ms() < next {
                             continue;
                         }
-                        if let Ok(Response::Outcome(x)) =
-                            ask(&cluster.connect(&n).await, &q, deadline).await
-                        {
-                            if matches!(x, OutcomeAnswer::Committed { .. } | OutcomeAnswer::Aborted)
-                            {
-                                info!(txid = %a.txid, peer = %n.name, answer = ?x, "cooperative termination");
-                                verdict = Some(x);
-                                break;
-                            }
+                        let resp = self
+                            .decide(
+                                &table,
+                                Event::Commit {
+                                    txid: a.txid,
+                                    generation: a.generation,
+                                },
+                                None,
+                            )
+                            .await;
+                        if matches!(resp, Response::Committed { .. }) {
+                            info!(%table, txid = %a.txid, tries = tries + 1, "interrupted commit finished");
+                            install_retry.remove(&table);
+                        } else {
+                            let wait = (1000u64 << tries.min(5)).min(30_000);
+                            warn!(%table, txid = %a.txid, answer = ?resp, retry_ms = wait, "commit decided but not installed yet; retrying");
+                            install_retry.insert(table, (now_ms() + wait, tries + 1));
                         }
                     }
+                    Some(a) if a.phase == Phase::Prepared => {
+                        install_retry.remove(&table);
+                        self.resolve_one(&cluster, &table, &a).await;
+                    }
+                    _ => {
+                        install_retry.remove(&table);
+                    }
                 }
-                let event = match verdict {
-                    Some(OutcomeAnswer::Committed { .. }) => Event::Commit { txid: a.txid },
-                    Some(OutcomeAnswer::Aborted) => Event::Abort { txid: a.txid },
-                    _ => continue,
-                };
-                info!(%table, txid = %a.txid, ?event, age_ms = age, "resolving an in-doubt transaction");
-                let resp = self.decide(&table, event).await;
-                debug!(?resp, "resolved");
             }
         }
+    }
+
+    async fn resolve_one(&self, cluster: &Cluster, table: &str, a: &Active) {
+        let age = now_ms().saturating_sub(a.since_ms);
+        if age < 1000 {
+            return;
+        }
+        let q = Request::Outcome {
+            table: table.to_string(),
+            txid: a.txid,
+            generation: a.generation,
+            fence: true,
+        };
+        let deadline = self.cfg.timeouts.connect;
+        let member = |n: &str| a.nodes.iter().any(|m| m == n);
+        let mut heard = Vec::new();
+        let from_coordinator = if a.coordinator == self.cfg.node {
+            self.outcome(table, a.txid, a.generation, true).await.ok()
+        } else if let Some(n) = self.cfg.node_by_name(&a.coordinator) {
+            match ask(&cluster.connect(n).await, &q, deadline).await {
+                Ok(Response::Outcome(x)) => Some(x),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        if let Some(x) = from_coordinator {
+            heard.push(Heard {
+                node: a.coordinator.clone(),
+                member: member(&a.coordinator),
+                coordinator: true,
+                answer: x,
+            });
+        }
+        let mut verdict = resolve(&heard);
+        if verdict.is_none() && age > self.cfg.timeouts.in_doubt.as_millis() as u64 / 2 {
+            // The transaction's own node list: this node's idea of who is in service may
+            // differ from the coordinator's.
+            let peers: Vec<_> = a
+                .nodes
+                .iter()
+                .filter(|n| **n != self.cfg.node && **n != a.coordinator)
+                .filter_map(|n| self.cfg.node_by_name(n))
+                .cloned()
+                .collect();
+            for n in peers {
+                if let Ok(Response::Outcome(x)) =
+                    ask(&cluster.connect(&n).await, &q, deadline).await
+                {
+                    heard.push(Heard {
+                        node: n.name.clone(),
+                        member: true,
+                        coordinator: false,
+                        answer: x,
+                    });
+                    verdict = resolve(&heard);
+                    if verdict.is_some() {
+                        info!(txid = %a.txid, peer = %n.name, answer = ?x, "cooperative termination");
+                        break;
+                    }
+                }
+            }
+        }
+        let event = match verdict {
+            Some(Verdict::Commit) => Event::Commit {
+                txid: a.txid,
+                generation: a.generation,
+            },
+            Some(Verdict::Abort) => Event::Abort {
+                txid: a.txid,
+                generation: a.generation,
+            },
+            None => return,
+        };
+        info!(%table, txid = %a.txid, ?event, age_ms = age, "resolving an in-doubt transaction");
+        let resp = self.decide(table, event, None).await;
+        debug!(?resp, "resolved");
     }
 
     /// Re-drives decisions that a dead coordinator on this node did not finish delivering.
@@ -807,9 +935,7 @@ impl Node {
                 }
                 // A live owner (a `txmap commit` or a hook request at work) keeps it until its
                 // deadline; a dead one hands it over at once.
-                let owner_alive = p
-                    .owner_pid
-                    .is_some_and(|pid| std::path::Path::new(&format!("/proc/{pid}")).exists());
+                let owner_alive = log.pending_owner_alive(&p.table);
                 if now_ms() < p.next_ms && (owner_alive || p.owner_pid.is_none()) {
                     continue;
                 }
@@ -868,7 +994,11 @@ impl Node {
                 }
                 Action::Install { txid } => {
                     fail::fail_point!("participant::before_commit_rename");
-                    let ev = match table::install(t, &table::staged_paths(t, txid)) {
+                    let installed = match state.active.as_ref().filter(|a| a.txid == txid) {
+                        Some(a) => install_checked(t, a).map_err(Refusal::from),
+                        None => Err(Refusal::UnknownTransaction { txid }),
+                    };
+                    let ev = match installed {
                         Ok(()) => {
                             fail::fail_point!("participant::after_commit_rename");
                             if let Some(a) = state.active.as_ref().filter(|a| a.txid == txid) {
@@ -876,17 +1006,17 @@ impl Node {
                             }
                             Event::InstallDone { txid }
                         }
-                        Err(e) => Event::InstallFailed {
-                            txid,
-                            why: e.into(),
-                        },
+                        Err(why) => {
+                            error!(%txid, error = %why, "commit decided but the install failed; it stays installing and is retried");
+                            Event::InstallFailed { txid, why }
+                        }
                     };
                     queue.extend(state.step(ev, now_ms()));
                 }
                 Action::Reply(r) => reply = r,
             }
         }
-        if let (Some(why), Response::Prepared { txid }) = (persist_error, &reply) {
+        if let (Some(why), Response::Prepared { txid }) = (&persist_error, &reply) {
             // Not durable, so not prepared: undo it all.
             let txid: TxId = *txid;
             if state.active.as_ref().is_some_and(|a| a.txid == txid) {
@@ -896,6 +1026,12 @@ impl Node {
             if let Ok(mut l) = slot.lock.lock() {
                 *l = None;
             }
+            return Response::Refused(why.clone());
+        }
+        if let Some(why) = persist_error {
+            // What happened is not durable yet: answer nothing from it. The journal is written
+            // again before this table answers anything else.
+            slot.dirty.store(true, std::sync::atomic::Ordering::SeqCst);
             return Response::Refused(why);
         }
         if let Response::Committed { txid, generation } = &reply {
@@ -935,6 +1071,28 @@ fn set_mode_and_group(
         std::os::unix::fs::chown(path, None, Some(gid))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Renames a transaction's staged files over the live ones. When both staged files are gone
+/// (a crash after the renames, before the journal said so), the live source must be this
+/// transaction's content: anything else is an error, never a generation reported installed.
+fn install_checked(t: &TableConfig, a: &Active) -> Result<(), table::TableError> {
+    let staged = table::staged_paths(t, a.txid);
+    if !staged.indexed.exists() && !staged.source.exists() {
+        let live = table::digest_file(&t.path)?;
+        if live.sha256 != a.sha256.0 {
+            return Err(table::TableError::Io {
+                op: "install",
+                path: staged.indexed.clone(),
+                source: std::io::Error::other(format!(
+                    "the staged files of {} are missing and the live source is not its content",
+                    a.txid
+                )),
+            });
+        }
+        return Ok(());
+    }
+    table::install(t, &staged)
 }
 
 /// Turns the history copies of an installed transaction into its generation. History is for
