@@ -11,10 +11,12 @@
 //!   only a definitive answer ends delivery). Then a commit is forgotten and an abort is kept
 //!   as a tombstone for a day.
 
-use crate::cluster::{join_all, Cluster};
+use crate::cluster::{join_all, Cluster, Link};
 use crate::commit::{deliver, DeliverError};
+use std::collections::HashMap;
 use std::time::Instant;
 use tracing::{error, info, warn};
+use txmap_common::config::NodeConfig;
 use txmap_common::decision::{DecisionLog, DecisionRecord, Verdict};
 use txmap_common::proto::Request;
 
@@ -46,14 +48,37 @@ pub async fn redrive(cluster: &Cluster) -> Vec<String> {
             _ => true,
         })
         .collect();
-    let done = join_all(pending.iter().map(|rec| redrive_one(cluster, &log, rec))).await;
+    // One connection per node for the whole pass, dialled once: a node that is down costs
+    // one connect timeout per pass, not one per record (a node down for a day can have
+    // thousands of aborts waiting for it).
+    let mut wanted: Vec<NodeConfig> = Vec::new();
+    for rec in &pending {
+        for n in rec.nodes.iter().filter_map(|n| cluster.cfg.node_by_name(n)) {
+            if !wanted.iter().any(|w| w.name == n.name) {
+                wanted.push(n.clone());
+            }
+        }
+    }
+    let dialled = join_all(wanted.iter().map(|n| cluster.connect(n))).await;
+    let links: HashMap<String, Link> = wanted.iter().map(|n| n.name.clone()).zip(dialled).collect();
+    let done = join_all(
+        pending
+            .iter()
+            .map(|rec| redrive_one(cluster, &log, &links, rec)),
+    )
+    .await;
     // Abort tombstones outlive any coordinator by far (deadlines are seconds).
     log.expire_tombstones(24 * 3600 * 1000);
     done.into_iter().flatten().collect()
 }
 
 /// Delivers one decision to every node of its transaction; `Some` when that is over.
-async fn redrive_one(cluster: &Cluster, log: &DecisionLog, rec: &DecisionRecord) -> Option<String> {
+async fn redrive_one(
+    cluster: &Cluster,
+    log: &DecisionLog,
+    links: &HashMap<String, Link>,
+    rec: &DecisionRecord,
+) -> Option<String> {
     let req = match rec.verdict {
         Verdict::Commit => Request::Commit {
             table: rec.table.clone(),
@@ -75,8 +100,11 @@ async fn redrive_one(cluster: &Cluster, log: &DecisionLog, rec: &DecisionRecord)
     let results = join_all(nodes.iter().map(|n| {
         let req = &req;
         async move {
-            let link = cluster.connect(n).await;
-            deliver(cluster, n, &link, req, until).await
+            match links.get(&n.name) {
+                Some(link @ Ok(_)) => deliver(cluster, n, link, req, until).await,
+                Some(Err(e)) => Err(DeliverError::NotYet(e.clone())),
+                None => Err(DeliverError::NotYet("not dialled".into())),
+            }
         }
     }))
     .await;
