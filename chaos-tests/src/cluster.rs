@@ -752,12 +752,12 @@ impl TestCluster {
     pub fn watch_journals(&self, n: usize) -> JournalWatch {
         let clock = crate::invariants::Clock::start();
         JournalWatch {
-            sampler: crate::invariants::journal::Sampler::start(
+            sampler: Some(crate::invariants::journal::Sampler::start(
                 (1..=n).map(|i| self.state_dir(i)).collect(),
                 TABLE,
                 clock,
                 Duration::from_millis(20),
-            ),
+            )),
             clock,
         }
     }
@@ -767,7 +767,7 @@ impl TestCluster {
 /// the end could miss a split): the chaos runner's [`crate::invariants::journal::Sampler`].
 #[derive(Debug)]
 pub struct JournalWatch {
-    sampler: crate::invariants::journal::Sampler,
+    sampler: Option<crate::invariants::journal::Sampler>,
     clock: crate::invariants::Clock,
 }
 
@@ -775,9 +775,12 @@ impl JournalWatch {
     /// Stops sampling and applies the chaos runner's agreement rule ("one outcome per
     /// transaction", [`crate::invariants::aborted`]) to everything seen, plus each node's
     /// history: the violations, each naming its transaction and the nodes.
-    pub fn split_outcomes(self) -> Vec<String> {
+    pub fn split_outcomes(mut self) -> Vec<String> {
         let end = self.clock.ms();
-        let log = self.sampler.stop();
+        let Some(sampler) = self.sampler.take() else {
+            return Vec::new();
+        };
+        let log = sampler.stop();
         let seen = crate::invariants::visibility::VisibilityResult {
             tally: Default::default(),
             served: Vec::new(),
@@ -790,5 +793,15 @@ impl JournalWatch {
             .into_iter()
             .map(|v| v.detail)
             .collect()
+    }
+}
+
+impl Drop for JournalWatch {
+    /// Stops the sampling thread (a test that failed early must not leave it recreating the
+    /// state directories of a removed sandbox).
+    fn drop(&mut self) {
+        if let Some(s) = self.sampler.take() {
+            let _ = s.stop();
+        }
     }
 }

@@ -363,14 +363,15 @@ fn recover_abort_is_refused_for_a_commit_decision_even_if_an_out_of_service_node
 fn a_peer_that_forgot_a_committed_transaction_never_answers_aborted() {
     let mut c = cluster_on_a("forgot", 3, |_, s| with_timeouts(s, "in_doubt_ms = 4000"));
     let watch = c.watch_journals(3);
-    // Every node prepares; node3 freezes before the commit reaches it.
+    // Every node prepares; node3 goes down before the commit reaches it. (SIGKILL, not
+    // SIGSTOP: a frozen process would find the commit's datagrams in its socket buffer.)
     let child = c.spawn_txmap_with(
         1,
         &["commit", TABLE],
         &[("FAILPOINTS", "coordinator::after_all_prepared=sleep(1500)")],
     );
     let txid = wait_prepared(&c, &[1, 2, 3], Duration::from_secs(10));
-    c.signal(3, libc::SIGSTOP);
+    c.kill_node(3);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", describe(&out));
     for i in [1, 2] {
@@ -393,8 +394,9 @@ fn a_peer_that_forgot_a_committed_transaction_never_answers_aborted() {
         answers.last(),
         c.outcome(2, &txid)
     );
-    // node3 comes back: the coordinator's node is down, so it asks its peer node2.
-    c.signal(3, libc::SIGCONT);
+    // node3 comes back, still prepared: the coordinator's node is down, so it asks its peer
+    // node2.
+    c.start_node(3).unwrap();
     keeps_it_without_aborting(
         &c,
         3,
@@ -417,11 +419,12 @@ fn a_peer_that_forgot_a_committed_transaction_never_answers_aborted() {
 /// the directory fsync). The record is on disk: the coordinator must not send Abort.
 #[test]
 fn a_decision_log_error_after_the_link_never_splits_the_transaction() {
-    let c = cluster_on_a("after-link", 3, |_, s| s);
+    let mut c = cluster_on_a("after-link", 3, |_, s| s);
     let watch = c.watch_journals(3);
     // The coordinator writes, in order: its pending intent, its open record, its decision.
-    // Only the third write fails, after its hard link. node3 freezes once every node prepared,
-    // so it misses whatever the coordinator sends next.
+    // Only the third write fails, after its hard link. node3 goes down once every node
+    // prepared, so it misses whatever the coordinator sends next (SIGKILL, not SIGSTOP: a
+    // frozen process would still find those datagrams in its socket buffer).
     let child = c.spawn_txmap_with(
         1,
         &["commit", TABLE, "--json"],
@@ -431,7 +434,7 @@ fn a_decision_log_error_after_the_link_never_splits_the_transaction() {
         )],
     );
     let txid = wait_prepared(&c, &[1, 2, 3], Duration::from_secs(10));
-    c.signal(3, libc::SIGSTOP);
+    c.kill_node(3);
     let out = child.wait_with_output().unwrap();
     eprintln!("commit: {}", describe(&out));
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
@@ -443,7 +446,7 @@ fn a_decision_log_error_after_the_link_never_splits_the_transaction() {
         "the failpoint did not fire on the decision (no commit record for {txid}): {:?}",
         c.decisions(1)
     );
-    c.signal(3, libc::SIGCONT);
+    c.start_node(3).unwrap();
     // Every node ends the transaction one way.
     assert!(
         wait_until(Duration::from_secs(30), || (1..=3)
