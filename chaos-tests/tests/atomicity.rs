@@ -468,3 +468,94 @@ fn a_decision_log_error_after_the_link_never_splits_the_transaction() {
     );
     assert_agreement(watch);
 }
+
+/// `txmap check-config` on node1's config rewritten by `edit`.
+fn check_config(name: &str, edit: impl FnOnce(String) -> String) -> std::process::Output {
+    let c = TestCluster::create(name, 1).unwrap();
+    c.edit_config(1, edit);
+    c.txmap(1, &["check-config"])
+}
+
+#[test]
+fn check_config_rejects_a_commit_timeout_not_below_the_total() {
+    let out = check_config("cfg-timeouts", |s| with_timeouts(s, "total_ms = 2000"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "commit_ms = 2000 with total_ms = 2000 (every commit would abort) must be a \
+         configuration error: {}",
+        describe(&out)
+    );
+    assert!(
+        text.contains("commit_ms") && text.contains("total_ms"),
+        "the error must name both keys: {}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn check_config_rejects_node_names_that_differ_only_in_case() {
+    let out = check_config("cfg-case", |s| {
+        format!("{s}\n[[nodes]]\nname = \"Node1\"\naddress = \"127.0.0.1:9\"\n")
+    });
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "`Node1` and `node1` are one name to a certificate check: {}",
+        describe(&out)
+    );
+    assert!(
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .contains("Node1"),
+        "the error must name the node: {}",
+        describe(&out)
+    );
+}
+
+/// The Sympa hook's change could not reach node3 (down) and is pending on node1. The operator
+/// then commits another file by hand, with node3 set out of service in the config the CLI
+/// reads. That commit succeeding must not drop the hook's undistributed change.
+#[test]
+fn a_manual_commit_does_not_drop_the_hooks_pending_change() {
+    let mut c = cluster_on_a("hook-pending", 3, |_, s| s);
+    c.kill_node(3);
+    // B is in the shared source: the hook distributes it (node3 down: exit 1, pending).
+    let out = std::process::Command::new(&txmap_chaos_tests::cluster::bins().txmap_sympa)
+        .env("TXMAP_CONFIG", c.config(1))
+        .arg(c.source())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let pending = |c: &TestCluster| c.status(1)[0]["tables"][0]["pending"].clone();
+    assert!(
+        pending(&c).is_object(),
+        "no pending change: {}",
+        c.status(1)
+    );
+
+    // The operator's commit of another file, node3 out of service for the CLI.
+    let manual = c.root().join("manual_transport");
+    std::fs::write(&manual, transport_table("manual.example", 0..30)).unwrap();
+    c.edit_config(1, |s| c.out_of_service(s, 3));
+    let out = c.txmap(
+        1,
+        &["commit", TABLE, "--source", &manual.display().to_string()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let p = pending(&c);
+    assert!(
+        p.is_object(),
+        "the manual commit succeeded and dropped the hook's undistributed change (B, never \
+         on node3): status pending = {p}; {}",
+        c.status(1)
+    );
+}
