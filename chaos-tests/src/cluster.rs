@@ -126,6 +126,8 @@ pub struct TestCluster {
     daemons: Vec<Option<Child>>,
     /// Read-only bind mounts to undo on drop.
     mounts: Vec<PathBuf>,
+    /// Directories made immutable (`chattr +i`) to undo on drop.
+    immutable: Vec<PathBuf>,
 }
 
 impl TestCluster {
@@ -165,6 +167,7 @@ impl TestCluster {
             base_port,
             daemons: (0..n).map(|_| None).collect(),
             mounts: Vec::new(),
+            immutable: Vec::new(),
         })
     }
 
@@ -514,6 +517,9 @@ impl Drop for TestCluster {
         for m in self.mounts.drain(..).rev() {
             let _ = Command::new("umount").arg("-l").arg(&m).status();
         }
+        for d in self.immutable.drain(..) {
+            let _ = Command::new("chattr").arg("-i").arg(&d).status();
+        }
     }
 }
 
@@ -609,4 +615,193 @@ pub fn transport_table(domain: &str, range: std::ops::Range<usize>) -> String {
         s.push_str(&format!("list{i}@{domain}\tsympa:list{i}@{domain}\n"));
     }
     s
+}
+
+/// Helpers for the atomicity tests (`tests/atomicity.rs`): config edits, storage faults,
+/// raw requests, and what each node's state directory says about one transaction.
+impl TestCluster {
+    /// Writes a sandbox of `n` nodes, rewrites every node's config with `edit(i, text)`, then
+    /// starts every daemon.
+    pub fn start_edited(
+        name: &str,
+        n: usize,
+        edit: impl Fn(usize, String) -> String,
+    ) -> Result<TestCluster> {
+        let mut c = TestCluster::create(name, n)?;
+        for i in 1..=n {
+            c.edit_config(i, |s| edit(i, s));
+        }
+        for i in 1..=n {
+            c.start_node(i)?;
+        }
+        Ok(c)
+    }
+
+    /// Node `i`'s state directory.
+    pub fn state_dir(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("state")
+    }
+
+    /// Config text with node `k` marked `in_service = false` (the sandbox's own layout).
+    pub fn out_of_service(&self, text: String, k: usize) -> String {
+        let entry = format!(
+            "name = \"node{k}\"\naddress = \"127.0.0.1:{}\"\n",
+            self.base_port as usize + k - 1
+        );
+        assert!(text.contains(&entry), "node{k} not found in config");
+        text.replace(&entry, &format!("{entry}in_service = false\n"))
+    }
+
+    /// The transaction holding the table on node `i` per its journal: `(txid, phase)`.
+    pub fn active(&self, i: usize) -> Option<(String, String)> {
+        let j = self.journal(i);
+        let a = j.get("active")?;
+        Some((
+            a.get("txid")?.as_str()?.to_string(),
+            a.get("phase")?.as_str()?.to_string(),
+        ))
+    }
+
+    /// Node `i`'s live generation per its journal.
+    pub fn journal_generation(&self, i: usize) -> u64 {
+        self.journal(i)["generation"].as_u64().unwrap_or(0)
+    }
+
+    /// Every decision in node `i`'s decision log: `(txid, verdict)`.
+    pub fn decisions(&self, i: usize) -> Vec<(String, String)> {
+        let dir = self.state_dir(i).join("decisions");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if e.path().extension().and_then(|x| x.to_str()) != Some("json") {
+                continue;
+            }
+            let Ok(b) = std::fs::read(e.path()) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else {
+                continue;
+            };
+            out.push((
+                v["txid"].as_str().unwrap_or_default().to_string(),
+                v["verdict"].as_str().unwrap_or_default().to_string(),
+            ));
+        }
+        out
+    }
+
+    /// Makes node `i`'s table directory immutable (`chattr +i`, root only): any rename, create
+    /// or unlink in it fails with EPERM. Undone by [`Self::make_mutable`] or on drop.
+    pub fn make_immutable(&mut self, i: usize) -> Result<()> {
+        let d = self.table_dir(i);
+        run_ok(Command::new("chattr").arg("+i").arg(&d))?;
+        self.immutable.push(d);
+        Ok(())
+    }
+
+    /// Undoes [`Self::make_immutable`].
+    pub fn make_mutable(&mut self, i: usize) -> Result<()> {
+        let d = self.table_dir(i);
+        run_ok(Command::new("chattr").arg("-i").arg(&d))?;
+        self.immutable.retain(|x| *x != d);
+        Ok(())
+    }
+
+    /// Sends `reqs`, one after the other, to node `to`'s daemon over QUIC with node `from`'s
+    /// certificate (as that node's `txmap` or `txmapd` would), and returns the answers.
+    pub fn send_as(
+        &self,
+        from: usize,
+        to: usize,
+        reqs: &[txmap_common::proto::Request],
+    ) -> Result<Vec<txmap_common::proto::Response>> {
+        let cfg = txmap_common::config::Config::load(&self.config(from))?;
+        let client = txmap_common::tls::client_config(&cfg)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+            ep.set_default_client_config(client);
+            let n = cfg
+                .nodes
+                .iter()
+                .find(|n| n.name == format!("node{to}"))
+                .context("no such node")?;
+            let conn =
+                tokio::time::timeout(Duration::from_secs(3), ep.connect(n.address, &n.name)?)
+                    .await
+                    .context("connect timed out")??;
+            let mut out = Vec::new();
+            for r in reqs {
+                let resp = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    txmap_common::net::exchange::<tokio::fs::File>(&conn, r, None),
+                )
+                .await
+                .context("no answer")??;
+                out.push(resp);
+            }
+            conn.close(quinn::VarInt::from_u32(0), b"done");
+            let _ = tokio::time::timeout(Duration::from_millis(50), ep.wait_idle()).await;
+            Ok(out)
+        })
+    }
+
+    /// Starts sampling the journal of [`TABLE`] on nodes 1 to `n` (every 20 ms), for
+    /// [`JournalWatch::split_outcomes`].
+    pub fn watch_journals(&self, n: usize) -> JournalWatch {
+        let clock = crate::invariants::Clock::start();
+        JournalWatch {
+            sampler: Some(crate::invariants::journal::Sampler::start(
+                (1..=n).map(|i| self.state_dir(i)).collect(),
+                TABLE,
+                clock,
+                Duration::from_millis(20),
+            )),
+            clock,
+        }
+    }
+}
+
+/// Every node's journal, sampled over a whole test (a journal forgets outcomes, so one read at
+/// the end could miss a split): the chaos runner's [`crate::invariants::journal::Sampler`].
+#[derive(Debug)]
+pub struct JournalWatch {
+    sampler: Option<crate::invariants::journal::Sampler>,
+    clock: crate::invariants::Clock,
+}
+
+impl JournalWatch {
+    /// Stops sampling and applies the chaos runner's agreement rule ("one outcome per
+    /// transaction", [`crate::invariants::aborted`]) to everything seen, plus each node's
+    /// history: the violations, each naming its transaction and the nodes.
+    pub fn split_outcomes(mut self) -> Vec<String> {
+        let end = self.clock.ms();
+        let Some(sampler) = self.sampler.take() else {
+            return Vec::new();
+        };
+        let log = sampler.stop();
+        let seen = crate::invariants::visibility::VisibilityResult {
+            tally: Default::default(),
+            served: Vec::new(),
+            rounds: 0,
+            slowest_ms: 0,
+        };
+        let versions = crate::invariants::Versions::default();
+        crate::invariants::aborted::check(&[], &log, &seen, &versions, end)
+            .violations
+            .into_iter()
+            .map(|v| v.detail)
+            .collect()
+    }
+}
+
+impl Drop for JournalWatch {
+    /// Stops the sampling thread (a test that failed early must not leave it recreating the
+    /// state directories of a removed sandbox).
+    fn drop(&mut self) {
+        if let Some(s) = self.sampler.take() {
+            let _ = s.stop();
+        }
+    }
 }
