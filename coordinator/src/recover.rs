@@ -114,8 +114,17 @@ pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result
     }
     let summary = lines.join("; ");
     let what = if commit { "commit" } else { "abort" };
-    may_recover(commit, &heard)
-        .map_err(|why| format!("refusing to {what} {txid}: {why} ({summary})"))?;
+    may_recover(commit, &heard).map_err(|why| {
+        let note = if heard.iter().any(|h| h.coordinator) {
+            String::new()
+        } else {
+            format!(
+                "; the coordinator's node {} cannot be reached",
+                p.coordinator
+            )
+        };
+        format!("refusing to {what} {txid}: {why}{note} ({summary})")
+    })?;
     let req = if commit {
         Request::Commit {
             table,
