@@ -404,10 +404,13 @@ fn a_peer_that_forgot_a_committed_transaction_never_answers_aborted() {
     c.kill_node(1);
     // node2 then sees many more outcomes on the table than it remembers: aborts of
     // transactions it never saw, as a long outage of a coordinator's node produces.
+    // (Generation 1: at or below node2's live generation, so node2 cannot fence them; it
+    // acknowledges and changes nothing.)
     let flood: Vec<Request> = (0..2 * txmap_common::machine::RECENT)
         .map(|_| Request::Abort {
             table: TABLE.into(),
             txid: TxId::random(),
+            generation: 1,
         })
         .collect();
     let answers = c.send_as(1, 2, &flood).unwrap();
@@ -417,6 +420,10 @@ fn a_peer_that_forgot_a_committed_transaction_never_answers_aborted() {
         answers.last(),
         c.outcome(2, &txid)
     );
+    // Such a flood no longer evicts outcomes, but more than RECENT later commits would: make
+    // node2 forget T as they would (its journal without T, as after eviction).
+    forget(&mut c, 2, &txid);
+    assert_eq!(c.outcome(2, &txid), None, "node2 still remembers {txid}");
     // node3 comes back, still prepared: the coordinator's node is down, so it asks its peer
     // node2.
     c.start_node(3).unwrap();
@@ -436,6 +443,19 @@ fn a_peer_that_forgot_a_committed_transaction_never_answers_aborted() {
     );
     all_committed(&c, 3, &txid);
     assert_agreement(watch);
+}
+
+/// Makes node `i` forget `txid` as eviction from its bounded memory would: stopped, its
+/// journal rewritten without it, restarted.
+fn forget(c: &mut TestCluster, i: usize, txid: &str) {
+    c.kill_node(i);
+    let path = c.state_dir(i).join("tables").join(format!("{TABLE}.json"));
+    let mut j: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    if let Some(r) = j["recent"].as_array_mut() {
+        r.retain(|e| e[0].as_str() != Some(txid));
+    }
+    std::fs::write(&path, serde_json::to_vec_pretty(&j).unwrap()).unwrap();
+    c.start_node(i).unwrap();
 }
 
 /// Defect 4: the coordinator's decision log fails after the commit record was linked (before

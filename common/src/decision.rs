@@ -349,33 +349,48 @@ impl DecisionLog {
         let _ = std::fs::remove_file(self.dir.join(format!("{txid}.open")));
     }
 
-    /// Records (or updates) a pending commit of `table`.
+    /// The file of the pending change of `table` from `source`: one per (table, source), so
+    /// a commit of one source never drops another source's undistributed change.
+    fn pending_file(&self, table: &str, source: &Path) -> PathBuf {
+        let d = ring::digest::digest(&ring::digest::SHA256, source.as_os_str().as_encoded_bytes());
+        let tag = crate::table::hex(&d.as_ref()[..8]);
+        self.pending.join(format!("{table}.{tag}.json"))
+    }
+
+    /// Records (or updates) a pending commit of `rec.table` from `rec.source`.
     pub fn set_pending(&self, rec: &PendingRecord) -> std::io::Result<()> {
-        write_atomic(
-            &self.pending,
-            &format!("{}.json", rec.table),
-            &serde_json::to_vec_pretty(rec)?,
-            true,
-        )?;
+        let file = self.pending_file(&rec.table, &rec.source);
+        let name = file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        write_atomic(&self.pending, &name, &serde_json::to_vec_pretty(rec)?, true)?;
         Ok(())
     }
 
-    /// The pending commit of `table`, if any.
-    pub fn pending(&self, table: &str) -> Option<PendingRecord> {
-        read_json(&self.pending.join(format!("{table}.json")))
-            .ok()
-            .flatten()
+    /// The pending change of `table` from `source`, if any.
+    pub fn pending_for(&self, table: &str, source: &Path) -> Option<PendingRecord> {
+        read_json(&self.pending_file(table, source)).ok().flatten()
     }
 
-    /// Every pending commit.
+    /// The oldest pending change of `table`, if any (what `status` shows).
+    pub fn pending(&self, table: &str) -> Option<PendingRecord> {
+        self.list_pending().into_iter().find(|p| p.table == table)
+    }
+
+    /// Every pending change, oldest first (retried in that order, so the newest lands last and
+    /// wins).
     pub fn list_pending(&self) -> Vec<PendingRecord> {
         let Ok(rd) = std::fs::read_dir(&self.pending) else {
             return Vec::new();
         };
-        rd.flatten()
+        let mut v: Vec<PendingRecord> = rd
+            .flatten()
             .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
             .filter_map(|e| read_json(&e.path()).ok().flatten())
-            .collect()
+            .collect();
+        v.sort_by_key(|p: &PendingRecord| p.since_ms);
+        v
     }
 
     /// Marks this process as the one working on `table`'s pending commit, for as long as the
@@ -407,9 +422,9 @@ impl DecisionLog {
         )
     }
 
-    /// Clears the pending commit of `table`.
-    pub fn clear_pending(&self, table: &str) {
-        let _ = std::fs::remove_file(self.pending.join(format!("{table}.json")));
+    /// Clears the pending change of `table` from `source`.
+    pub fn clear_pending(&self, table: &str, source: &Path) {
+        let _ = std::fs::remove_file(self.pending_file(table, source));
     }
 }
 

@@ -517,7 +517,7 @@ pub async fn commit_tracked(cluster: &Cluster, table_name: &str, source: &Path) 
     let log = DecisionLog::new(&cluster.cfg.state_dir);
     // Held until this function returns: txmapd sees this process at work (or gone) by it.
     let _owner = log.own_pending(table_name).ok().flatten();
-    let prev = log.pending(table_name);
+    let prev = log.pending_for(table_name, source);
     let since_ms = prev.as_ref().map(|p| p.since_ms).unwrap_or_else(now_ms);
     let attempts = prev.as_ref().map(|p| p.attempts).unwrap_or(0);
     let intent = PendingRecord {
@@ -537,13 +537,13 @@ pub async fn commit_tracked(cluster: &Cluster, table_name: &str, source: &Path) 
     }
     let report = commit(cluster, table_name, source).await;
     if report.exit == exit::OK {
-        log.clear_pending(table_name);
+        log.clear_pending(table_name, source);
         return report;
     }
     if !source.exists() {
         // The change it described is gone with its source: nothing left to converge to.
         warn!(table = %table_name, source = %source.display(), "source vanished; dropping the pending commit");
-        log.clear_pending(table_name);
+        log.clear_pending(table_name, source);
         return report;
     }
     let attempts = attempts + 1;

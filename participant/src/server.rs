@@ -899,7 +899,7 @@ impl Node {
             let Some(source) = t.source.clone() else {
                 continue;
             };
-            if log.pending(&name).is_none() {
+            if log.pending_for(&name, &source).is_none() {
                 info!(table = %name, "adopting a distribution request queued while txmapd was down");
                 let rec = txmap_common::decision::PendingRecord {
                     table: name.clone(),
@@ -941,7 +941,7 @@ impl Node {
                 }
                 if txmap_coordinator::commit::converged(&cluster, &p.table, &p.source).await {
                     info!(table = %p.table, "pending commit already served everywhere (its coordinator finished before dying)");
-                    log.clear_pending(&p.table);
+                    log.clear_pending(&p.table, &p.source);
                     continue;
                 }
                 let r =
