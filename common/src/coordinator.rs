@@ -201,16 +201,11 @@ pub enum LogAnswer {
     AskParticipant,
 }
 
-/// The coordinator node's rule. `decision`: the decision on disk (read and made durable);
-/// `open`: `Some(alive)` when a coordinator registered the transaction here; `own_prepared`:
-/// this node holds the transaction prepared and coordinated it itself (so a commit decision
-/// would have been logged here first).
-pub fn log_answer(
-    decision: Option<(Verdict, u64)>,
-    open: Option<bool>,
-    own_prepared: bool,
-    fence: bool,
-) -> LogAnswer {
+/// The coordinator node's rule, for a question about a transaction that names this node as its
+/// coordinator. `decision`: the decision on disk (read and made durable); `open`:
+/// `Some(alive)` when a coordinator registered the transaction here. Without `fence`, a node
+/// with no record answers from its participant state.
+pub fn log_answer(decision: Option<(Verdict, u64)>, open: Option<bool>, fence: bool) -> LogAnswer {
     match (decision, open) {
         (Some((Verdict::Commit, g)), _) => {
             LogAnswer::Answer(OutcomeAnswer::Committed { generation: g })
@@ -218,7 +213,10 @@ pub fn log_answer(
         (Some((Verdict::Abort, _)), _) => LogAnswer::Answer(OutcomeAnswer::Aborted),
         (None, Some(true)) => LogAnswer::Answer(OutcomeAnswer::Pending),
         (None, Some(false)) if fence => LogAnswer::Fence,
-        (None, None) if fence && own_prepared => LogAnswer::Fence,
+        // No record at all: presumed abort. The open record is written (durably) before any
+        // prepare is sent and a commit record is kept until every member acknowledged it, so
+        // a member still asking was never decided commit.
+        (None, None) if fence => LogAnswer::Fence,
         _ => LogAnswer::AskParticipant,
     }
 }
@@ -297,6 +295,22 @@ mod tests {
         ];
         assert!(may_recover(false, &heard).is_err());
         assert!(may_recover(true, &heard).is_ok());
+    }
+
+    #[test]
+    fn the_coordinators_node_presumes_abort_only_without_any_record_and_a_live_coordinator() {
+        let c = OutcomeAnswer::Committed { generation: 4 };
+        assert_eq!(
+            log_answer(Some((Verdict::Commit, 4)), Some(false), true),
+            LogAnswer::Answer(c)
+        );
+        assert_eq!(
+            log_answer(None, Some(true), true),
+            LogAnswer::Answer(OutcomeAnswer::Pending)
+        );
+        assert_eq!(log_answer(None, Some(false), true), LogAnswer::Fence);
+        assert_eq!(log_answer(None, None, true), LogAnswer::Fence);
+        assert_eq!(log_answer(None, None, false), LogAnswer::AskParticipant);
     }
 
     #[test]

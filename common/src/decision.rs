@@ -319,26 +319,27 @@ impl DecisionLog {
         let _ = std::fs::remove_file(self.dir.join(format!("{txid}.open")));
     }
 
-    /// Removes abort tombstones older than `age_ms` whose coordinator is long gone (its
-    /// deadline, by design far shorter, has passed; it refuses to decide after it).
+    /// Removes abort records older than `age_ms`, delivered or not. Safe because the
+    /// coordinator's node presumes abort: asked about a transaction it holds no record of, it
+    /// fences it (a commit record is never removed before every member acknowledged it, and
+    /// a coordinator never decides past its deadline, which is seconds). Commit records never
+    /// expire.
     pub fn expire_tombstones(&self, age_ms: u64) {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return;
         };
+        let now = crate::now_ms();
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".delivered") else {
+            let Some(id) = name.strip_suffix(".json") else {
                 continue;
             };
-            let old = e
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|d| d.as_millis() as u64 > age_ms);
-            if old {
-                let _ = std::fs::remove_file(self.dir.join(format!("{id}.json")));
+            let Ok(Some(rec)) = read_json::<DecisionRecord>(&e.path()) else {
+                continue;
+            };
+            if rec.verdict == Verdict::Abort && now.saturating_sub(rec.at_ms) > age_ms {
                 let _ = std::fs::remove_file(e.path());
+                let _ = std::fs::remove_file(self.dir.join(format!("{id}.delivered")));
             }
         }
     }

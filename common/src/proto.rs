@@ -218,6 +218,9 @@ pub enum Request {
         txid: TxId,
         /// The generation it installs (the proof rule needs it).
         generation: u64,
+        /// Its coordinator's node (from the prepare): only that node answers from its decision
+        /// log and may presume abort; any other node answers from its participant state.
+        coordinator: String,
         /// Fence an unknown transaction as aborted, when this node can prove it never
         /// installed it.
         fence: bool,

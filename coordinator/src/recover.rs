@@ -87,6 +87,7 @@ pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result
         table: table.clone(),
         txid,
         generation: p.generation,
+        coordinator: p.coordinator.clone(),
         fence: !commit,
     };
     let answers = join_all(

@@ -240,11 +240,15 @@ impl Node {
                 table,
                 txid,
                 generation,
+                coordinator,
                 fence,
-            } => match self.outcome(&table, txid, generation, fence).await {
-                Ok(a) => Response::Outcome(a),
-                Err(r) => r,
-            },
+            } => {
+                let mine = coordinator == self.cfg.node;
+                match self.outcome(&table, txid, generation, mine, fence).await {
+                    Ok(a) => Response::Outcome(a),
+                    Err(r) => r,
+                }
+            }
         };
         self.reply(&mut send, resp).await;
     }
@@ -593,6 +597,7 @@ impl Node {
         table: &str,
         txid: TxId,
         generation: u64,
+        coordinated_here: bool,
         fence: bool,
     ) -> Result<OutcomeAnswer, Response> {
         let storage = |e: std::io::Error| {
@@ -620,12 +625,16 @@ impl Node {
             .filter(|a| a.txid == txid && a.phase == Phase::Prepared)
             .filter(|a| a.coordinator == self.cfg.node)
             .cloned();
-        match log_answer(
-            decision.as_ref().map(|d| (d.verdict, d.generation)),
-            open.as_ref().map(|o| log.coordinator_alive(o)),
-            own.is_some(),
-            fence,
-        ) {
+        let from_log = if coordinated_here {
+            log_answer(
+                decision.as_ref().map(|d| (d.verdict, d.generation)),
+                open.as_ref().map(|o| log.coordinator_alive(o)),
+                fence,
+            )
+        } else {
+            LogAnswer::AskParticipant
+        };
+        match from_log {
             LogAnswer::Answer(x) => Ok(x),
             LogAnswer::Fence => {
                 drop(st);
@@ -716,13 +725,16 @@ impl Node {
             table: table.to_string(),
             txid: a.txid,
             generation: a.generation,
+            coordinator: a.coordinator.clone(),
             fence: true,
         };
         let deadline = self.cfg.timeouts.connect;
         let member = |n: &str| a.nodes.iter().any(|m| m == n);
         let mut heard = Vec::new();
         let from_coordinator = if a.coordinator == self.cfg.node {
-            self.outcome(table, a.txid, a.generation, true).await.ok()
+            self.outcome(table, a.txid, a.generation, true, true)
+                .await
+                .ok()
         } else if let Some(n) = self.cfg.node_by_name(&a.coordinator) {
             match ask(&cluster.connect(n).await, &q, deadline).await {
                 Ok(Response::Outcome(x)) => Some(x),
