@@ -3,6 +3,7 @@
 //! It only parses arguments, sets up logging and calls [`server::run`]; everything else is in
 //! the modules so that tests can reason about them.
 
+mod hook;
 mod server;
 
 use clap::Parser;
