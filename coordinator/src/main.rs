@@ -208,6 +208,16 @@ fn cmd_commit(
         );
         return Err(exit::USAGE);
     };
+    // Read as the caller (the operator), once, into a private snapshot: a pending retry by
+    // txmapd (root) then reads the snapshot, never this path.
+    let snaps = txmap_common::table::Snapshots::new(&cfg.state_dir);
+    let source = match snaps.take_from_path(table, &source, cfg.max_table_bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("txmap: cannot read source {}: {e}", source.display());
+            return Err(exit::LOCAL);
+        }
+    };
     let report = with_cluster(cfg, async |c| {
         commit::commit_tracked(c, table, &source).await
     })?;
