@@ -353,8 +353,7 @@ impl DecisionLog {
     /// The file of the pending change of `table` from `source`: one per (table, source), so
     /// a commit of one source never drops another source's undistributed change.
     fn pending_file(&self, table: &str, source: &Path) -> PathBuf {
-        let d = ring::digest::digest(&ring::digest::SHA256, source.as_os_str().as_encoded_bytes());
-        let tag = crate::table::hex(&d.as_ref()[..8]);
+        let tag = crate::table::path_tag(source);
         self.pending.join(format!("{table}.{tag}.json"))
     }
 

@@ -3,12 +3,15 @@
 //! links: a second link to the live `.db` would keep its link count above 0 after the next
 //! commit, and Postfix daemons would never notice the new table), `meta.json` says what it is.
 //!
+//! The directories are private (0700) and the copies 0600: a copy is only ever served to
+//! cluster peers (`Fetch`) and to root.
+//!
 //! The copies are made while preparing (from the staged files, into `.tx-<txid>/`), so the
 //! history of a generation is exactly what was installed; commit renames the directory to the
 //! generation number, abort removes it.
 
 use crate::proto::{HistoryEntry, TxId};
-use crate::table::Staged;
+use crate::table::{self, Staged};
 use std::path::{Path, PathBuf};
 
 /// The history of one table on this node.
@@ -34,12 +37,19 @@ impl History {
     }
 
     /// Copies the staged files of `txid` aside (called once they are built and verified).
+    /// Every directory is private (0700) and every copy 0600, made without following links
+    /// (`O_NOFOLLOW` on the staged file, `O_EXCL` on the copy) and fsynced.
     pub fn stage(&self, txid: TxId, staged: &Staged) -> std::io::Result<()> {
+        if let Some(top) = self.dir.parent() {
+            table::private_dir(top)?;
+        }
+        table::private_dir(&self.dir)?;
         let d = self.staging(txid);
         let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d)?;
-        std::fs::copy(&staged.source, d.join("source"))?;
-        std::fs::copy(&staged.indexed, d.join("indexed"))?;
+        table::private_dir(&d)?;
+        table::copy_private(&staged.source, &d.join("source"))?;
+        table::copy_private(&staged.indexed, &d.join("indexed"))?;
+        std::fs::File::open(&d).and_then(|f| f.sync_all())?;
         Ok(())
     }
 
@@ -72,8 +82,13 @@ impl History {
             return Ok(()); // already finalized (a repeated commit), or copies lost in a crash
         }
         let _ = std::fs::remove_dir_all(&to);
-        std::fs::write(from.join("meta.json"), serde_json::to_vec_pretty(entry)?)?;
+        let meta = from.join("meta.json");
+        let _ = std::fs::remove_file(&meta);
+        let mut f = table::create_private(&meta)?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(entry)?)?;
+        f.sync_all()?;
         std::fs::rename(&from, &to)?;
+        std::fs::File::open(&self.dir).and_then(|f| f.sync_all())?;
         let mut gens: Vec<u64> = self.list().iter().map(|e| e.generation).collect();
         gens.sort_unstable();
         let keep = keep.max(1);

@@ -311,14 +311,26 @@ pub enum Response {
 }
 
 /// A request from `txmap-sympa` to the local `txmapd`, over its Unix socket.
+///
+/// The hook reads the source itself, with its caller's rights (never root's), and sends the
+/// content: exactly `len` raw bytes follow the frame. The daemon never opens the user's path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LocalRequest {
-    /// Distribute the configured table whose source is this path (as Sympa names it).
+    /// Distribute this content as the new version of the configured table `table` (one that
+    /// has a `source`).
     Distribute {
-        /// The path Sympa passed.
+        /// The table's name, as the hook found it by the path Sympa passed.
+        table: String,
+        /// The path Sympa passed (for logs only: the daemon never opens it).
         source: String,
+        /// Bytes of content following the frame (at most `max_table_bytes`).
+        len: u64,
     },
 }
+
+/// First line of a request file that `txmap-sympa` queues in `<state_dir>/requests/<table>`;
+/// the table's content follows it.
+pub const QUEUED_REQUEST_MAGIC: &[u8] = b"txmap-request 1\n";
 
 /// The local `txmapd`'s answer to `txmap-sympa`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -332,7 +344,7 @@ pub enum LocalResponse {
         /// One line per node.
         lines: Vec<String>,
     },
-    /// The request was refused (no such table).
+    /// The request was refused (no such table, too large, incomplete); nothing changed.
     Refused {
         /// Why.
         detail: String,

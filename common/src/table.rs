@@ -172,6 +172,12 @@ impl EntryCounter {
     }
 }
 
+/// A short stable tag naming a path in file names (16 hex digits of its sha256).
+pub fn path_tag(p: &Path) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, p.as_os_str().as_encoded_bytes());
+    hex(&d.as_ref()[..8])
+}
+
 /// sha256 of a byte stream, hex.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
@@ -224,6 +230,307 @@ pub fn digest_reader<R: Read>(r: &mut R) -> std::io::Result<SourceDigest> {
     })
 }
 
+/// Opens a path that a less privileged user may control, for reading: never follows a symbolic
+/// link at its last component (`O_NOFOLLOW`) and never blocks on a FIFO or a device
+/// (`O_NONBLOCK`), then checks with `fstat` that it is a regular file with one link and at most
+/// `max` bytes. Returns the file and its size. The error says what is wrong, in words.
+pub fn open_untrusted(path: &Path, max: u64) -> std::io::Result<(File, u64)> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => Error::new(
+                ErrorKind::InvalidInput,
+                format!(
+                    "{} is a symbolic link; txmap never follows one there: make it a regular file",
+                    path.display()
+                ),
+            ),
+            _ => Error::new(e.kind(), format!("cannot open {}: {e}", path.display())),
+        })?;
+    let m = f.metadata()?;
+    let ft = m.file_type();
+    if !ft.is_file() {
+        let what = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_char_device() {
+            "a character device"
+        } else if ft.is_block_device() {
+            "a block device"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file"
+        };
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{} is {what}, not a regular file; refused", path.display()),
+        ));
+    }
+    if m.nlink() > 1 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{} has {} hard links; a table source must have exactly one (a hard link can \
+                 point at another user's file); refused",
+                path.display(),
+                m.nlink()
+            ),
+        ));
+    }
+    if m.len() > max {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!(
+                "{} has {} bytes, more than max_table_bytes = {max}; refused",
+                path.display(),
+                m.len()
+            ),
+        ));
+    }
+    Ok((f, m.len()))
+}
+
+/// `O_NOFOLLOW | O_DIRECTORY`: open a directory, never through a link.
+pub const NOFOLLOW_DIRECTORY: i32 = libc::O_NOFOLLOW | libc::O_DIRECTORY;
+
+/// Reads at most `max` bytes of `r`; more is an error (a file that grew past the limit).
+pub fn read_bounded<R: Read>(r: R, max: u64) -> std::io::Result<Vec<u8>> {
+    let mut v = Vec::new();
+    r.take(max.saturating_add(1)).read_to_end(&mut v)?;
+    if v.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("more than max_table_bytes = {max} bytes; refused"),
+        ));
+    }
+    Ok(v)
+}
+
+/// Creates a directory private to its owner (0700), or makes an existing one so. A symbolic
+/// link in its place is refused, never followed.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(parent) = dir.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::DirBuilder::new().mode(0o700).create(dir)?;
+        }
+        Err(e) => return Err(e),
+    }
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(NOFOLLOW_DIRECTORY)
+        .open(dir)?;
+    d.set_permissions(std::fs::Permissions::from_mode(0o700))
+}
+
+/// Creates `path` for writing: it must not exist (`O_EXCL`, so a planted link is never
+/// followed), mode 0600.
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+}
+
+/// Copies `from` (never through a link) to a new file `to` (mode 0600, created with `O_EXCL`)
+/// and fsyncs the copy.
+pub fn copy_private(from: &Path, to: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(from)?;
+    if !src.metadata()?.file_type().is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", from.display()),
+        ));
+    }
+    let mut dst = create_private(to)?;
+    let n = std::io::copy(&mut src, &mut dst)?;
+    dst.sync_all()?;
+    Ok(n)
+}
+
+/// Checks that nobody but its owner (root or this process's user) can change `dir` or any
+/// directory above it, so that no other user can plant a link or rename a file there.
+/// Group- or world-writable ancestors are accepted only with the sticky bit (like `/tmp`).
+pub fn check_dir_safe(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let me = rustix::process::geteuid().as_raw();
+    let abs = if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?
+            .join(dir)
+    };
+    let mut first = true;
+    for p in abs.ancestors() {
+        let m = match std::fs::symlink_metadata(p) {
+            Ok(m) => m,
+            Err(e) if first && e.kind() == std::io::ErrorKind::NotFound => {
+                first = false;
+                continue;
+            }
+            Err(e) => return Err(format!("cannot check {}: {e}", p.display())),
+        };
+        let mode = m.permissions().mode();
+        if m.file_type().is_symlink() {
+            // A link is as safe as the directory holding it (checked next) and its target.
+            let target = std::fs::canonicalize(p)
+                .map_err(|e| format!("cannot resolve {}: {e}", p.display()))?;
+            check_dir_safe(&target)?;
+            continue;
+        }
+        if m.uid() != 0 && m.uid() != me {
+            return Err(format!(
+                "{} is owned by uid {}, not by root or by txmapd's user (uid {me}): that user \
+                 could plant links txmapd would use; fix: chown root {}",
+                p.display(),
+                m.uid(),
+                p.display()
+            ));
+        }
+        let sticky = mode & 0o1000 != 0;
+        if mode & 0o022 != 0 && (first || !sticky) {
+            return Err(format!(
+                "{} is writable by its group or by others (mode {:04o}): another user could \
+                 plant links or rename files there; fix: chmod go-w {}",
+                p.display(),
+                mode & 0o7777,
+                p.display()
+            ));
+        }
+        first = false;
+    }
+    Ok(())
+}
+
+/// Private copies of the content the Sympa hook (or an operator) asked to distribute:
+/// `<state_dir>/snapshots/<table>` (0600, in a 0700 directory). A commit started by `txmapd`
+/// reads only these, never the user's file: the newest content wins, and a pending retry uses
+/// the newest snapshot.
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    dir: PathBuf,
+}
+
+impl Snapshots {
+    /// `<state_dir>/snapshots`.
+    pub fn new(state_dir: &Path) -> Snapshots {
+        Snapshots {
+            dir: state_dir.join("snapshots"),
+        }
+    }
+
+    /// The directory (created 0700 by [`Snapshots::ensure`]).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Creates the directory (0700), or makes it private.
+    pub fn ensure(&self) -> std::io::Result<()> {
+        private_dir(&self.dir)
+    }
+
+    /// The current snapshot of `table`, the path commits read.
+    pub fn path(&self, table: &str) -> PathBuf {
+        self.dir.join(table)
+    }
+
+    /// True when `p` is a snapshot of this node (a pending record's source).
+    pub fn holds(&self, p: &Path) -> bool {
+        p.parent() == Some(self.dir.as_path())
+    }
+
+    /// A new temporary file for a snapshot of `table` (0600, `O_EXCL`).
+    pub fn create_temp(&self, table: &str) -> std::io::Result<(PathBuf, File)> {
+        self.ensure()?;
+        let p = self.dir.join(format!(".{table}.{}.tmp", TxId::random()));
+        let f = create_private(&p)?;
+        Ok((p, f))
+    }
+
+    /// Writes `bytes` as a finished temporary snapshot of `table` (fsynced).
+    pub fn write_temp(&self, table: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+        let (p, mut f) = self.create_temp(table)?;
+        let r = f.write_all(bytes).and_then(|_| f.sync_all());
+        if let Err(e) = r {
+            let _ = std::fs::remove_file(&p);
+            return Err(e);
+        }
+        Ok(p)
+    }
+
+    /// Makes a finished temporary snapshot the current one of `table` (atomic rename, fsync).
+    pub fn install(&self, table: &str, temp: &Path) -> std::io::Result<PathBuf> {
+        let to = self.path(table);
+        std::fs::rename(temp, &to)?;
+        File::open(&self.dir).and_then(|d| d.sync_all())?;
+        Ok(to)
+    }
+
+    /// Removes temporary files left by a crash (older than a minute).
+    pub fn remove_temps(&self) {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                > Some(std::time::Duration::from_secs(60));
+            if n.starts_with('.') && n.ends_with(".tmp") && old {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Snapshots a file read with the caller's own rights (`txmap commit` run by an operator):
+    /// a regular file of at most `max` bytes.
+    pub fn take_from_path(&self, table: &str, source: &Path, max: u64) -> std::io::Result<PathBuf> {
+        let f = File::open(source)?;
+        let m = f.metadata()?;
+        if !m.file_type().is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", source.display()),
+            ));
+        }
+        if m.len() > max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{} has {} bytes, more than max_table_bytes = {max}",
+                    source.display(),
+                    m.len()
+                ),
+            ));
+        }
+        let bytes = read_bounded(f, max)?;
+        let temp = self.write_temp(table, &bytes)?;
+        self.install(table, &temp)
+    }
+}
+
 /// Keys sampled from a source, for `verify = "sample"`.
 pub type SampledKeys = Vec<Vec<u8>>;
 
@@ -247,22 +554,20 @@ impl std::fmt::Debug for SourceWriter {
 }
 
 impl SourceWriter {
-    /// Creates the staged source (it must not exist), with the live source's mode and owner
+    /// Creates the staged source (it must not exist; `O_EXCL`, never through a link), mode
+    /// 0600 whatever the live file's: nobody else reads it before it is installed, when
+    /// [`install`] gives it the live file's permission bits. It gets the live source's owner
     /// when there is one: postmap run as root drops to the source owner's privileges.
     pub fn create(t: &TableConfig, staged: &Staged) -> Result<SourceWriter, TableError> {
-        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-        let live = std::fs::metadata(&t.path).ok();
-        let mode = live.as_ref().map(|m| m.mode() & 0o7777).unwrap_or(0o644);
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&staged.source)
-            .map_err(io("create", &staged.source))?;
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let live = std::fs::symlink_metadata(&t.path)
+            .ok()
+            .filter(|m| m.file_type().is_file());
+        let file = create_private(&staged.source).map_err(io("create", &staged.source))?;
         if let Some(m) = live {
             // Best effort: only root may give a file away, and only root needs to.
             let _ = std::os::unix::fs::fchown(&file, Some(m.uid()), Some(m.gid()));
-            let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(0o600));
         }
         Ok(SourceWriter {
             path: staged.source.clone(),
@@ -502,6 +807,7 @@ pub fn install(t: &TableConfig, staged: &Staged) -> Result<(), TableError> {
         std::io::Error::other("injected failure (table::install)")
     )));
     for (from, to) in [(&staged.indexed, &live_indexed), (&staged.source, &t.path)] {
+        publish_mode(from, to).map_err(io("chmod", from))?;
         match std::fs::rename(from, to) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !from.exists() => {}
@@ -509,6 +815,28 @@ pub fn install(t: &TableConfig, staged: &Staged) -> Result<(), TableError> {
         }
     }
     fsync_dir(t.dir())
+}
+
+/// Gives a staged file, just before it is installed over `live`, the live file's permission
+/// bits (0644 for a first install), never set-uid, set-gid or sticky. A staged file already
+/// renamed (a repeated install) is skipped.
+fn publish_mode(staged: &Path, live: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mode = std::fs::symlink_metadata(live)
+        .ok()
+        .filter(|m| m.file_type().is_file())
+        .map(|m| m.permissions().mode() & 0o777)
+        .unwrap_or(0o644);
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(staged)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
 }
 
 /// The lock file that serializes transactions on one table: `<state_dir>/locks/<table>.lock`.

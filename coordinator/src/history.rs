@@ -1,7 +1,8 @@
 //! `txmap history`, `txmap rollback` and `txmap verify`.
 //!
 //! A rollback is an ordinary two-phase commit whose content is an earlier generation's source,
-//! fetched from a node that still holds it (verified by sha256), so every node gets it even if
+//! fetched from a node that still holds it (verified against the sha256 recorded for that
+//! generation, trying the next node's copy on a mismatch), so every node gets it even if
 //! its own history lost it. It creates a new generation; history is never rewritten, so a
 //! rollback can itself be rolled back.
 
@@ -9,6 +10,7 @@ use crate::cluster::{ask, join_all, Cluster};
 use crate::commit::{commit, CommitReport, NodeReport};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use tracing::warn;
 use txmap_common::exit;
 use txmap_common::proto::{HistoryEntry, Request, Response};
 
@@ -127,26 +129,48 @@ pub async fn rollback(cluster: &Cluster, table: &str, to: Option<u64>) -> Commit
         .cfg
         .state_dir
         .join(format!(".rollback-{table}-{}.tmp", target.entry.generation));
+    // A copy is accepted only if its sha256 is the one recorded for that generation in
+    // history, not merely the one the serving node announces (its copy may be damaged or
+    // tampered with): a mismatch is reported and the next node's copy is tried.
+    let want = target.entry.sha256;
     let mut fetched = Err("no node could send it".to_string());
+    let mut bad = Vec::new();
     for name in &target.nodes {
         let Some(node) = cluster.cfg.node_by_name(name) else {
             continue;
         };
         let Ok(conn) = cluster.connect(node).await else {
+            bad.push(format!("{name}: unreachable"));
             continue;
         };
         let req = Request::Fetch {
             table: table.to_string(),
             generation: target.entry.generation,
         };
+        let _ = std::fs::remove_file(&tmp);
         match txmap_common::net::fetch(&conn, &req, &tmp).await {
-            Ok(Response::Source { .. }) => {
-                fetched = Ok(());
-                break;
-            }
-            Ok(other) => fetched = Err(format!("{name}: {other:?}")),
-            Err(e) => fetched = Err(format!("{name}: {e}")),
+            Ok(Response::Source { .. }) => match txmap_common::table::digest_file(&tmp) {
+                Ok(d) if d.sha256 == want.0 => {
+                    fetched = Ok(());
+                    break;
+                }
+                Ok(d) => {
+                    let why = format!(
+                        "{name}: its copy of generation {} has sha256 {}, not the recorded {want}; refused",
+                        target.entry.generation,
+                        txmap_common::table::hex(&d.sha256)
+                    );
+                    warn!("{why}");
+                    bad.push(why);
+                }
+                Err(e) => bad.push(format!("{name}: {e}")),
+            },
+            Ok(other) => bad.push(format!("{name}: {other:?}")),
+            Err(e) => bad.push(format!("{name}: {e}")),
         }
+    }
+    if fetched.is_err() && !bad.is_empty() {
+        fetched = Err(bad.join("; "));
     }
     if let Err(e) = fetched {
         let _ = std::fs::remove_file(&tmp);

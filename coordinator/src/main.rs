@@ -201,12 +201,31 @@ fn cmd_commit(
     json: bool,
 ) -> Result<u8, u8> {
     let cfg = load_with_table(config, Some(table))?;
-    let Some(source) = source.or_else(|| cfg.table(table).and_then(|t| t.source.clone())) else {
+    let configured = cfg.table(table).and_then(|t| t.source.clone());
+    // The configured source shares its snapshot (and pending change) with the Sympa hook: the
+    // newest content wins. Another file is a change of its own, so neither drops the other.
+    let name = match (&source, &configured) {
+        (Some(s), c) if Some(s) != c.as_ref() => {
+            format!("{table}@{}", txmap_common::table::path_tag(s))
+        }
+        _ => table.to_string(),
+    };
+    let Some(source) = source.or(configured) else {
         eprintln!(
             "txmap: table `{table}` has no `source` in {}; pass --source FILE",
             cfg.file.display()
         );
         return Err(exit::USAGE);
+    };
+    // Read as the caller (the operator), once, into a private snapshot: a pending retry by
+    // txmapd (root) then reads the snapshot, never this path.
+    let snaps = txmap_common::table::Snapshots::new(&cfg.state_dir);
+    let source = match snaps.take_from_path(&name, &source, cfg.max_table_bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("txmap: cannot read source {}: {e}", source.display());
+            return Err(exit::LOCAL);
+        }
     };
     let report = with_cluster(cfg, async |c| {
         commit::commit_tracked(c, table, &source).await

@@ -3,6 +3,7 @@
 //! It only parses arguments, sets up logging and calls [`server::run`]; everything else is in
 //! the modules so that tests can reason about them.
 
+mod hook;
 mod server;
 
 use clap::Parser;
@@ -31,6 +32,10 @@ fn main() -> ExitCode {
             return ExitCode::from(txmap_common::exit::USAGE);
         }
     };
+    if let Err(e) = check_dirs(&cfg) {
+        eprintln!("txmapd: refusing to start: {e}");
+        return ExitCode::from(txmap_common::exit::USAGE);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -48,6 +53,21 @@ fn main() -> ExitCode {
             ExitCode::from(txmap_common::exit::LOCAL)
         }
     }
+}
+
+/// Every directory txmapd writes in (each table's, the state directory, the hook socket's) must
+/// be changeable only by its owner (root or txmapd's user): otherwise another user could plant
+/// links or swap files there.
+fn check_dirs(cfg: &txmap_common::config::Config) -> Result<(), String> {
+    let mut dirs: Vec<&std::path::Path> = cfg.tables.iter().map(|t| t.dir()).collect();
+    dirs.push(&cfg.state_dir);
+    if let Some(p) = cfg.hook.socket.parent() {
+        dirs.push(p);
+    }
+    for d in dirs {
+        txmap_common::table::check_dir_safe(d)?;
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

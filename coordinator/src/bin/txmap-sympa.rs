@@ -4,45 +4,85 @@
 //! is accepted too, as `postmap` does), as user `sympa`, with the environment cleared to
 //! `PATH=/bin:/usr/bin`, while holding its own lock on that table. It:
 //!
-//! 1. reads the node's config (`/etc/txmap/txmap.toml`, or `TXMAP_CONFIG` when set) and finds
-//!    the table whose `source` is that path;
-//! 2. drops a request file in `<state_dir>/requests/` (so that a request made while `txmapd` is
-//!    down is not lost: the daemon adopts it when it starts);
-//! 3. asks the local `txmapd` over its Unix socket to distribute that table, and waits for the
-//!    outcome (at most `timeouts.total` + 1 s; the commit itself is bounded by `timeouts.total`).
+//! 1. reads the node's config (`--config PATH`, else `TXMAP_CONFIG`, else
+//!    `/etc/txmap/txmap.toml`) and finds the table whose `source` is that path;
+//! 2. opens that file **itself, with its caller's rights**, never through a symbolic link
+//!    (`O_NOFOLLOW`) and without blocking (`O_NONBLOCK`), and reads it only if it is a regular
+//!    file with one link and at most `max_table_bytes` bytes (anything else: exit 2);
+//! 3. queues the content in `<state_dir>/requests/<table>` (a new 0600 file created with
+//!    `O_EXCL`, then renamed into place, so a link planted there is never written through), so
+//!    that a request made while `txmapd` is down is not lost: the daemon adopts it when it
+//!    starts;
+//! 4. sends the content to the local `txmapd` over its Unix socket and waits for the outcome
+//!    (at most `timeouts.total` + `timeouts.commit` + 1 s).
 //!
-//! The hook needs no key and no root: the socket's group and mode decide who may ask, and the
-//! daemon reads the content from the configured source itself, so the hook can name a
-//! configured table but never supply content. Exit codes are `txmap`'s.
+//! The hook needs no key and no root: the socket's group and mode decide who may ask, and
+//! `txmapd` never opens the user's file, so the hook can change its table's content and
+//! nothing else. Exit codes are `txmap`'s.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
-use txmap_common::config::{Config, HookSettings};
+use txmap_common::config::{Config, HookSettings, TableConfig};
 use txmap_common::exit;
-use txmap_common::proto::{LocalRequest, LocalResponse};
+use txmap_common::proto::{LocalRequest, LocalResponse, TxId, QUEUED_REQUEST_MAGIC};
+
+const USAGE: &str = "usage: txmap-sympa [--config PATH] TABLE_PATH   (or TYPE:TABLE_PATH; as Sympa's aliases_program)";
 
 fn main() -> ExitCode {
     ExitCode::from(run())
 }
 
-fn run() -> u8 {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.len() != 1 || args[0].starts_with('-') {
-        eprintln!(
-            "usage: txmap-sympa TABLE_PATH   (or TYPE:TABLE_PATH; as Sympa's aliases_program)"
-        );
-        return exit::USAGE;
+/// `--config PATH` (or `--config=PATH`) and exactly one table path, all valid UTF-8.
+fn parse_args(args: Vec<OsString>) -> Result<(Option<PathBuf>, String), String> {
+    let mut config = None;
+    let mut rest = Vec::new();
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        if a == "--config" || a == "-c" {
+            let Some(p) = it.next() else {
+                return Err("--config needs a PATH".into());
+            };
+            config = Some(PathBuf::from(p));
+            continue;
+        }
+        let s = a.into_string().map_err(|a| {
+            format!(
+                "argument {} is not valid UTF-8; no configured table has such a source",
+                a.to_string_lossy()
+            )
+        })?;
+        if let Some(p) = s.strip_prefix("--config=") {
+            config = Some(PathBuf::from(p));
+        } else if s.starts_with('-') {
+            return Err(format!("unknown option {s}"));
+        } else {
+            rest.push(s);
+        }
     }
-    let arg = args[0].as_str();
+    match <[String; 1]>::try_from(rest) {
+        Ok([path]) => Ok((config, path)),
+        Err(_) => Err("exactly one TABLE_PATH is needed".into()),
+    }
+}
+
+fn run() -> u8 {
+    let (config, arg) = match parse_args(std::env::args_os().skip(1).collect()) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("txmap-sympa: {e}\n{USAGE}");
+            return exit::USAGE;
+        }
+    };
     // `hash:/etc/sympa/sympa_transport` → `/etc/sympa/sympa_transport`.
     let path = match arg.split_once(':') {
         Some((ty, rest)) if !ty.contains('/') && rest.starts_with('/') => rest,
-        _ => arg,
+        _ => arg.as_str(),
     };
-    let cfg_path = Config::resolve_path(None);
+    let cfg_path = Config::resolve_path(config.as_deref());
     let cfg = match Config::load(&cfg_path) {
         Ok(c) => c,
         Err(e) => {
@@ -67,14 +107,28 @@ fn run() -> u8 {
         );
         return exit::USAGE;
     };
+    // Read with this process's rights only, never through a link, never from a FIFO or a
+    // device: the daemon gets bytes, not a path.
+    let content = match txmap_common::table::open_untrusted(Path::new(path), cfg.max_table_bytes)
+        .and_then(|(f, _)| txmap_common::table::read_bounded(f, cfg.max_table_bytes))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "txmap-sympa: {}: source refused: {e}; nothing was distributed",
+                table.name
+            );
+            return exit::USAGE;
+        }
+    };
     let queued = HookSettings::requests_dir(&cfg.state_dir).join(&table.name);
-    if let Err(e) = std::fs::write(&queued, b"") {
+    if let Err(e) = queue(&cfg, table, &content) {
         eprintln!(
             "txmap-sympa: warning: cannot queue the request in {}: {e}",
             queued.display()
         );
     }
-    match ask(&cfg, path) {
+    match ask(&cfg, table, path, &content) {
         Ok(LocalResponse::Done { table, exit, lines }) => {
             for l in &lines {
                 eprintln!("txmap-sympa: {table}: {l}");
@@ -99,16 +153,44 @@ fn run() -> u8 {
     }
 }
 
-fn ask(cfg: &Config, path: &str) -> std::io::Result<LocalResponse> {
+/// Writes `requests/<table>` as a new private file under a temporary name (`O_EXCL`, never
+/// through a link) and renames it into place: a link planted at either name is replaced or
+/// refused, never written through. In the sticky directory, a file of another user at the
+/// final name makes the rename fail (a warning; the socket request still goes through).
+fn queue(cfg: &Config, table: &TableConfig, content: &[u8]) -> std::io::Result<()> {
+    let dir = HookSettings::requests_dir(&cfg.state_dir);
+    let tmp = dir.join(format!(".{}.{}", table.name, TxId::random()));
+    let r = (|| {
+        let mut f = txmap_common::table::create_private(&tmp)?;
+        f.write_all(QUEUED_REQUEST_MAGIC)?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, dir.join(&table.name))
+    })();
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+fn ask(
+    cfg: &Config,
+    table: &TableConfig,
+    path: &str,
+    content: &[u8],
+) -> std::io::Result<LocalResponse> {
     let mut s = UnixStream::connect(&cfg.hook.socket)?;
     // The commit is bounded by `total`, plus `commit` to collect acknowledgements once decided.
     let wait = cfg.timeouts.total + cfg.timeouts.commit + Duration::from_secs(1);
     s.set_read_timeout(Some(wait))?;
-    s.set_write_timeout(Some(Duration::from_secs(2)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
     let frame = txmap_common::codec::encode(&LocalRequest::Distribute {
+        table: table.name.clone(),
         source: path.to_string(),
+        len: content.len() as u64,
     })
     .map_err(std::io::Error::other)?;
     s.write_all(&frame)?;
+    s.write_all(content)?;
     txmap_common::codec::read_frame_blocking(&mut s).map_err(std::io::Error::other)
 }

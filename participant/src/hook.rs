@@ -1,0 +1,498 @@
+//! The Sympa hook's side of `txmapd`: the local Unix socket `txmap-sympa` talks to, and the
+//! requests it queues while the daemon is down.
+//!
+//! # Least privilege
+//!
+//! `txmapd` never opens a path that the `sympa` user (or any other user) controls. The hook
+//! reads the table's source itself, with its caller's rights, and sends the **content** over
+//! the socket; the daemon bounds it (`max_table_bytes`, and a time limit), writes it to a
+//! private snapshot (`<state_dir>/snapshots/<table>`, 0600 in a 0700 directory) off the async
+//! runtime, and commits that snapshot. A failed commit stays pending on the snapshot, so every
+//! retry uses the newest content the hook sent, never the user's file.
+//!
+//! Requests that arrive for a table while its commit runs are served together by the next
+//! commit, with the newest content (one transaction, not one each).
+//!
+//! The socket serves at most [`MAX_CONNECTIONS`] connections at once (the rest wait in the
+//! kernel's backlog), reads each request within [`HEADER_TIMEOUT`], and backs off when
+//! `accept` fails (file descriptors exhausted) instead of spinning.
+
+use crate::server::{Node, HEADER_TIMEOUT};
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tracing::{debug, info, warn};
+use txmap_common::codec;
+use txmap_common::config::{Config, HookSettings};
+use txmap_common::decision::DecisionLog;
+use txmap_common::now_ms;
+use txmap_common::proto::{LocalRequest, LocalResponse, TxId, QUEUED_REQUEST_MAGIC};
+use txmap_common::table::{self, Snapshots};
+use txmap_coordinator::cluster::Cluster;
+
+/// Hook connections served at once; more wait in the listen backlog.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+
+/// Serializes snapshot installs between socket requests and adopted queued requests.
+static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Per-table coalescing of hook requests.
+#[derive(Debug, Default)]
+struct HookState {
+    tables: std::sync::Mutex<HashMap<String, Arc<TableQueue>>>,
+}
+
+#[derive(Debug, Default)]
+struct TableQueue {
+    /// The newest content received and not yet taken by a commit.
+    latest: std::sync::Mutex<Latest>,
+    /// Held while a commit of this table runs; the last commit's sequence number and result.
+    run: tokio::sync::Mutex<Option<(u64, LocalResponse)>>,
+}
+
+#[derive(Debug, Default)]
+struct Latest {
+    seq: u64,
+    temp: Option<(u64, PathBuf)>,
+}
+
+impl HookState {
+    fn queue(&self, table: &str) -> Arc<TableQueue> {
+        let mut m = self.tables.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(table.to_string()).or_default().clone()
+    }
+}
+
+/// A blocking reader that fails once `until` has passed, however the peer trickles bytes.
+struct Deadlined<'a> {
+    s: &'a std::os::unix::net::UnixStream,
+    until: Instant,
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "request not received in time",
+            ));
+        }
+        self.s.set_read_timeout(Some(left))?;
+        (&mut &*self.s).read(buf)
+    }
+}
+
+impl Node {
+    /// Serves `txmap-sympa` on the local Unix socket: each request carries the content of one
+    /// configured table, read by the hook with its caller's rights.
+    pub(crate) async fn hook_loop(self: Arc<Self>, cluster: Arc<Cluster>) {
+        let h = &self.cfg.hook;
+        let snaps = Snapshots::new(&self.cfg.state_dir);
+        if let Err(e) = snaps.ensure() {
+            warn!(dir = %snaps.dir().display(), error = %e, "cannot create the private snapshot directory");
+        }
+        snaps.remove_temps();
+        if let Err(e) = prepare_socket_dir(&self.cfg) {
+            warn!(error = %e, "cannot set up the hook's request directory");
+        }
+        let listener = match bind_socket(&h.socket, h.mode, h.group.as_deref()) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(socket = %h.socket.display(), error = %e, "cannot listen on the hook socket; txmap-sympa will queue requests");
+                return;
+            }
+        };
+        let state = Arc::new(HookState::default());
+        let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    backoff = Duration::from_millis(10);
+                    let node = self.clone();
+                    let cluster = cluster.clone();
+                    let state = state.clone();
+                    tokio::spawn(async move {
+                        node.hook_request(stream, &cluster, &state).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Typically EMFILE: retrying at once would spin and starve everything else.
+                    warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "hook socket: accept failed; backing off");
+                    drop(permit);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    async fn hook_request(
+        self: Arc<Self>,
+        stream: tokio::net::UnixStream,
+        cluster: &Cluster,
+        state: &HookState,
+    ) {
+        let uid = stream.peer_cred().ok().map(|c| c.uid());
+        let Ok(std_stream) = stream.into_std() else {
+            return;
+        };
+        let node = self.clone();
+        let received = tokio::task::spawn_blocking(move || {
+            let r = node.receive(&std_stream);
+            (std_stream, r)
+        })
+        .await;
+        let Ok((std_stream, received)) = received else {
+            return;
+        };
+        let resp = match received {
+            Err(detail) => {
+                warn!(?uid, %detail, "hook request refused");
+                LocalResponse::Refused { detail }
+            }
+            Ok((table, source, temp)) => {
+                info!(%table, %source, ?uid, "distribution requested by the Sympa hook");
+                self.distribute(cluster, state, &table, temp).await
+            }
+        };
+        if std_stream.set_nonblocking(true).is_err() {
+            return;
+        }
+        let Ok(mut stream) = tokio::net::UnixStream::from_std(std_stream) else {
+            return;
+        };
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            codec::write_frame(&mut stream, &resp),
+        )
+        .await;
+    }
+
+    /// Reads one request and its content (blocking; run off the runtime) into a temporary
+    /// snapshot: the table's name, the path Sympa named, the temporary file.
+    fn receive(
+        &self,
+        s: &std::os::unix::net::UnixStream,
+    ) -> Result<(String, String, PathBuf), String> {
+        s.set_nonblocking(false).map_err(|e| e.to_string())?;
+        let mut r = Deadlined {
+            s,
+            until: Instant::now() + HEADER_TIMEOUT,
+        };
+        let req: LocalRequest =
+            codec::read_frame_blocking(&mut r).map_err(|e| format!("bad request: {e}"))?;
+        let LocalRequest::Distribute { table, source, len } = req;
+        let known = self.cfg.table(&table).is_some_and(|t| t.source.is_some());
+        if !known {
+            return Err(format!(
+                "no table `{table}` with a source in {}",
+                self.cfg.file.display()
+            ));
+        }
+        let max = self.cfg.max_table_bytes;
+        if len > max {
+            return Err(format!(
+                "{table}: {len} bytes, more than max_table_bytes = {max}"
+            ));
+        }
+        let snaps = Snapshots::new(&self.cfg.state_dir);
+        let (temp, mut f) = snaps
+            .create_temp(&table)
+            .map_err(|e| format!("cannot create a snapshot in {}: {e}", snaps.dir().display()))?;
+        let got = std::io::copy(&mut (&mut r).take(len), &mut f).and_then(|n| {
+            f.sync_all()?;
+            Ok(n)
+        });
+        match got {
+            Ok(n) if n == len => Ok((table, source, temp)),
+            Ok(n) => {
+                let _ = std::fs::remove_file(&temp);
+                Err(format!(
+                    "{table}: incomplete request: {n} of {len} bytes received"
+                ))
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&temp);
+                Err(format!("{table}: content not received: {e}"))
+            }
+        }
+    }
+
+    /// Commits the newest content received for `table`, coalescing requests that wait.
+    async fn distribute(
+        &self,
+        cluster: &Cluster,
+        state: &HookState,
+        table: &str,
+        temp: PathBuf,
+    ) -> LocalResponse {
+        let q = state.queue(table);
+        let mine = {
+            let mut l = q.latest.lock().unwrap_or_else(|e| e.into_inner());
+            l.seq += 1;
+            let seq = l.seq;
+            if let Some((_, older)) = l.temp.replace((seq, temp)) {
+                let _ = std::fs::remove_file(older);
+            }
+            seq
+        };
+        let mut run = q.run.lock().await;
+        if let Some((done, resp)) = run.as_ref() {
+            if *done >= mine {
+                debug!(%table, "served by a commit that included this request");
+                return resp.clone();
+            }
+        }
+        let taken = q
+            .latest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .temp
+            .take();
+        let Some((seq, temp)) = taken else {
+            return LocalResponse::Refused {
+                detail: format!("{table}: request lost (a bug); run the hook again"),
+            };
+        };
+        let snaps = Snapshots::new(&self.cfg.state_dir);
+        let src = {
+            let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+            snaps.install(table, &temp)
+        };
+        let src = match src {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = std::fs::remove_file(&temp);
+                return LocalResponse::Refused {
+                    detail: format!("{table}: cannot keep a snapshot: {e}"),
+                };
+            }
+        };
+        let r = txmap_coordinator::commit::commit_tracked(cluster, table, &src).await;
+        // Only now: until here the queued request covered a crash of this daemon; from here
+        // the pending record (if the commit failed) covers the retries.
+        let queued = HookSettings::requests_dir(&self.cfg.state_dir).join(table);
+        let _ = std::fs::remove_file(queued);
+        let resp = LocalResponse::Done {
+            table: table.to_string(),
+            exit: r.exit,
+            lines: r
+                .nodes
+                .iter()
+                .map(|n| format!("{}: {}", n.node, n.detail))
+                .collect(),
+        };
+        *run = Some((seq, resp.clone()));
+        resp
+    }
+
+    /// Turns requests queued by `txmap-sympa` while this daemon was down into pending commits
+    /// of a private snapshot of their content. A queued file is first moved out of the
+    /// group-writable `requests/` into the private snapshot directory, then opened without
+    /// following links and checked (regular, one link, bounded) off the runtime.
+    pub(crate) fn adopt_queued_requests(&self) {
+        let snaps = Snapshots::new(&self.cfg.state_dir);
+        self.repoint_legacy_pending(&snaps);
+        let dir = HookSettings::requests_dir(&self.cfg.state_dir);
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // `DirEntry::metadata` does not follow links.
+            let modified = e.metadata().and_then(|m| m.modified()).ok();
+            let age = modified.and_then(|m| m.elapsed().ok());
+            if name.starts_with('.') {
+                // A hook's temporary file; one left by a killed hook goes after a minute.
+                if age > Some(Duration::from_secs(60)) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+                continue;
+            }
+            if self
+                .cfg
+                .table(&name)
+                .and_then(|t| t.source.as_ref())
+                .is_none()
+            {
+                continue;
+            }
+            // A fresh request is being served through the socket right now.
+            if age < Some(Duration::from_secs(3)) {
+                continue;
+            }
+            if snaps.ensure().is_err() {
+                continue;
+            }
+            let taken = snaps
+                .dir()
+                .join(format!(".{name}.adopt-{}.tmp", TxId::random()));
+            if let Err(err) = std::fs::rename(e.path(), &taken) {
+                warn!(path = %e.path().display(), error = %err, "cannot take a queued request; removing it");
+                let _ = std::fs::remove_file(e.path());
+                continue;
+            }
+            let cfg = self.cfg.clone();
+            let queued_at = modified.unwrap_or(SystemTime::UNIX_EPOCH);
+            tokio::task::spawn_blocking(move || adopt_one(&cfg, &name, &taken, queued_at));
+        }
+    }
+
+    /// A pending record left by an older txmap names the user's file: point it at this
+    /// node's snapshot of the table, or drop it (txmapd never reads the user's file).
+    fn repoint_legacy_pending(&self, snaps: &Snapshots) {
+        let log = DecisionLog::new(&self.cfg.state_dir);
+        for p in log.list_pending() {
+            if snaps.holds(&p.source) {
+                continue;
+            }
+            let snap = snaps.path(&p.table);
+            if snap.is_file() {
+                let rec = txmap_common::decision::PendingRecord {
+                    source: snap,
+                    ..p.clone()
+                };
+                let _ = log.set_pending(&rec);
+            } else if p.owner_pid.is_none() {
+                warn!(table = %p.table, source = %p.source.display(), "dropping a pending commit that names a file instead of a snapshot (left by an older txmap); run `txmap commit {}` or the hook again", p.table);
+                log.clear_pending(&p.table, &p.source);
+            }
+        }
+    }
+}
+
+/// Moves one queued request's content into the table's snapshot and records a pending commit.
+fn adopt_one(cfg: &Config, table_name: &str, taken: &Path, queued_at: SystemTime) {
+    let snaps = Snapshots::new(&cfg.state_dir);
+    let max = cfg.max_table_bytes + QUEUED_REQUEST_MAGIC.len() as u64;
+    let r = (|| -> std::io::Result<PathBuf> {
+        let (f, _) = table::open_untrusted(taken, max)?;
+        let bytes = table::read_bounded(f, max)?;
+        let Some(content) = bytes.strip_prefix(QUEUED_REQUEST_MAGIC) else {
+            return Err(std::io::Error::other(
+                "queued without its content (by an older txmap-sympa?); run the hook again",
+            ));
+        };
+        let temp = snaps.write_temp(table_name, content)?;
+        let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+        let current = snaps.path(table_name);
+        let newer = std::fs::metadata(&current)
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m > queued_at);
+        if newer {
+            // The hook already sent newer content through the socket.
+            let _ = std::fs::remove_file(&temp);
+            return Ok(current);
+        }
+        snaps.install(table_name, &temp)
+    })();
+    let _ = std::fs::remove_file(taken);
+    let source = match r {
+        Ok(p) => p,
+        Err(e) => {
+            warn!(table = %table_name, error = %e, "queued request refused");
+            return;
+        }
+    };
+    let log = DecisionLog::new(&cfg.state_dir);
+    if log.pending_for(table_name, &source).is_none() {
+        info!(table = %table_name, "adopting a distribution request queued while txmapd was down");
+        let rec = txmap_common::decision::PendingRecord {
+            table: table_name.to_string(),
+            source,
+            since_ms: now_ms(),
+            attempts: 0,
+            last_error: "queued by txmap-sympa while txmapd was down".into(),
+            next_ms: 0,
+            owner_pid: None,
+        };
+        if let Err(e) = log.set_pending(&rec) {
+            warn!(error = %e, "cannot record the queued request");
+        }
+    }
+}
+
+/// Binds the hook socket without ever following a link: the socket is created in a fresh
+/// private directory (0700) beside its final path, given its group and mode there (nobody else
+/// can reach it), then renamed over the final path, which replaces whatever was there (a stale
+/// socket, or a link someone planted) instead of following it.
+fn bind_socket(
+    path: &Path,
+    mode: u32,
+    group: Option<&str>,
+) -> std::io::Result<tokio::net::UnixListener> {
+    let parent = path.parent().unwrap_or_else(|| Path::new("/"));
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(std::io::Error::other(format!(
+            "{} is a directory",
+            path.display()
+        )));
+    }
+    // Short names: a socket path is limited to 107 bytes.
+    let private = parent.join(format!(".s{:06x}", TxId::random().0 & 0xff_ffff));
+    table::private_dir(&private)?;
+    let tmp = private.join("s");
+    let r = (|| {
+        let l = tokio::net::UnixListener::bind(&tmp)?;
+        set_mode_and_group(&tmp, mode, group)?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    let _ = std::fs::remove_dir(&private);
+    r
+}
+
+/// Creates the hook's request directory, writable by the socket's group (sticky, like /tmp).
+/// Its owner and mode are set on an open descriptor (never through a link).
+fn prepare_socket_dir(cfg: &Config) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let dir = HookSettings::requests_dir(&cfg.state_dir);
+    match std::fs::create_dir(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let m = cfg.hook.mode;
+    // Whoever may write to the socket may drop a request: rw bits of the socket, plus x.
+    let dir_mode = 0o1000 | m | ((m & 0o222) >> 1) | ((m & 0o444) >> 2);
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(table::NOFOLLOW_DIRECTORY)
+        .open(&dir)?;
+    if let Some(g) = cfg.hook.group.as_deref() {
+        std::os::unix::fs::fchown(&d, None, Some(group_id(g)?))?;
+    }
+    d.set_permissions(std::fs::Permissions::from_mode(dir_mode))
+}
+
+/// The id of group `g` (looked up in /etc/group).
+fn group_id(g: &str) -> std::io::Result<u32> {
+    std::fs::read_to_string("/etc/group")?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next() == Some(g))
+                .then(|| f.nth(1).and_then(|x| x.parse::<u32>().ok()))
+                .flatten()
+        })
+        .ok_or_else(|| std::io::Error::other(format!("group `{g}` not found in /etc/group")))
+}
+
+/// Sets permission bits and, when named, the group, of a path inside a private directory
+/// (`lchown`: a link is never followed).
+fn set_mode_and_group(path: &Path, mode: u32, group: Option<&str>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(g) = group {
+        std::os::unix::fs::lchown(path, None, Some(group_id(g)?))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
