@@ -184,12 +184,14 @@ fn all_committed(c: &TestCluster, n: usize, txid: &str) {
             serves(c, i, B) && !serves(c, i, A),
             "node{i} does not serve the committed content"
         );
+        // A pending retry (the first commit exited 3) may still be at work: wait for quiet.
         assert!(
-            c.staged_files(i).is_empty(),
-            "node{i}: {:?}",
-            c.staged_files(i)
+            wait_until(Duration::from_secs(20), || c.staged_files(i).is_empty()
+                && c.lock_free(i)),
+            "node{i}: staged {:?}, lock free {}",
+            c.staged_files(i),
+            c.lock_free(i)
         );
-        assert!(c.lock_free(i), "node{i}: lock still held");
     }
 }
 
@@ -508,6 +510,66 @@ fn a_decision_log_error_after_the_link_never_splits_the_transaction() {
         outcomes[1],
         outcomes[2],
         describe(&out)
+    );
+    assert_agreement(watch);
+}
+
+/// Defect 5: a commit decision acted on before it is durable. The coordinator links its commit
+/// record and stalls before the directory fsync; node1's disk cannot make the directory durable
+/// meanwhile (`decision::sync_dir` fails in its txmapd), so nobody may act on the record. Then
+/// the coordinator's node loses power: the unsynced link is gone (the test removes it, as the
+/// disk would). Whatever the peers did in that window must agree with what node1 decides after
+/// the restart (a fence, so abort).
+#[test]
+fn a_commit_decision_is_never_acted_on_before_it_is_durable() {
+    let mut c = cluster_on_a("unsynced-decision", 3, |_, s| s);
+    let watch = c.watch_journals(3);
+    c.kill_node(1);
+    c.start_node_with(1, &[("FAILPOINTS", "decision::sync_dir=return")])
+        .unwrap();
+    // Writes: pending intent, open record, decision; the third stalls after its link.
+    let mut child = c.spawn_txmap_with(
+        1,
+        &["commit", TABLE],
+        &[("FAILPOINTS", "decision::after_link=2*off->1*sleep(8000)")],
+    );
+    let txid = wait_prepared(&c, &[1, 2, 3], Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(10), || c
+            .decisions(1)
+            .iter()
+            .any(|(t, v)| *t == txid && v == "commit")),
+        "the commit record of {txid} was never linked: {:?}",
+        c.decisions(1)
+    );
+    // Long enough for every in-doubt node to ask node1 a few times (every 500 ms after 1 s).
+    std::thread::sleep(Duration::from_millis(3500));
+    // Power cut of node1: its processes die, the link that no fsync covered is lost.
+    let _ = child.kill();
+    let _ = child.wait();
+    c.kill_node(1);
+    let record = c
+        .state_dir(1)
+        .join("decisions")
+        .join(format!("{txid}.json"));
+    std::fs::remove_file(&record).unwrap();
+    c.start_node(1).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(30), || (1..=3)
+            .all(|i| c.active(i).is_none() && c.outcome(i, &txid).is_some())),
+        "not resolved everywhere: {:?}",
+        (1..=3)
+            .map(|i| (c.active(i), c.outcome(i, &txid)))
+            .collect::<Vec<_>>()
+    );
+    let outcomes: Vec<Option<String>> = (1..=3).map(|i| c.outcome(i, &txid)).collect();
+    assert!(
+        outcomes.iter().all(|o| *o == outcomes[0]),
+        "transaction {txid}: node1 {:?}, node2 {:?}, node3 {:?} (a peer acted on a commit \
+         record that was not durable yet)",
+        outcomes[0],
+        outcomes[1],
+        outcomes[2],
     );
     assert_agreement(watch);
 }
