@@ -3,7 +3,12 @@
 //! It only parses arguments, sets up logging and calls [`server::run`]; everything else is in
 //! the modules so that tests can reason about them.
 
+mod converge;
+mod decide;
 mod hook;
+mod prepare;
+mod resolve;
+mod serve;
 mod server;
 
 use clap::Parser;
