@@ -534,6 +534,8 @@ fn a_commit_decision_is_never_acted_on_before_it_is_durable() {
         &[("FAILPOINTS", "decision::after_link=2*off->1*sleep(8000)")],
     );
     let txid = wait_prepared(&c, &[1, 2, 3], Duration::from_secs(10));
+    // node3 is frozen through the window: it can only learn the outcome after the power cut.
+    c.signal(3, libc::SIGSTOP);
     assert!(
         wait_until(Duration::from_secs(10), || c
             .decisions(1)
@@ -554,6 +556,7 @@ fn a_commit_decision_is_never_acted_on_before_it_is_durable() {
         .join(format!("{txid}.json"));
     std::fs::remove_file(&record).unwrap();
     c.start_node(1).unwrap();
+    c.signal(3, libc::SIGCONT);
     assert!(
         wait_until(Duration::from_secs(30), || (1..=3)
             .all(|i| c.active(i).is_none() && c.outcome(i, &txid).is_some())),
