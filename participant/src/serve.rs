@@ -106,6 +106,9 @@ impl Node {
                 fence,
             } => {
                 let mine = coordinator == self.cfg.node;
+                // Only an in-service node may make this node fence (an out-of-service node
+                // takes no part in transactions; its questions are answered, never acted on).
+                let fence = fence && self.cfg.node_by_name(&peer).is_some_and(|n| n.in_service);
                 match self.outcome(&table, txid, generation, mine, fence).await {
                     Ok(a) => Response::Outcome(a),
                     Err(r) => r,
