@@ -16,7 +16,7 @@
 
 use crate::decision::Verdict;
 use crate::machine::{decide, Decision, Vote};
-use crate::proto::{OutcomeAnswer, Refusal, Response};
+use crate::proto::{OutcomeAnswer, Refusal, Response, Sha256, TableStatus};
 
 /// What the coordinator does once every vote is in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +53,20 @@ pub fn on_votes(votes: &[Vote], prepare_sent: &[bool], past_deadline: bool) -> O
             OnVotes::Abort { record, retry }
         }
     }
+}
+
+/// `Some(generation)` when every asked node already serves exactly this content (same sha256,
+/// same generation, nothing in progress): a commit then has nothing to do and makes no new
+/// generation.
+pub fn already_served(statuses: &[TableStatus], asked: usize, sha256: &Sha256) -> Option<u64> {
+    let first = statuses.first()?;
+    let same = statuses.len() == asked
+        && statuses.iter().all(|s| {
+            s.prepared.is_none()
+                && s.sha256.as_ref() == Some(sha256)
+                && s.generation == first.generation
+        });
+    (same && first.generation > 0).then_some(first.generation)
 }
 
 /// What a decision write left on disk, as far as the coordinator can tell.
@@ -311,6 +325,28 @@ mod tests {
         assert_eq!(log_answer(None, Some(false), true), LogAnswer::Fence);
         assert_eq!(log_answer(None, None, true), LogAnswer::Fence);
         assert_eq!(log_answer(None, None, false), LogAnswer::AskParticipant);
+    }
+
+    #[test]
+    fn unchanged_content_everywhere_needs_no_transaction() {
+        let st = |g: u64, sha: u8| TableStatus {
+            table: "t".into(),
+            generation: g,
+            sha256: Some(Sha256([sha; 32])),
+            entries: 1,
+            committed_at_ms: None,
+            last_txid: None,
+            coordinator: None,
+            fenced: 0,
+            prepared: None,
+            pending: None,
+        };
+        let sha = Sha256([7; 32]);
+        assert_eq!(already_served(&[st(4, 7), st(4, 7)], 2, &sha), Some(4));
+        // One node behind, one not answering, another content: work to do.
+        assert_eq!(already_served(&[st(4, 7), st(3, 7)], 2, &sha), None);
+        assert_eq!(already_served(&[st(4, 7)], 2, &sha), None);
+        assert_eq!(already_served(&[st(4, 7), st(4, 8)], 2, &sha), None);
     }
 
     #[test]

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use txmap_common::config::NodeConfig;
 use txmap_common::coordinator::{
-    after_decision_write, delivery, on_votes, AfterWrite, Delivery, OnVotes, WriteResult,
+    after_decision_write, already_served, delivery, on_votes, AfterWrite, Delivery, OnVotes,
+    WriteResult,
 };
 use txmap_common::decision::{DecisionLog, DecisionRecord, PendingRecord, Verdict};
 use txmap_common::exit;
@@ -274,6 +275,24 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                 Err(e) => votes[i] = Some(Vote::Unreachable(e)),
             }
         }
+        let sha = Sha256(digest.sha256);
+        if votes.iter().all(|v| v.is_none()) {
+            if let Some(g) = already_served(&known, links.len(), &sha) {
+                // No work for no change: nothing to distribute, no new generation.
+                report.txid = None;
+                report.generation = Some(g);
+                report.exit = exit::OK;
+                report.nodes = links
+                    .iter()
+                    .map(|(n, _)| NodeReport {
+                        node: n.name.clone(),
+                        ok: true,
+                        detail: format!("already serves this content (generation {g})"),
+                    })
+                    .collect();
+                break;
+            }
+        }
         let generation = next_generation(&known);
         report.generation = Some(generation);
         let names: Vec<String> = links.iter().map(|(n, _)| n.name.clone()).collect();
@@ -295,7 +314,7 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
             generation,
             coordinator: cluster.cfg.node.clone(),
             source_len: digest.len,
-            sha256: Sha256(digest.sha256),
+            sha256: sha,
             entries: digest.entries,
             nodes: names.clone(),
         });
