@@ -202,6 +202,31 @@ fn after_a_commit_the_old_live_db_has_link_count_zero() {
 }
 
 #[test]
+fn committing_the_content_every_node_serves_makes_no_new_generation() {
+    let c = TestCluster::start("noop", 3).unwrap();
+    c.write_source(&transport_table("noop.example", 0..50));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    let before = c.generations();
+    let out = c.commit(2);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already serves this content"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(
+        c.generations(),
+        before,
+        "a no-op commit made a new generation"
+    );
+    // A change is committed as usual.
+    c.write_source(&transport_table("noop.example", 0..51));
+    assert_eq!(c.commit(2).status.code(), Some(0));
+    let g = c.generations()[0].clone().expect("status").0;
+    assert_eq!(Some(g), before[0].as_ref().map(|x| x.0 + 1));
+}
+
+#[test]
 fn two_coordinators_racing_on_one_table_never_deadlock_and_generations_increase() {
     let c = TestCluster::start("race", 3).unwrap();
     c.write_source(&transport_table("race.example", 0..2000));
@@ -209,6 +234,8 @@ fn two_coordinators_racing_on_one_table_never_deadlock_and_generations_increase(
     let mut last = 1u64;
     let mut committed = 0;
     for round in 0..5 {
+        // A new content each round (the same content again is no work: no new generation).
+        c.write_source(&transport_table("race.example", 0..(2001 + round)));
         let started = Instant::now();
         let a = c.spawn_txmap(1, &["commit", TABLE]);
         let b = c.spawn_txmap(2, &["commit", TABLE]);
