@@ -447,6 +447,27 @@ fn a_peer_that_forgot_a_committed_transaction_never_answers_aborted() {
     assert_agreement(watch);
 }
 
+/// Waits until every node ended `txid` (none holds it), then asserts they all ended it the
+/// same way.
+fn one_outcome_everywhere(c: &TestCluster, txid: &str, why: &str) {
+    assert!(
+        wait_until(Duration::from_secs(30), || (1..=3)
+            .all(|i| c.active(i).is_none() && c.outcome(i, txid).is_some())),
+        "not resolved everywhere: {:?}",
+        (1..=3)
+            .map(|i| (c.active(i), c.outcome(i, txid)))
+            .collect::<Vec<_>>()
+    );
+    let outcomes: Vec<Option<String>> = (1..=3).map(|i| c.outcome(i, txid)).collect();
+    assert!(
+        outcomes.iter().all(|o| *o == outcomes[0]),
+        "transaction {txid}: node1 {:?}, node2 {:?}, node3 {:?} ({why})",
+        outcomes[0],
+        outcomes[1],
+        outcomes[2],
+    );
+}
+
 /// Makes node `i` forget `txid` as eviction from its bounded memory would: stopped, its
 /// journal rewritten without it, restarted.
 fn forget(c: &mut TestCluster, i: usize, txid: &str) {
@@ -493,23 +514,10 @@ fn a_decision_log_error_after_the_link_never_splits_the_transaction() {
     );
     c.start_node(3).unwrap();
     // Every node ends the transaction one way.
-    assert!(
-        wait_until(Duration::from_secs(30), || (1..=3)
-            .all(|i| c.active(i).is_none() && c.outcome(i, &txid).is_some())),
-        "not resolved everywhere: {:?}",
-        (1..=3)
-            .map(|i| (c.active(i), c.outcome(i, &txid)))
-            .collect::<Vec<_>>()
-    );
-    let outcomes: Vec<Option<String>> = (1..=3).map(|i| c.outcome(i, &txid)).collect();
-    assert!(
-        outcomes.iter().all(|o| *o == outcomes[0]),
-        "transaction {txid}: node1 {:?}, node2 {:?}, node3 {:?} (commit record on node1's disk; \
-         commit: {})",
-        outcomes[0],
-        outcomes[1],
-        outcomes[2],
-        describe(&out)
+    one_outcome_everywhere(
+        &c,
+        &txid,
+        &format!("commit record on node1's disk; commit: {}", describe(&out)),
     );
     assert_agreement(watch);
 }
@@ -557,22 +565,10 @@ fn a_commit_decision_is_never_acted_on_before_it_is_durable() {
     std::fs::remove_file(&record).unwrap();
     c.start_node(1).unwrap();
     c.signal(3, libc::SIGCONT);
-    assert!(
-        wait_until(Duration::from_secs(30), || (1..=3)
-            .all(|i| c.active(i).is_none() && c.outcome(i, &txid).is_some())),
-        "not resolved everywhere: {:?}",
-        (1..=3)
-            .map(|i| (c.active(i), c.outcome(i, &txid)))
-            .collect::<Vec<_>>()
-    );
-    let outcomes: Vec<Option<String>> = (1..=3).map(|i| c.outcome(i, &txid)).collect();
-    assert!(
-        outcomes.iter().all(|o| *o == outcomes[0]),
-        "transaction {txid}: node1 {:?}, node2 {:?}, node3 {:?} (a peer acted on a commit \
-         record that was not durable yet)",
-        outcomes[0],
-        outcomes[1],
-        outcomes[2],
+    one_outcome_everywhere(
+        &c,
+        &txid,
+        "a peer acted on a commit record that was not durable yet",
     );
     assert_agreement(watch);
 }
