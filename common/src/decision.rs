@@ -123,7 +123,7 @@ fn write_atomic_locked(
     replace: bool,
     lock: bool,
 ) -> std::io::Result<(bool, Option<std::fs::File>)> {
-    std::fs::create_dir_all(dir)?;
+    crate::table::create_dir_durable(dir, 0o700)?;
     let tmp = dir.join(format!(".{name}.{}.tmp", TxId::random()));
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -397,7 +397,7 @@ impl DecisionLog {
     /// returned file lives (an exclusive `flock` on `pending/<table>.owner`). `None`: another
     /// live process works on it.
     pub fn own_pending(&self, table: &str) -> std::io::Result<Option<std::fs::File>> {
-        std::fs::create_dir_all(&self.pending)?;
+        crate::table::create_dir_durable(&self.pending, 0o700)?;
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -37,7 +37,7 @@ impl Journal {
     /// Opens (creating if needed) `<state_dir>/tables`.
     pub fn open(state_dir: &Path) -> Result<Journal, JournalError> {
         let dir = state_dir.join("tables");
-        std::fs::create_dir_all(&dir).map_err(|source| JournalError::Io {
+        crate::table::create_dir_durable(&dir, 0o700).map_err(|source| JournalError::Io {
             path: dir.clone(),
             source,
         })?;

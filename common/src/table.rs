@@ -312,21 +312,34 @@ pub fn read_bounded<R: Read>(r: R, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(v)
 }
 
-/// Creates a directory private to its owner (0700), or makes an existing one so. A symbolic
-/// link in its place is refused, never followed.
-pub fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+/// Creates `dir` with `mode`, and any missing parent (0755), each made durable in its parent:
+/// the parent is fsynced once the new entry exists, so a power cut cannot take back a
+/// directory that records were then written into. An existing directory is left as it is.
+pub fn create_dir_durable(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    if let Some(p) = parent {
+        create_dir_durable(p, 0o755)?;
+    }
+    match std::fs::DirBuilder::new().mode(mode).create(dir) {
         Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            if let Some(parent) = dir.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
-            std::fs::DirBuilder::new().mode(0o700).create(dir)?;
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(e),
     }
+    match parent {
+        Some(p) => File::open(p)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Creates a directory private to its owner (0700), durable in its parent, or makes an
+/// existing one so. A symbolic link in its place is refused, never followed.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    create_dir_durable(dir, 0o700)?;
     let d = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(NOFOLLOW_DIRECTORY)
@@ -851,7 +864,7 @@ pub fn lock_path(state_dir: &Path, table: &str) -> PathBuf {
 /// dies, so a crash can never leave it held.
 pub fn try_lock(path: &Path) -> Result<Option<File>, TableError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+        create_dir_durable(dir, 0o755).map_err(io("create", dir))?;
     }
     let f = std::fs::OpenOptions::new()
         .read(true)

@@ -91,7 +91,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
 impl Node {
     /// Loads every table's journal and recovers what a crash left behind.
     fn open(cfg: Config) -> anyhow::Result<Node> {
-        std::fs::create_dir_all(&cfg.state_dir)
+        table::create_dir_durable(&cfg.state_dir, 0o755)
             .with_context(|| format!("cannot create state_dir {}", cfg.state_dir.display()))?;
         let journal = Journal::open(&cfg.state_dir)?;
         let mut slots = HashMap::new();
