@@ -507,7 +507,7 @@ fn txmapd_without_proc_serves_100_hook_calls_with_every_node_up() {
     assert_eq!(first.0, g0 + 100, "{gens:?}");
     assert!(gens.iter().all(|g| g.as_ref() == Some(&first)), "{gens:?}");
     for i in 1..=3 {
-        let found = c.lookup(i, &["list110@a.example".to_string()]).unwrap();
+        let found = c.lookup(i, &["list109@a.example".to_string()]).unwrap();
         assert!(found[0].is_some(), "node{i}");
     }
 }
@@ -703,14 +703,19 @@ fn an_unprivileged_poller_never_sees_the_secret_during_a_symlink_attack() {
     std::thread::sleep(Duration::from_secs(7));
     drop(poller.stdin.take());
     let out = poller.wait_with_output().unwrap();
-    let hits = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut hits: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    hits.sort();
+    hits.dedup();
     let rounds = String::from_utf8_lossy(&out.stderr).to_string();
     eprintln!(
         "poller as nobody over {} s: {}; hook exits {codes:?}",
         started.elapsed().as_secs(),
         rounds.trim()
     );
-    assert!(hits.trim().is_empty(), "nobody read the secret in: {hits}");
+    assert!(hits.is_empty(), "nobody read the secret in: {hits:#?}");
     let n: u64 = rounds
         .trim()
         .strip_prefix("rounds ")
