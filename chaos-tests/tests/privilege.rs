@@ -727,3 +727,34 @@ fn an_unprivileged_poller_never_sees_the_secret_during_a_symlink_attack() {
         "{codes:?}"
     );
 }
+
+#[test]
+fn a_txmap_commit_run_by_root_leaves_a_non_root_txmapd_able_to_serve_the_hook() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut c = TestCluster::create("priv-rootcli", 3).unwrap();
+    c.set_daemon_user(Some(DAEMON_USER));
+    for i in 1..=3 {
+        c.start_node(i).unwrap();
+    }
+    // The operator forgets `sudo -u txmap`: the CLI runs as root in txmapd's state directory.
+    c.write_source(&transport_table("a.example", 0..10));
+    let out = Command::new(&bins().txmap)
+        .arg("--config")
+        .arg(c.config(1))
+        .args(["commit", TABLE])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    c.write_source(&transport_table("b.example", 0..10));
+    let (code, text, _) = hook_within(
+        &c,
+        "nobody",
+        "nogroup",
+        &c.source(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(0), "{text}");
+}
