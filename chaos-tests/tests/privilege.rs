@@ -1,7 +1,9 @@
 //! Guarantee 8 (least privilege), with real processes and a real attacker: an unprivileged user
 //! (`nobody`, via `setpriv`) who can write a table's source (the `sympa` user's position) or
 //! drop files in the hook's `requests/` directory can change that table's content and nothing
-//! else. txmapd runs as root here, as it does in production.
+//! else. txmapd runs as root here (or as `TXMAP_TEST_DAEMON_USER`), except in the tests that
+//! run it as a dedicated user (`txmap-test`) or in a mount namespace without `/proc`; those
+//! also hold 1,000 hook connections and plant a link at the socket path.
 //!
 //! These tests need root (to become `nobody`, and to be the root that must not be fooled); as a
 //! normal user they are skipped.
