@@ -20,4 +20,13 @@ if ((${#need[@]})); then
     postfix postfix-cdb postfix-lmdb </dev/null >/dev/null
 fi
 command -v postmap >/dev/null || { echo "setup: postmap still missing" >&2; exit 1; }
+# The dedicated user the tests run txmapd as (tests/privilege.rs, and the whole suite with
+# TXMAP_TEST_DAEMON_USER=txmap-test): no home, no login, a member of `nogroup` (the hook
+# socket's group in the tests). Only as root: as a normal user those tests are skipped.
+if [ "$(id -u)" -eq 0 ]; then
+  id -u txmap-test >/dev/null 2>&1 ||
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin txmap-test
+  id -nG txmap-test | tr ' ' '\n' | grep -qx nogroup || usermod -aG nogroup txmap-test
+fi
 command -v cargo >/dev/null || { echo "setup: cargo (Rust) is missing; install it with rustup" >&2; exit 1; }

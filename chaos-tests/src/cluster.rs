@@ -128,6 +128,10 @@ pub struct TestCluster {
     mounts: Vec<PathBuf>,
     /// Directories made immutable (`chattr +i`) to undo on drop.
     immutable: Vec<PathBuf>,
+    /// The user every daemon runs as (None: the test's user); see [`daemon_user`].
+    daemon_user: Option<String>,
+    /// Per node, a command line the daemon is started through (e.g. a mount namespace).
+    wrappers: Vec<Option<Vec<String>>>,
 }
 
 impl TestCluster {
@@ -168,6 +172,8 @@ impl TestCluster {
             daemons: (0..n).map(|_| None).collect(),
             mounts: Vec::new(),
             immutable: Vec::new(),
+            daemon_user: daemon_user(),
+            wrappers: (0..n).map(|_| None).collect(),
         })
     }
 
@@ -216,8 +222,22 @@ impl TestCluster {
             .unwrap_or_default()
             .matches("txmapd ready")
             .count();
-        let mut cmd = Command::new(&bins().txmapd);
-        cmd.arg("--config")
+        let mut argv: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(w) = &self.wrappers[i - 1] {
+            argv.extend(w.iter().map(Into::into));
+        }
+        if let Some(user) = self.daemon_user.clone() {
+            // Root may have created files there since (a test's setup); a read-only mount
+            // over the table directory makes chown fail, which the daemon then reports.
+            if let Err(e) = self.give_node_to(i, &user) {
+                eprintln!("warning: node{i}: {e:#}");
+            }
+            argv.extend(setpriv_argv(&user).into_iter().map(Into::into));
+        }
+        argv.push(bins().txmapd.clone().into());
+        let mut cmd = Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .arg("--config")
             .arg(self.config(i))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -296,7 +316,7 @@ impl TestCluster {
 
     /// Runs `txmap` with extra environment.
     pub fn txmap_with(&self, i: usize, args: &[&str], env: &[(&str, &str)]) -> Output {
-        let mut cmd = Command::new(&bins().txmap);
+        let mut cmd = self.txmap_command();
         cmd.arg("--config")
             .arg(self.config(i))
             .args(args)
@@ -315,7 +335,7 @@ impl TestCluster {
 
     /// Spawns `txmap` with extra environment, without waiting.
     pub fn spawn_txmap_with(&self, i: usize, args: &[&str], env: &[(&str, &str)]) -> Child {
-        let mut cmd = Command::new(&bins().txmap);
+        let mut cmd = self.txmap_command();
         cmd.arg("--config")
             .arg(self.config(i))
             .args(args)
@@ -520,6 +540,128 @@ impl Drop for TestCluster {
         for d in self.immutable.drain(..) {
             let _ = Command::new("chattr").arg("-i").arg(&d).status();
         }
+    }
+}
+
+/// The user the daemons of new clusters run as: `TXMAP_TEST_DAEMON_USER` (e.g. `txmap-test`),
+/// when set, non-empty and the tests run as root; None otherwise (they run as the test's user).
+pub fn daemon_user() -> Option<String> {
+    let u = std::env::var("TXMAP_TEST_DAEMON_USER").ok()?;
+    (!u.is_empty() && is_root()).then_some(u)
+}
+
+/// Creates `user` (a system user with its own group, no home, no login shell) unless it exists,
+/// and makes it a member of `nogroup` (the hook socket's group in `tests/privilege.rs`: only a
+/// member may give the socket that group). Root only.
+pub fn ensure_user(user: &str) -> Result<()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let exists = Command::new("id")
+        .arg("-u")
+        .arg(user)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()?
+        .success();
+    if !exists {
+        let out = Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home"])
+            .args(["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"])
+            .arg(user)
+            .output()?;
+        // Another test process may have created it meanwhile (exit 9: already exists).
+        if !out.status.success() && out.status.code() != Some(9) {
+            bail!("useradd {user}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let groups = Command::new("id").arg("-nG").arg(user).output()?;
+    if !String::from_utf8_lossy(&groups.stdout)
+        .split_whitespace()
+        .any(|g| g == "nogroup")
+    {
+        run_ok(Command::new("usermod").args(["-aG", "nogroup"]).arg(user))?;
+    }
+    Ok(())
+}
+
+/// `setpriv` arguments that run what follows as `user`, with its group and its supplementary
+/// groups (from /etc/group: no `/proc` needed).
+fn setpriv_argv(user: &str) -> Vec<String> {
+    vec![
+        "setpriv".into(),
+        format!("--reuid={user}"),
+        format!("--regid={user}"),
+        "--init-groups".into(),
+    ]
+}
+
+/// Daemon-user and wrapper modes: txmapd run as a dedicated non-root user, or through a wrapper
+/// command (a mount namespace whose `/proc` is empty).
+impl TestCluster {
+    /// The user this cluster's daemons run as (None: the test's user).
+    pub fn daemon_user(&self) -> Option<&str> {
+        self.daemon_user.as_deref()
+    }
+
+    /// Runs this cluster's daemons (started from now on) as `user` (None: as the test's user),
+    /// whatever `TXMAP_TEST_DAEMON_USER` says. Root only.
+    pub fn set_daemon_user(&mut self, user: Option<&str>) {
+        self.daemon_user = user.map(str::to_string);
+    }
+
+    /// Starts node `i`'s daemon (from now on) as `WRAPPER... [setpriv ...] txmapd --config ...`;
+    /// the wrapper must `exec` its arguments (the pid is the daemon's).
+    pub fn set_wrapper(&mut self, i: usize, wrapper: Option<Vec<String>>) {
+        self.wrappers[i - 1] = wrapper;
+    }
+
+    /// A wrapper that runs the daemon in a private mount namespace whose `/proc` is an empty
+    /// tmpfs (as in a chroot or container without `/proc`). Root only.
+    pub fn no_proc_wrapper() -> Vec<String> {
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            "mount -t tmpfs -o size=1m,mode=0555 none /proc && exec \"$@\"",
+            "sh",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// `txmap`, run as the daemons' user when they have one: the admin CLI writes in the state
+    /// directory (decisions, pending records, snapshots), which must stay the daemon's.
+    pub fn txmap_command(&self) -> Command {
+        match &self.daemon_user {
+            Some(user) => {
+                let argv = setpriv_argv(user);
+                let mut cmd = Command::new(&argv[0]);
+                cmd.args(&argv[1..]).arg(&bins().txmap);
+                cmd
+            }
+            None => Command::new(&bins().txmap),
+        }
+    }
+
+    /// Gives node `i`'s table directory, state directory and TLS directory (its key) to `user`,
+    /// as in production (docs/sympa-postfix.md): txmapd then needs no root. Idempotent.
+    pub fn give_node_to(&self, i: usize, user: &str) -> Result<()> {
+        ensure_user(user)?;
+        let owner = format!("{user}:{user}");
+        for d in [
+            self.table_dir(i),
+            self.state_dir(i),
+            self.node_dir(i).join("tls"),
+        ] {
+            if d.exists() {
+                run_ok(Command::new("chown").args(["-R", "-h", &owner]).arg(&d))?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,7 +1,9 @@
 //! Guarantee 8 (least privilege), with real processes and a real attacker: an unprivileged user
 //! (`nobody`, via `setpriv`) who can write a table's source (the `sympa` user's position) or
 //! drop files in the hook's `requests/` directory can change that table's content and nothing
-//! else. txmapd runs as root here, as it does in production.
+//! else. txmapd runs as root here (or as `TXMAP_TEST_DAEMON_USER`), except in the tests that
+//! run it as a dedicated user (`txmap-test`) or in a mount namespace without `/proc`; those
+//! also hold 1,000 hook connections and plant a link at the socket path.
 //!
 //! These tests need root (to become `nobody`, and to be the root that must not be fooled); as a
 //! normal user they are skipped.
@@ -340,4 +342,421 @@ fn rollback_refuses_a_tampered_history_copy_and_uses_a_good_one() {
         "a good copy exists on node2 and node3: {}",
         describe(&out)
     );
+}
+
+/// The dedicated user `txmapd` runs as in the non-root tests below (created if missing).
+const DAEMON_USER: &str = "txmap-test";
+
+/// The real and effective uid of process `pid` (from `/proc`: the test may use it; the
+/// daemon must not).
+fn uids_of(pid: u32) -> (u32, u32) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let l = s.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    let f: Vec<u32> = l
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap())
+        .collect();
+    (f[0], f[1])
+}
+
+fn uid_of_user(user: &str) -> u32 {
+    let out = Command::new("id").arg("-u").arg(user).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Open descriptors of process `pid`.
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// Every file under `dir` (links not followed) not owned by `uid`.
+fn not_owned_by(dir: &Path, uid: u32) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let m = std::fs::symlink_metadata(e.path()).unwrap();
+            if m.uid() != uid {
+                found.push(e.path());
+            }
+            if m.is_dir() {
+                stack.push(e.path());
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn txmapd_runs_as_a_dedicated_non_root_user_commits_and_serves_the_hook() {
+    if !is_root() {
+        eprintln!("skipped: needs root to create and become the daemon's user");
+        return;
+    }
+    let mut c = TestCluster::create("priv-user", 3).unwrap();
+    c.set_daemon_user(Some(DAEMON_USER));
+    for i in 1..=3 {
+        c.start_node(i).unwrap();
+    }
+    let uid = uid_of_user(DAEMON_USER);
+    for i in 1..=3 {
+        assert_eq!(uids_of(c.pid(i).unwrap()), (uid, uid), "node{i}'s txmapd");
+    }
+    // `txmap commit` (run as the daemon's user, as docs/sympa-postfix.md says), then the hook
+    // as Sympa runs it (as another unprivileged user).
+    c.write_source(&transport_table("a.example", 0..10));
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    c.write_source(&transport_table("b.example", 0..20));
+    let (code, text, took) = hook_within(
+        &c,
+        "nobody",
+        "nogroup",
+        &c.source(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    for i in 1..=3 {
+        let found = c.lookup(i, &["list19@b.example".to_string()]).unwrap();
+        assert_eq!(
+            found,
+            vec![Some("sympa:list19@b.example".to_string())],
+            "node{i}"
+        );
+        // Nothing in the table or state directories was written by root.
+        for d in [c.table_dir(i), c.state_dir(i)] {
+            let foreign: Vec<_> = not_owned_by(&d, uid)
+                .into_iter()
+                .filter(|p| !p.ends_with("main.cf"))
+                .collect();
+            assert!(foreign.is_empty(), "node{i}: not the daemon's: {foreign:?}");
+        }
+    }
+    let out = c.txmap(2, &["status", TABLE]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+}
+
+#[test]
+fn txmapd_without_proc_serves_100_hook_calls_with_every_node_up() {
+    if !is_root() {
+        eprintln!("skipped: needs root for a mount namespace");
+        return;
+    }
+    let mut c = TestCluster::create("priv-noproc", 3).unwrap();
+    for i in 1..=3 {
+        c.set_wrapper(i, Some(TestCluster::no_proc_wrapper()));
+        c.start_node(i).unwrap();
+    }
+    // Each daemon sees an empty /proc (its root, seen from outside, in its mount namespace).
+    for i in 1..=3 {
+        let pid = c.pid(i).unwrap();
+        let seen: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/root/proc"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(seen.is_empty(), "node{i}'s txmapd sees a /proc: {seen:?}");
+    }
+    c.write_source(&transport_table("a.example", 0..10));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    let g0 = c.journal_generation(1);
+    let mut failures = Vec::new();
+    let mut times = Vec::new();
+    for k in 0..100 {
+        c.write_source(&transport_table("a.example", 0..11 + k));
+        let (code, text, took) = hook_within(
+            &c,
+            "nobody",
+            "nogroup",
+            &c.source(),
+            Duration::from_secs(20),
+        );
+        times.push(took);
+        if code != Some(0) {
+            failures.push(format!("call {k}: {text}"));
+        }
+    }
+    times.sort();
+    let gens = c.generations();
+    eprintln!(
+        "no /proc: 100 hook calls, {} failure(s), p50 {} ms, max {} ms; generations {:?}",
+        failures.len(),
+        times[50].as_millis(),
+        times[99].as_millis(),
+        gens.iter()
+            .map(|g| g.as_ref().map(|(n, _)| *n))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} failure(s): {failures:#?}",
+        failures.len()
+    );
+    // Every node up, on the last generation, with the same content.
+    for i in 1..=3 {
+        assert!(
+            c.pid(i).is_some() && c.wait_exit(i, Duration::from_millis(1)).is_none(),
+            "node{i} exited"
+        );
+    }
+    assert_eq!(gens.len(), 3);
+    let first = gens[0].clone().expect("node1 answers");
+    assert_eq!(first.0, g0 + 100, "{gens:?}");
+    assert!(gens.iter().all(|g| g.as_ref() == Some(&first)), "{gens:?}");
+    for i in 1..=3 {
+        let found = c.lookup(i, &["list109@a.example".to_string()]).unwrap();
+        assert!(found[0].is_some(), "node{i}");
+    }
+}
+
+/// A client, run as `nobody`, that opens `n` connections to the Unix socket `path` and holds
+/// them until its stdin closes. It prints `connected N` once they are open.
+fn spawn_socket_holder(path: &Path, n: usize) -> std::process::Child {
+    const HOLDER: &str = r#"
+        use Socket; use IO::Handle;
+        my ($path, $n) = @ARGV; my @held; my $ok = 0; my $err = "";
+        for (1 .. $n) {
+            socket(my $s, AF_UNIX, SOCK_STREAM, 0) or die "socket: $!";
+            if (connect($s, pack_sockaddr_un($path))) { $ok++; push @held, $s; } else { $err = "$!"; }
+        }
+        print "connected $ok $err\n"; STDOUT->flush;
+        my $wait = <STDIN>;
+    "#;
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .args(["/usr/bin/perl", "-e", HOLDER])
+        .arg(path)
+        .arg(n.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_thousand_held_hook_connections_leave_the_node_serving_within_a_fixed_fd_budget() {
+    use std::io::BufRead;
+    let Some(c) = cluster("priv-flood") else {
+        return;
+    };
+    let pid = c.pid(1).unwrap();
+    let before = fd_count(pid);
+    let socket = c.state_dir(1).join("txmapd.sock");
+    let mut holder = spawn_socket_holder(&socket, 1000);
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("connected 1000"), "holder: {line}");
+    // Past one request timeout (10 s): the daemon drops stalled requests and takes the next.
+    let started = Instant::now();
+    let mut most = 0;
+    let mut status_ms = Vec::new();
+    let mut commits = 0;
+    let mut k = 0;
+    while started.elapsed() < Duration::from_secs(13) {
+        most = most.max(fd_count(pid));
+        let t = Instant::now();
+        let out = c.txmap(2, &["status", TABLE]);
+        status_ms.push(t.elapsed().as_millis());
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "status from node2: {}",
+            describe(&out)
+        );
+        most = most.max(fd_count(pid));
+        k += 1;
+        c.write_source(&transport_table("flood.example", 0..10 + k));
+        let out = c.commit(2);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "commit through node2: {}",
+            describe(&out)
+        );
+        commits += 1;
+        most = most.max(fd_count(pid));
+    }
+    drop(holder.stdin.take());
+    let _ = holder.wait();
+    let budget = before + 64 + 32;
+    eprintln!(
+        "1000 held hook connections: txmapd fds {before} before, at most {most} during \
+         (budget {budget}); {} status answers (slowest {} ms), {commits} commits through node2",
+        status_ms.len(),
+        status_ms.iter().max().unwrap()
+    );
+    assert!(most <= budget, "txmapd held {most} fds (before: {before})");
+    // Once the flood is gone, the hook is served again.
+    c.write_source(&transport_table("after.example", 0..10));
+    let (code, text, _) = hook_within(
+        &c,
+        "nobody",
+        "nogroup",
+        &c.source(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(0), "{text}");
+}
+
+#[test]
+fn a_link_planted_at_the_socket_path_is_replaced_not_followed() {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut c = TestCluster::create("priv-socklink", 3).unwrap();
+    let victim = c.root().join("root-owned");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let socket = c.state_dir(1).join("txmapd.sock");
+    std::os::unix::fs::symlink(&victim, &socket).unwrap();
+    let m0 = std::fs::metadata(&victim).unwrap();
+    for i in 1..=3 {
+        c.start_node(i).unwrap();
+    }
+    let m1 = std::fs::metadata(&victim).unwrap();
+    assert_eq!(
+        (m1.uid(), m1.gid(), m1.mode()),
+        (m0.uid(), m0.gid(), m0.mode()),
+        "txmapd changed the link's target"
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(
+        std::fs::symlink_metadata(&socket)
+            .unwrap()
+            .file_type()
+            .is_socket(),
+        "the link is still there"
+    );
+    c.write_source(&transport_table("a.example", 0..10));
+    let (code, text, _) = hook_within(
+        &c,
+        "nobody",
+        "nogroup",
+        &c.source(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(0), "{text}");
+    let m2 = std::fs::metadata(&victim).unwrap();
+    assert_eq!(
+        (m2.uid(), m2.gid(), m2.mode()),
+        (m0.uid(), m0.gid(), m0.mode())
+    );
+}
+
+/// Starts, as `nobody`, a loop that searches `dirs` for `marker` in every file it can read
+/// (links not followed) until its stdin closes: prints each hit, then `rounds N` on stderr.
+fn spawn_poller(marker: &str, dirs: &[PathBuf]) -> std::process::Child {
+    const POLL: &str = r#"
+        m=$1; shift; n=0
+        exec 3<&0
+        ( cat <&3 >/dev/null; kill $$ ) &
+        trap 'echo "rounds $n" >&2; exit 0' TERM
+        while :; do grep -rlF -e "$m" -- "$@" 2>/dev/null; n=$((n+1)); done
+    "#;
+    Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .args(["sh", "-c", POLL, "sh", marker])
+        .args(dirs)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn an_unprivileged_poller_never_sees_the_secret_during_a_symlink_attack() {
+    let Some(c) = cluster("priv-poll") else {
+        return;
+    };
+    let (secret, marker, _) = secret_file(&c);
+    let source = give_sources_to_nobody(&c);
+    // Everything a local user might read: tables, state (history, snapshots, requests),
+    // logs (in the node directories), the shared sources.
+    let mut poller = spawn_poller(&marker, &[c.root()]);
+    let started = Instant::now();
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        let out = as_user(
+            "nobody",
+            "nogroup",
+            &[
+                "ln",
+                "-sfn",
+                secret.to_str().unwrap(),
+                source.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{}", describe(&out));
+        let (code, _, _) = hook_within(&c, "nobody", "nogroup", &source, Duration::from_secs(20));
+        codes.push(code);
+    }
+    // Through a few pending-retry intervals (2 s, 4 s) after the attack.
+    std::thread::sleep(Duration::from_secs(7));
+    drop(poller.stdin.take());
+    let out = poller.wait_with_output().unwrap();
+    let mut hits: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    hits.sort();
+    hits.dedup();
+    let rounds = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!(
+        "poller as nobody over {} s: {}; hook exits {codes:?}",
+        started.elapsed().as_secs(),
+        rounds.trim()
+    );
+    assert!(hits.is_empty(), "nobody read the secret in: {hits:#?}");
+    let n: u64 = rounds
+        .trim()
+        .strip_prefix("rounds ")
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0);
+    assert!(n >= 10, "the poller hardly ran: {rounds}");
+    assert!(
+        codes.iter().all(|c| c.is_some() && *c != Some(0)),
+        "{codes:?}"
+    );
+}
+
+#[test]
+fn a_txmap_commit_run_by_root_leaves_a_non_root_txmapd_able_to_serve_the_hook() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut c = TestCluster::create("priv-rootcli", 3).unwrap();
+    c.set_daemon_user(Some(DAEMON_USER));
+    for i in 1..=3 {
+        c.start_node(i).unwrap();
+    }
+    // The operator forgets `sudo -u txmap`: the CLI runs as root in txmapd's state directory.
+    c.write_source(&transport_table("a.example", 0..10));
+    let out = Command::new(&bins().txmap)
+        .arg("--config")
+        .arg(c.config(1))
+        .args(["commit", TABLE])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    c.write_source(&transport_table("b.example", 0..10));
+    let (code, text, _) = hook_within(
+        &c,
+        "nobody",
+        "nogroup",
+        &c.source(),
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, Some(0), "{text}");
 }

@@ -41,6 +41,9 @@ fn main() -> ExitCode {
         eprintln!("txmapd: refusing to start: {e}");
         return ExitCode::from(txmap_common::exit::USAGE);
     }
+    if let Some(w) = prepare_state_dirs(&cfg.state_dir) {
+        tracing::warn!("{w}");
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -73,6 +76,44 @@ fn check_dirs(cfg: &txmap_common::config::Config) -> Result<(), String> {
         txmap_common::table::check_dir_safe(d)?;
     }
     Ok(())
+}
+
+/// The state subdirectories that `txmap` (the admin CLI and the coordinator library) creates
+/// when it first needs them. Created here first, so that they belong to txmapd's user: a
+/// `txmap commit` run by root on a node whose txmapd runs as a dedicated user would otherwise
+/// create them as root, and txmapd could then record no decision and no pending work (every
+/// hook request failing with exit 6). Returns a warning naming what already belongs to
+/// another user than the state directory's owner (txmapd may be unable to write it).
+fn prepare_state_dirs(state_dir: &std::path::Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    for sub in ["decisions", "pending"] {
+        let _ = std::fs::create_dir_all(state_dir.join(sub));
+    }
+    let owner = std::fs::metadata(state_dir).ok()?.uid();
+    let mut foreign = Vec::new();
+    let mut look = |p: std::path::PathBuf| {
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.uid() != owner) {
+            foreign.push(p);
+        }
+    };
+    for e in std::fs::read_dir(state_dir).ok()?.flatten() {
+        look(e.path());
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            for f in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                look(f.path());
+            }
+        }
+    }
+    let first = foreign.first()?;
+    Some(format!(
+        "{} entr{} in the state directory belong to another user than its owner (uid {owner}), \
+         e.g. {}: txmapd may be unable to update them; run `txmap` as txmapd's user, and fix \
+         with `chown -R` to that user on {}",
+        foreign.len(),
+        if foreign.len() == 1 { "y" } else { "ies" },
+        first.display(),
+        state_dir.display()
+    ))
 }
 
 async fn shutdown_signal() {
