@@ -87,7 +87,7 @@ fn check_dirs(cfg: &txmap_common::config::Config) -> Result<(), String> {
 fn prepare_state_dirs(state_dir: &std::path::Path) -> Option<String> {
     use std::os::unix::fs::MetadataExt;
     for sub in ["decisions", "pending"] {
-        let _ = std::fs::create_dir_all(state_dir.join(sub));
+        let _ = txmap_common::table::create_dir_durable(&state_dir.join(sub), 0o700);
     }
     let owner = std::fs::metadata(state_dir).ok()?.uid();
     let mut foreign = Vec::new();
