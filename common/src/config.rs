@@ -221,6 +221,10 @@ pub struct Config {
     pub max_table_bytes: u64,
     /// Generations of each table kept in history (at least 1).
     pub history_keep: usize,
+    /// A commit that would remove more than this share (percent) of the live table's entries
+    /// is refused unless forced; 100 turns the guard off (an empty source is refused anyway
+    /// unless forced).
+    pub max_shrink_percent: u64,
     /// Every node of the cluster, this one included.
     pub nodes: Vec<NodeConfig>,
     /// Every table.
@@ -265,6 +269,7 @@ struct RawConfig {
     timeouts: Option<RawTimeouts>,
     max_table_bytes: Option<u64>,
     history_keep: Option<usize>,
+    max_shrink_percent: Option<u64>,
     #[serde(default)]
     nodes: Vec<RawNode>,
     #[serde(default)]
@@ -498,6 +503,9 @@ impl Config {
             ));
         }
 
+        if raw.max_shrink_percent.is_some_and(|p| p > 100) {
+            problems.push("key `max_shrink_percent`: must be between 0 and 100".into());
+        }
         if raw.history_keep == Some(0) {
             problems.push("key `history_keep`: must be at least 1 (the live generation)".into());
         }
@@ -671,6 +679,7 @@ impl Config {
             timeouts,
             max_table_bytes: raw.max_table_bytes.unwrap_or(1 << 30),
             history_keep: raw.history_keep.unwrap_or(10),
+            max_shrink_percent: raw.max_shrink_percent.unwrap_or(50),
             nodes,
             tables,
         })

@@ -69,6 +69,38 @@ pub fn already_served(statuses: &[TableStatus], asked: usize, sha256: &Sha256) -
     (same && first.generation > 0).then_some(first.generation)
 }
 
+/// The content guard: `Err(why)` when the new source (`new_entries`) would empty the table or
+/// remove more than `max_shrink_percent` of the entries the nodes serve now (the largest live
+/// count among `statuses`). A forced commit skips it.
+pub fn content_guard(
+    statuses: &[TableStatus],
+    new_entries: u64,
+    max_shrink_percent: u64,
+) -> Result<(), String> {
+    let live = statuses
+        .iter()
+        .filter(|s| s.generation > 0)
+        .map(|s| s.entries)
+        .max()
+        .unwrap_or(0);
+    if live == 0 {
+        return Ok(());
+    }
+    if new_entries == 0 {
+        return Err(format!(
+            "the new source has no entries: all {live} entries of the live table would go (use --force if that is meant)"
+        ));
+    }
+    let gone = live.saturating_sub(new_entries);
+    if gone * 100 > live * max_shrink_percent {
+        return Err(format!(
+            "the new source would remove {gone} of the {live} live entries ({}%), more than max_shrink_percent = {max_shrink_percent} (use --force if that is meant)",
+            gone * 100 / live
+        ));
+    }
+    Ok(())
+}
+
 /// What a decision write left on disk, as far as the coordinator can tell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WriteResult {
@@ -347,6 +379,30 @@ mod tests {
         assert_eq!(already_served(&[st(4, 7), st(3, 7)], 2, &sha), None);
         assert_eq!(already_served(&[st(4, 7)], 2, &sha), None);
         assert_eq!(already_served(&[st(4, 7), st(4, 8)], 2, &sha), None);
+    }
+
+    #[test]
+    fn the_content_guard_refuses_an_empty_or_much_smaller_table() {
+        let st = |g: u64, entries: u64| TableStatus {
+            table: "t".into(),
+            generation: g,
+            sha256: None,
+            entries,
+            committed_at_ms: None,
+            last_txid: None,
+            coordinator: None,
+            fenced: 0,
+            prepared: None,
+            pending: None,
+        };
+        let live = [st(3, 100), st(3, 100)];
+        assert!(content_guard(&live, 0, 50).unwrap_err().contains("all 100 entries"));
+        assert!(content_guard(&live, 40, 50).unwrap_err().contains("60 of the 100"));
+        assert!(content_guard(&live, 50, 50).is_ok());
+        assert!(content_guard(&live, 1, 100).is_ok());
+        assert!(content_guard(&live, 0, 100).is_err(), "empty is refused even at 100");
+        // A table never committed by txmap has nothing to lose.
+        assert!(content_guard(&[st(0, 0)], 0, 50).is_ok());
     }
 
     #[test]

@@ -108,6 +108,9 @@ pub struct PendingRecord {
     /// by this pid.
     #[serde(default)]
     pub owner_pid: Option<u32>,
+    /// Forced past the content guard (`txmap commit --force`): so are its retries.
+    #[serde(default)]
+    pub force: bool,
 }
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8], replace: bool) -> std::io::Result<bool> {

@@ -6,7 +6,9 @@ pub const OK: u8 = 0;
 /// The transaction was aborted and nothing changed anywhere: a node was unreachable or timed
 /// out, or refused (build failed, verify failed, storage error...). One line per node says why.
 pub const ABORTED: u8 = 1;
-/// Bad usage or configuration (unknown table, missing key, unreadable file).
+/// Bad usage or configuration (unknown table, missing key, unreadable file), or a content the
+/// guard refused (an empty source, or one removing more than `max_shrink_percent` of the live
+/// entries, without `--force`); nothing changed.
 pub const USAGE: u8 = 2;
 /// The decision was *commit* but some node has not acknowledged it yet; it holds the prepared
 /// table and installs it when the decision reaches it. Not a failure of the change itself.

@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use txmap_common::config::NodeConfig;
 use txmap_common::coordinator::{
-    after_decision_write, already_served, delivery, on_votes, AfterWrite, Delivery, OnVotes,
+    after_decision_write, already_served, content_guard, delivery, on_votes, AfterWrite, Delivery,
+    OnVotes,
     WriteResult,
 };
 use txmap_common::decision::{DecisionLog, DecisionRecord, PendingRecord, Verdict};
@@ -63,6 +64,9 @@ pub struct CommitReport {
     pub elapsed_ms: u64,
     /// One line per node.
     pub nodes: Vec<NodeReport>,
+    /// The content guard refused the new source (exit 2): why. Not retried.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused_content: Option<String>,
 }
 
 impl CommitReport {
@@ -197,8 +201,20 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base + (r as u64) * base / 1000)
 }
 
-/// Runs one whole commit of `table` from `source`. Never panics; the report carries the exit.
+/// Runs one whole commit of `table` from `source`, guarded (see [`commit_with`]).
 pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> CommitReport {
+    commit_with(cluster, table_name, source, false).await
+}
+
+/// Runs one whole commit of `table` from `source`. Never panics; the report carries the exit.
+/// Unless `force`, a source that would empty the table or remove more than
+/// `max_shrink_percent` of its entries is refused before anything is sent (exit 2).
+pub async fn commit_with(
+    cluster: &Cluster,
+    table_name: &str,
+    source: &Path,
+    force: bool,
+) -> CommitReport {
     let started = Instant::now();
     let t = &cluster.cfg.timeouts;
     let deadline = Deadline(started + t.total);
@@ -211,6 +227,7 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
         attempts: 0,
         elapsed_ms: 0,
         nodes: Vec::new(),
+        refused_content: None,
     };
     let local_failure = |report: &mut CommitReport, detail: String| {
         report.exit = exit::LOCAL;
@@ -291,6 +308,20 @@ pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> Commi
                     })
                     .collect();
                 break;
+            }
+            if !force {
+                if let Err(why) = content_guard(&known, digest.entries, cluster.cfg.max_shrink_percent)
+                {
+                    report.txid = None;
+                    report.exit = exit::USAGE;
+                    report.nodes = vec![NodeReport {
+                        node: cluster.cfg.node.clone(),
+                        ok: false,
+                        detail: format!("refused: {why}"),
+                    }];
+                    report.refused_content = Some(why);
+                    break;
+                }
             }
         }
         let generation = next_generation(&known);
@@ -533,6 +564,17 @@ async fn abort_all(
 /// owner gone and retries at once. A complete commit clears it; a failed one leaves it pending
 /// with a backoff, and `txmapd` retries it, reading the source again each time.
 pub async fn commit_tracked(cluster: &Cluster, table_name: &str, source: &Path) -> CommitReport {
+    commit_tracked_with(cluster, table_name, source, false).await
+}
+
+/// [`commit_tracked`], forced past the content guard when `force` (kept in the pending record,
+/// so a retry is forced too).
+pub async fn commit_tracked_with(
+    cluster: &Cluster,
+    table_name: &str,
+    source: &Path,
+    force: bool,
+) -> CommitReport {
     let log = DecisionLog::new(&cluster.cfg.state_dir);
     // Held until this function returns: txmapd sees this process at work (or gone) by it.
     let _owner = log.own_pending(table_name).ok().flatten();
@@ -545,17 +587,25 @@ pub async fn commit_tracked(cluster: &Cluster, table_name: &str, source: &Path) 
         since_ms,
         attempts,
         last_error: prev
-            .map(|p| p.last_error)
+            .as_ref()
+            .map(|p| p.last_error.clone())
             .unwrap_or_else(|| "in progress".into()),
         next_ms: now_ms()
             + (cluster.cfg.timeouts.total + cluster.cfg.timeouts.commit).as_millis() as u64,
         owner_pid: Some(std::process::id()),
+        force: force || prev.as_ref().is_some_and(|p| p.force),
     };
     if let Err(e) = log.set_pending(&intent) {
         warn!(error = %e, "cannot record the commit's intent as pending");
     }
-    let report = commit(cluster, table_name, source).await;
+    let report = commit_with(cluster, table_name, source, intent.force).await;
     if report.exit == exit::OK {
+        log.clear_pending(table_name, source);
+        return report;
+    }
+    if let Some(why) = &report.refused_content {
+        // Retrying the same content cannot help: a person decides (`--force`).
+        warn!(table = %table_name, reason = %why, "content refused by the guard; not retried");
         log.clear_pending(table_name, source);
         return report;
     }

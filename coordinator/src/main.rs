@@ -14,7 +14,8 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  done: every node committed (status: every node reachable and on one generation)
   1  aborted: nothing changed anywhere; one line per node says why
-  2  usage or configuration error
+  2  usage or configuration error; commit: content refused by the guard (empty source, or more
+     than max_shrink_percent of the entries removed; --force to commit it anyway)
   3  commit decided but not yet acknowledged by every node (it completes on its own)
   4  busy: other transactions held the table past the retry deadline; nothing changed
   5  status: some node unreachable, or nodes disagree
@@ -41,6 +42,10 @@ enum Cmd {
         /// Read the new content from FILE instead of the table's configured `source`.
         #[arg(long)]
         source: Option<PathBuf>,
+        /// Commit even a source that would empty the table or remove more than
+        /// `max_shrink_percent` of its entries (refused otherwise, exit 2).
+        #[arg(long)]
+        force: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -172,8 +177,9 @@ fn run(cli: Cli) -> u8 {
         Cmd::Commit {
             table,
             source,
+            force,
             json,
-        } => cmd_commit(cli.config.as_deref(), &table, source, json),
+        } => cmd_commit(cli.config.as_deref(), &table, source, force, json),
         Cmd::Status { table, json } => cmd_status(cli.config.as_deref(), table, json),
         Cmd::CheckConfig => cmd_check(cli.config.as_deref()),
         Cmd::History { table, json } => cmd_history(cli.config.as_deref(), &table, json),
@@ -198,6 +204,7 @@ fn cmd_commit(
     config: Option<&Path>,
     table: &str,
     source: Option<PathBuf>,
+    force: bool,
     json: bool,
 ) -> Result<u8, u8> {
     let cfg = load_with_table(config, Some(table))?;
@@ -228,7 +235,7 @@ fn cmd_commit(
         }
     };
     let report = with_cluster(cfg, async |c| {
-        commit::commit_tracked(c, table, &source).await
+        commit::commit_tracked_with(c, table, &source, force).await
     })?;
     print_report(&report, json, "commit");
     Ok(report.exit)

@@ -413,6 +413,7 @@ fn adopt_one(cfg: &Config, table_name: &str, taken: &Path, queued_at: SystemTime
             last_error: "queued by txmap-sympa while txmapd was down".into(),
             next_ms: 0,
             owner_pid: None,
+            force: false,
         };
         if let Err(e) = log.set_pending(&rec) {
             warn!(error = %e, "cannot record the queued request");
