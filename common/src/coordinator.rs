@@ -119,7 +119,10 @@ pub fn delivery(verdict: Verdict, answer: Option<&Response>) -> Delivery {
     if crate::defects::on(crate::defects::Defect::InstallFailedDropsToPrepared)
         && matches!(
             (verdict, answer),
-            (Verdict::Commit, Some(Response::Refused(Refusal::Storage { .. })))
+            (
+                Verdict::Commit,
+                Some(Response::Refused(Refusal::Storage { .. }))
+            )
         )
     {
         return Delivery::Acked;

@@ -72,7 +72,11 @@ impl std::fmt::Display for Report {
 pub fn successors(s: &System, verbose: bool) -> Vec<(System, String)> {
     let mut out = Vec::new();
     for step in s.steps() {
-        let head = if verbose { s.describe(&step) } else { String::new() };
+        let head = if verbose {
+            s.describe(&step)
+        } else {
+            String::new()
+        };
         let mut o = Oracle::new(verbose, false);
         loop {
             o.rewind();
@@ -121,7 +125,11 @@ impl Drain {
             let mut t = s.clone();
             t.apply(&step, &mut o);
             if t.digest() != h {
-                let mut l = if verbose { s.describe(&step) } else { String::new() };
+                let mut l = if verbose {
+                    s.describe(&step)
+                } else {
+                    String::new()
+                };
                 for n in &o.notes {
                     l.push_str("\n       ");
                     l.push_str(n);
@@ -165,7 +173,10 @@ impl Drain {
             }
         }
         Err((
-            format!("TERMINATION: the fault-free drain did not settle in {} steps", self.limit),
+            format!(
+                "TERMINATION: the fault-free drain did not settle in {} steps",
+                self.limit
+            ),
             labels,
             cur.summary(),
         ))
@@ -260,7 +271,12 @@ pub fn check(b: &Bounds) -> Report {
 
 /// Rebuilds the readable trace to state `id` (and the drain after it, if that is where the
 /// violation is).
-fn replay(init: &System, parents: &[(u32, u32, u16)], id: u32, b: &Bounds) -> (Vec<String>, String, bool) {
+fn replay(
+    init: &System,
+    parents: &[(u32, u32, u16)],
+    id: u32,
+    b: &Bounds,
+) -> (Vec<String>, String, bool) {
     let mut path = Vec::new();
     let mut cur = id;
     while cur != 0 {
@@ -285,7 +301,14 @@ fn replay(init: &System, parents: &[(u32, u32, u16)], id: u32, b: &Bounds) -> (V
         Err((_, labels, last)) => {
             trace.push("  -- faults stop; the fault-free drain runs:".into());
             let base = trace.len();
+            let total = labels.len();
             for (n, l) in labels.into_iter().enumerate() {
+                if total > 40 && (20..total - 10).contains(&n) {
+                    if n == 20 {
+                        trace.push(format!("  ... ({} more drain steps) ...", total - 30));
+                    }
+                    continue;
+                }
                 trace.push(format!("  {:>2}. {l}", base + n));
             }
             (trace, last, true)
@@ -298,14 +321,15 @@ fn replay(init: &System, parents: &[(u32, u32, u16)], id: u32, b: &Bounds) -> (V
 pub fn happy_path(b: &Bounds) -> Result<Vec<String>, String> {
     let s = System::new(b.coordinators, 0, b.attempts, false);
     let mut d = Drain::new(b.drain_limit);
-    d.run(&s, true).map(|()| {
-        let mut out = Vec::new();
-        let mut cur = s.clone();
-        while let Some((t, l)) = Drain::step(&cur, true) {
-            out.push(l);
-            cur = t;
-        }
-        out
-    })
-    .map_err(|(v, l, last)| format!("{v}\n{}\n{last}", l.join("\n")))
+    d.run(&s, true)
+        .map(|()| {
+            let mut out = Vec::new();
+            let mut cur = s.clone();
+            while let Some((t, l)) = Drain::step(&cur, true) {
+                out.push(l);
+                cur = t;
+            }
+            out
+        })
+        .map_err(|(v, l, last)| format!("{v}\n{}\n{last}", l.join("\n")))
 }

@@ -566,7 +566,11 @@ impl System {
     fn install_checked(&mut self, i: usize, txid: TxId, o: &mut Oracle) -> Result<(), ()> {
         let f = &self.nodes[i].files.visible;
         if !f.staged.contains(&txid) {
-            return if f.live == Some(txid) { Ok(()) } else { Err(()) };
+            return if f.live == Some(txid) {
+                Ok(())
+            } else {
+                Err(())
+            };
         }
         if o.fault(&mut self.budget, || {
             format!("{}: install of {} fails (rename)", NAMES[i], tx(txid))
@@ -681,7 +685,12 @@ impl System {
 
     /// `DecisionLog::get`: read, and fsync the directory before returning a decision.
     fn log_get(&mut self, h: usize, txid: TxId, o: &mut Oracle) -> Result<Option<(V, u64)>, ()> {
-        match self.nodes[h].log.visible.get(&(txid, Kind::Decision)).copied() {
+        match self.nodes[h]
+            .log
+            .visible
+            .get(&(txid, Kind::Decision))
+            .copied()
+        {
             Some(Rec::Decision {
                 verdict,
                 generation,
@@ -834,7 +843,15 @@ impl System {
     }
 
     /// A node's answer to a decision reaches its sender at once, or is lost (same argument).
-    fn answer(&mut self, to: Sender, txid: TxId, from: usize, verdict: V, resp: Response, o: &mut Oracle) {
+    fn answer(
+        &mut self,
+        to: Sender,
+        txid: TxId,
+        from: usize,
+        verdict: V,
+        resp: Response,
+        o: &mut Oracle,
+    ) {
         let waiting = match to {
             Sender::Coord(k) => matches!(&self.coords[k as usize].phase,
                 CPhase::Delivering { txid: t, verdict: v, .. } if *t == txid && *v == verdict),
@@ -920,10 +937,7 @@ impl System {
             Msg::Prepare { .. } | Msg::Decide { .. } => {}
             Msg::Vote { txid, from, resp } => {
                 let k = Self::owner(txid);
-                if let CPhase::Preparing {
-                    txid: t, votes, ..
-                } = &mut self.coords[k].phase
-                {
+                if let CPhase::Preparing { txid: t, votes, .. } = &mut self.coords[k].phase {
                     let slot = &mut votes[from as usize];
                     if *t == txid && slot.is_none() {
                         // `prepare_one`.
@@ -997,7 +1011,14 @@ impl System {
         }
     }
 
-    fn after_write(&mut self, k: usize, txid: TxId, generation: u64, w: WriteResult, o: &mut Oracle) {
+    fn after_write(
+        &mut self,
+        k: usize,
+        txid: TxId,
+        generation: u64,
+        w: WriteResult,
+        o: &mut Oracle,
+    ) {
         let a = after_decision_write(w);
         o.note(|| format!("  C{}: {w:?} -> {a:?}", k + 1));
         match a {
@@ -1058,11 +1079,7 @@ impl System {
 
     /// Every step enabled in this state (each may still branch on the oracle's choices).
     pub fn steps(&self) -> Vec<Step> {
-        let mut v = self.steps_all();
-        if let Ok(no) = std::env::var("MODEL_NO") {
-            v.retain(|s| !no.split(',').any(|n| format!("{s:?}").starts_with(n)));
-        }
-        v
+        self.steps_all()
     }
 
     fn steps_all(&self) -> Vec<Step> {
@@ -1125,8 +1142,8 @@ impl System {
                     (Kind::Open, _) if !self.alive(i, *t) => v.push(Step::RedriveFence(i, *t)),
                     (Kind::Decision, _) => {
                         if !n.log.visible.contains_key(&(*t, Kind::Delivered)) {
-                            let open_alive = n.log.visible.contains_key(&(*t, Kind::Open))
-                                && self.alive(i, *t);
+                            let open_alive =
+                                n.log.visible.contains_key(&(*t, Kind::Open)) && self.alive(i, *t);
                             if !open_alive {
                                 v.push(Step::RedriveSend(i, *t));
                             }
@@ -1171,14 +1188,20 @@ impl System {
         match step {
             Step::Deliver(idx, dup) => format!(
                 "deliver{} {}",
-                if *dup { " (DUPLICATED: a copy stays in flight)" } else { "" },
+                if *dup {
+                    " (DUPLICATED: a copy stays in flight)"
+                } else {
+                    ""
+                },
                 self.net[*idx].describe()
             ),
             Step::OpenAndPrepare(k) => format!(
                 "{} reads every status, writes its open record, sends Prepare to every node",
                 c(k)
             ),
-            Step::VoteTimeout(k) => format!("{}: prepare deadline, missing votes are unreachable", c(k)),
+            Step::VoteTimeout(k) => {
+                format!("{}: prepare deadline, missing votes are unreachable", c(k))
+            }
             Step::Decide(k) => format!("{} decides from its votes", c(k)),
             Step::SyncDecision(k) => format!("{} fsyncs the decision directory", c(k)),
             Step::Resend(k, i) => format!("{} sends its commit again to {}", c(k), NAMES[*i]),
@@ -1187,10 +1210,23 @@ impl System {
             Step::CoordCrash(k) => format!("CRASH: {} is killed", c(k)),
             Step::StageFinish(i) => format!("{} finishes staging", NAMES[*i]),
             Step::InstallRetry(i) => format!("{}'s resolve loop retries its install", NAMES[*i]),
-            Step::Resolve(i) => format!("{}'s resolve loop asks about its prepared transaction", NAMES[*i]),
-            Step::RedriveFence(i, t) => format!("redrive@{} fences dead coordinator's {}", NAMES[*i], tx(*t)),
-            Step::RedriveSend(i, t) => format!("redrive@{} sends the recorded decision of {}", NAMES[*i], tx(*t)),
-            Step::RedriveFinish(i, t) => format!("redrive@{}: every node answered about {}; done", NAMES[*i], tx(*t)),
+            Step::Resolve(i) => format!(
+                "{}'s resolve loop asks about its prepared transaction",
+                NAMES[*i]
+            ),
+            Step::RedriveFence(i, t) => {
+                format!("redrive@{} fences dead coordinator's {}", NAMES[*i], tx(*t))
+            }
+            Step::RedriveSend(i, t) => format!(
+                "redrive@{} sends the recorded decision of {}",
+                NAMES[*i],
+                tx(*t)
+            ),
+            Step::RedriveFinish(i, t) => format!(
+                "redrive@{}: every node answered about {}; done",
+                NAMES[*i],
+                tx(*t)
+            ),
             Step::Crash(i) => format!("CRASH: txmapd on {} is killed", NAMES[*i]),
             Step::PowerCut(i) => format!("POWER CUT on {} (unsynced changes lost)", NAMES[*i]),
             Step::Restart(i) => format!("txmapd on {} starts", NAMES[*i]),
@@ -1320,7 +1356,11 @@ impl System {
                 let Some(Rec::Decision {
                     verdict,
                     generation,
-                }) = self.nodes[h].log.visible.get(&(txid, Kind::Decision)).copied()
+                }) = self.nodes[h]
+                    .log
+                    .visible
+                    .get(&(txid, Kind::Decision))
+                    .copied()
                 else {
                     return;
                 };
@@ -1410,7 +1450,11 @@ impl System {
             .unwrap_or_else(|| next_generation(&[]));
         let home = self.coords[k].home;
         if o.fault(&mut self.budget, || {
-            format!("{}: writing the open record of {} fails", NAMES[home], tx(txid))
+            format!(
+                "{}: writing the open record of {} fails",
+                NAMES[home],
+                tx(txid)
+            )
         }) {
             if o.choose(2) == 1 {
                 o.note(|| "  (after its rename: visible, not durable)".into());
@@ -1792,7 +1836,10 @@ impl System {
                 ));
             }
             if n.lock {
-                return Err(format!("CLEANLINESS: {} still holds the table lock", NAMES[i]));
+                return Err(format!(
+                    "CLEANLINESS: {} still holds the table lock",
+                    NAMES[i]
+                ));
             }
             if let Some(t) = n.files.visible.staged.iter().next() {
                 return Err(format!(
@@ -1805,8 +1852,13 @@ impl System {
                 let left = match kind {
                     Kind::Open => true,
                     Kind::Decision => {
-                        matches!(rec, Rec::Decision { verdict: V::Commit, .. })
-                            || !n.log.visible.contains_key(&(*t, Kind::Delivered))
+                        matches!(
+                            rec,
+                            Rec::Decision {
+                                verdict: V::Commit,
+                                ..
+                            }
+                        ) || !n.log.visible.contains_key(&(*t, Kind::Delivered))
                     }
                     Kind::Delivered => false,
                 };
