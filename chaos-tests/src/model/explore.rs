@@ -93,7 +93,7 @@ pub fn successors(s: &System, verbose: bool) -> Vec<(System, String)> {
                 String::new()
             };
             out.push((t, label));
-            if !o.next() {
+            if !o.advance() {
                 break;
             }
         }
@@ -231,7 +231,7 @@ pub fn check(b: &Bounds) -> Report {
                     break 'bfs;
                 }
             }
-            if b.progress && parents.len() % 100_000 == 0 {
+            if b.progress && parents.len().is_multiple_of(100_000) {
                 eprintln!(
                     "  {} states, depth {}, queue {}, {:.0} s",
                     parents.len(),

@@ -3,7 +3,7 @@
 //! A model step is written as straight-line code that mirrors the shell it models; wherever
 //! the real world could go two ways (a storage call fails, an answer is lost) it asks the
 //! [`Oracle`]. The explorer runs the step once per *choice sequence*: the first run takes
-//! choice 0 everywhere, and [`Oracle::next`] moves to the next sequence in depth-first order
+//! choice 0 everywhere, and [`Oracle::advance`] moves to the next sequence in depth-first order
 //! until every combination has been run. Choice 0 is always the fault-free one, so the
 //! termination drain is simply "always choice 0".
 
@@ -38,7 +38,7 @@ impl Oracle {
     }
 
     /// Moves to the next choice sequence; `false` when every one has been run.
-    pub fn next(&mut self) -> bool {
+    pub fn advance(&mut self) -> bool {
         self.plan.truncate(self.pos);
         self.arity.truncate(self.pos);
         while let Some(c) = self.plan.pop() {
@@ -114,7 +114,7 @@ mod tests {
             let a = o.choose(2);
             let b = if a == 0 { o.choose(3) } else { 9 };
             seen.push((a, b));
-            if !o.next() {
+            if !o.advance() {
                 break;
             }
         }

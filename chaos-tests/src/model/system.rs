@@ -131,6 +131,7 @@ pub struct Node {
 }
 
 /// Where a `txmap commit` process is.
+#[allow(clippy::large_enum_variant)] // one per coordinator: boxing buys nothing
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum CPhase {
     /// About to start an attempt (read statuses, write the open record, send prepares).
@@ -1082,6 +1083,15 @@ impl System {
         self.steps_all()
     }
 
+    /// `DecisionLog::list` + redrive's filter: not delivered, and its coordinator is not still
+    /// at work on it.
+    fn redrive_lists(&self, h: usize, t: TxId) -> bool {
+        let log = &self.nodes[h].log.visible;
+        let delivered = log.contains_key(&(t, Kind::Delivered));
+        let delivering = log.contains_key(&(t, Kind::Open)) && self.alive(h, t);
+        !delivered && !delivering
+    }
+
     fn steps_all(&self) -> Vec<Step> {
         let mut v = Vec::new();
         for (idx, m) in self.net.iter().enumerate() {
@@ -1140,14 +1150,8 @@ impl System {
             for ((t, kind), rec) in &n.log.visible {
                 match (kind, rec) {
                     (Kind::Open, _) if !self.alive(i, *t) => v.push(Step::RedriveFence(i, *t)),
-                    (Kind::Decision, _) => {
-                        if !n.log.visible.contains_key(&(*t, Kind::Delivered)) {
-                            let open_alive =
-                                n.log.visible.contains_key(&(*t, Kind::Open)) && self.alive(i, *t);
-                            if !open_alive {
-                                v.push(Step::RedriveSend(i, *t));
-                            }
-                        }
+                    (Kind::Decision, _) if self.redrive_lists(i, *t) => {
+                        v.push(Step::RedriveSend(i, *t))
                     }
                     _ => {}
                 }
@@ -1578,6 +1582,7 @@ impl System {
         self.drop_replies_to(Sender::Coord(k as u8));
     }
 
+    #[allow(clippy::needless_range_loop)] // nodes are indices throughout the model
     /// `Node::resolve_one`: the coordinator's node first, then (old enough) the other members.
     fn resolve_one(&mut self, i: usize, o: &mut Oracle) {
         let Some(a) = self.nodes[i].mem.active.clone() else {
@@ -1645,6 +1650,7 @@ impl System {
         o.note(|| format!("  {}", resp_text(&r)));
     }
 
+    #[allow(clippy::needless_range_loop)] // nodes are indices throughout the model
     /// `recover::resolve`: asks every configured node (a superset of what the shell asks:
     /// `may_recover` must ignore non-members by itself), then delivers if allowed.
     fn recover(&mut self, txid: TxId, commit: bool, o: &mut Oracle) {
