@@ -2,6 +2,7 @@
 //! `postmap`, real signals.
 //!
 //! # Layout
+//! - [`model`]: the model checker of the commit protocol (drives `machine` and `coordinator`).
 //! - [`cluster`]: a sandbox cluster of N nodes in a temporary directory, with helpers to start,
 //!   kill (SIGKILL), freeze (SIGSTOP) and inspect each node.
 //!
@@ -12,6 +13,7 @@
 pub mod chaos;
 pub mod cluster;
 pub mod invariants;
+pub mod model;
 pub mod postfix;
 pub mod proxy;
 pub mod rng;

@@ -126,6 +126,13 @@ pub enum AfterWrite {
 
 /// The rule "nothing durable is contradicted" applied to a decision write.
 pub fn after_decision_write(r: WriteResult) -> AfterWrite {
+    // DEFECT (test only, issue 9 #4): the old rule aborted on any error of the write, even
+    // with the commit record on disk.
+    if crate::defects::on(crate::defects::Defect::AbortAfterFailedDecisionWrite)
+        && !matches!(r, WriteResult::Stands(_))
+    {
+        return AfterWrite::Abort;
+    }
     match r {
         WriteResult::Stands(Verdict::Commit) | WriteResult::ReadBack(Some(Verdict::Commit)) => {
             AfterWrite::Commit
@@ -153,6 +160,19 @@ pub enum Delivery {
 
 /// Classifies a node's answer to `verdict` (`None`: no answer).
 pub fn delivery(verdict: Verdict, answer: Option<&Response>) -> Delivery {
+    // DEFECT (test only, issue 9 #1): the old redrive took a storage refusal of a commit as
+    // final and forgot the commit record.
+    if crate::defects::on(crate::defects::Defect::InstallFailedDropsToPrepared)
+        && matches!(
+            (verdict, answer),
+            (
+                Verdict::Commit,
+                Some(Response::Refused(Refusal::Storage { .. }))
+            )
+        )
+    {
+        return Delivery::Acked;
+    }
     match (verdict, answer) {
         (_, None) => Delivery::Retry("no answer".into()),
         (Verdict::Commit, Some(Response::Committed { .. })) => Delivery::Acked,
@@ -211,7 +231,12 @@ pub fn resolve(heard: &[Heard]) -> Option<Verdict> {
 ///   member or the coordinator's node vouches for the abort (its answer was `Aborted`, i.e. it
 ///   decided or fenced it). Answers of non-members never count.
 pub fn may_recover(commit: bool, heard: &[Heard]) -> Result<(), String> {
-    let counted: Vec<&Heard> = heard.iter().filter(|h| h.member || h.coordinator).collect();
+    // DEFECT (test only, issue 9 #2): the old guard counted every node's answer.
+    let old_guard = crate::defects::on(crate::defects::Defect::RecoverCountsNonMembers);
+    let counted: Vec<&Heard> = heard
+        .iter()
+        .filter(|h| h.member || h.coordinator || old_guard)
+        .collect();
     let committed = counted
         .iter()
         .any(|h| matches!(h.answer, OutcomeAnswer::Committed { .. }));
@@ -228,7 +253,9 @@ pub fn may_recover(commit: bool, heard: &[Heard]) -> Result<(), String> {
     if committed {
         return Err("it was decided commit".into());
     }
-    if resolve(heard) == Some(Verdict::Abort) {
+    if resolve(heard) == Some(Verdict::Abort)
+        || (old_guard && counted.iter().any(|h| h.answer == OutcomeAnswer::Aborted))
+    {
         Ok(())
     } else {
         Err("no member and not the coordinator's node can prove it aborted (every reachable member is prepared or does not know; only the coordinator's node knows whether it decided commit)".into())

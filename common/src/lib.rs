@@ -16,11 +16,13 @@
 //! - [`tls`]: the cluster CA, node certificates, and mutual-TLS QUIC endpoints.
 //! - [`net`]: one request/response exchange over a QUIC stream.
 //! - [`exit`]: the documented exit codes of the CLI.
+//! - [`defects`]: test-only switches that put back the defects of issue 9 (model checker).
 
 pub mod codec;
 pub mod config;
 pub mod coordinator;
 pub mod decision;
+pub mod defects;
 pub mod exit;
 pub mod history;
 pub mod journal;

@@ -26,7 +26,7 @@ use std::collections::VecDeque;
 pub const RECENT: usize = 64;
 
 /// How a transaction ended on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Outcome {
     /// Installed at this generation.
     Committed(u64),
@@ -35,7 +35,7 @@ pub enum Outcome {
 }
 
 /// Phase of the transaction holding a table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Phase {
     /// Receiving, building, verifying (not durable, not journaled).
     Staging,
@@ -46,7 +46,7 @@ pub enum Phase {
 }
 
 /// The transaction holding a table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Active {
     /// Transaction.
     pub txid: TxId,
@@ -70,7 +70,7 @@ pub struct Active {
 }
 
 /// Everything a participant knows about one table; the journal stores exactly this.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TableState {
     /// Live generation.
     pub generation: u64,
@@ -262,7 +262,11 @@ impl TableState {
         if let Some(a) = self.active.as_ref().filter(|a| a.txid == txid) {
             return Knowledge::Holds(a.phase);
         }
-        if generation > self.generation {
+        // DEFECT (test only, issue 9 #3): the old rule took "not remembered" for "never
+        // installed here", whatever the generation.
+        if generation > self.generation
+            || crate::defects::on(crate::defects::Defect::AbortFromMissingMemory)
+        {
             Knowledge::NeverInstalled
         } else {
             Knowledge::Unknown
@@ -410,7 +414,16 @@ impl TableState {
             },
             // Stay *Installing*: the decision is commit and journaled; the shell retries the
             // renames with backoff, and nothing can turn this transaction into an abort.
-            Event::InstallFailed { why, .. } => vec![refuse(why)],
+            Event::InstallFailed { txid, why } => {
+                // DEFECT (test only, issue 9 #1): the old rule dropped a failed install back to
+                // Prepared, where a later fence could abort a transaction decided commit.
+                if crate::defects::on(crate::defects::Defect::InstallFailedDropsToPrepared) {
+                    if let Some(a) = self.active.as_mut().filter(|a| a.txid == txid) {
+                        a.phase = Phase::Prepared;
+                    }
+                }
+                vec![refuse(why)]
+            }
             Event::Abort { txid, generation } => match self.knowledge(txid, generation) {
                 Knowledge::Ended(Outcome::Committed(_)) | Knowledge::Holds(Phase::Installing) => {
                     vec![refuse(Refusal::AlreadyCommitted { txid })]
@@ -484,7 +497,7 @@ enum Knowledge {
 }
 
 /// A participant's vote as the coordinator sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Vote {
     /// Prepared.
     Prepared,

@@ -228,7 +228,7 @@ pub enum Request {
 }
 
 /// The answer to [`Request::Outcome`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum OutcomeAnswer {
     /// Committed (decided commit, or installed here).
     Committed {
@@ -267,7 +267,7 @@ pub struct Prepare {
 }
 
 /// A participant's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Response {
     /// Status of the requested tables.
     Status(Vec<TableStatus>),
@@ -352,7 +352,7 @@ pub enum LocalResponse {
 }
 
 /// One generation of a table kept in a node's history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct HistoryEntry {
     /// Generation.
     pub generation: u64,
@@ -369,7 +369,7 @@ pub struct HistoryEntry {
 }
 
 /// A commit recorded on a coordinator's node as still to be distributed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PendingInfo {
     /// First failure (ms since epoch).
     pub since_ms: u64,
@@ -380,7 +380,7 @@ pub struct PendingInfo {
 }
 
 /// What a participant knows about one table.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TableStatus {
     /// Table name.
     pub table: String,
@@ -405,7 +405,7 @@ pub struct TableStatus {
 }
 
 /// A transaction in progress on a participant.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PreparedInfo {
     /// Transaction.
     pub txid: TxId,
@@ -424,7 +424,7 @@ pub struct PreparedInfo {
 }
 
 /// Why a participant refused a request. Nothing changed on that node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Refusal {
     /// The table is not in this node's config.
     UnknownTable {
