@@ -423,11 +423,18 @@ mod tests {
             pending: None,
         };
         let live = [st(3, 100), st(3, 100)];
-        assert!(content_guard(&live, 0, 50).unwrap_err().contains("all 100 entries"));
-        assert!(content_guard(&live, 40, 50).unwrap_err().contains("60 of the 100"));
+        assert!(content_guard(&live, 0, 50)
+            .unwrap_err()
+            .contains("all 100 entries"));
+        assert!(content_guard(&live, 40, 50)
+            .unwrap_err()
+            .contains("60 of the 100"));
         assert!(content_guard(&live, 50, 50).is_ok());
         assert!(content_guard(&live, 1, 100).is_ok());
-        assert!(content_guard(&live, 0, 100).is_err(), "empty is refused even at 100");
+        assert!(
+            content_guard(&live, 0, 100).is_err(),
+            "empty is refused even at 100"
+        );
         // A table never committed by txmap has nothing to lose.
         assert!(content_guard(&[st(0, 0)], 0, 50).is_ok());
     }

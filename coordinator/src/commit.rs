@@ -26,8 +26,7 @@ use tracing::{debug, info, warn};
 use txmap_common::config::NodeConfig;
 use txmap_common::coordinator::{
     after_decision_write, already_served, content_guard, delivery, on_votes, AfterWrite, Delivery,
-    OnVotes,
-    WriteResult,
+    OnVotes, WriteResult,
 };
 use txmap_common::decision::{DecisionLog, DecisionRecord, PendingRecord, Verdict};
 use txmap_common::exit;
@@ -310,7 +309,8 @@ pub async fn commit_with(
                 break;
             }
             if !force {
-                if let Err(why) = content_guard(&known, digest.entries, cluster.cfg.max_shrink_percent)
+                if let Err(why) =
+                    content_guard(&known, digest.entries, cluster.cfg.max_shrink_percent)
                 {
                     report.txid = None;
                     report.exit = exit::USAGE;

@@ -791,12 +791,22 @@ impl System {
             .filter(|a| a.txid == txid && a.phase == Phase::Prepared)
             .filter(|a| a.coordinator == NAMES[j])
             .map(|a| a.generation);
-        match log_answer(
-            decision.map(|(v, g)| (v.verdict(), g)),
-            open.map(|(_, alive)| alive),
-            own.is_some(),
-            fence,
-        ) {
+        // Only the transaction's coordinator's node answers from its decision log (the
+        // request names the coordinator); any other node answers from its machine.
+        let coordinated_here = self
+            .coords
+            .get(Self::owner(txid))
+            .is_some_and(|c| c.home == j);
+        let from_log = if coordinated_here {
+            log_answer(
+                decision.map(|(v, g)| (v.verdict(), g)),
+                open.map(|(_, alive)| alive),
+                fence,
+            )
+        } else {
+            LogAnswer::AskParticipant
+        };
+        match from_log {
             LogAnswer::Answer(x) => Ok(x),
             LogAnswer::Fence => {
                 let g = open.map(|(g, _)| g).or(own).unwrap_or(generation);
