@@ -227,6 +227,42 @@ fn committing_the_content_every_node_serves_makes_no_new_generation() {
 }
 
 #[test]
+fn an_empty_source_or_a_big_shrink_is_refused_unless_forced() {
+    let c = TestCluster::start("guard", 3).unwrap();
+    c.write_source(&transport_table("guard.example", 0..100));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    let before = c.generations();
+    // Every list gone: refused, nothing changes anywhere.
+    c.write_source("# nothing left\n");
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("all 100 entries"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(c.generations(), before);
+    // 60 % of the entries gone: refused (default max_shrink_percent = 50).
+    c.write_source(&transport_table("guard.example", 0..40));
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("60 of the 100"),
+        "{}",
+        describe(&out)
+    );
+    assert_eq!(c.generations(), before);
+    // Nothing was left pending to be retried.
+    let status = c.status(1).to_string();
+    assert!(!status.contains("\"pending\":{"), "{status}");
+    // Forced, it goes through.
+    let out = c.txmap(1, &["commit", TABLE, "--force"]);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let g = c.generations()[0].clone().expect("status").0;
+    assert_eq!(Some(g), before[0].as_ref().map(|x| x.0 + 1));
+}
+
+#[test]
 fn two_coordinators_racing_on_one_table_never_deadlock_and_generations_increase() {
     let c = TestCluster::start("race", 3).unwrap();
     c.write_source(&transport_table("race.example", 0..2000));
