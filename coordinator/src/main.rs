@@ -489,6 +489,7 @@ fn print_report(report: &commit::CommitReport, json: bool, verb: &str) {
         println!("{}: {}", n.node, n.detail);
     }
     let what = match report.exit {
+        exit::OK if report.txid.is_none() => "already served everywhere, nothing to do",
         exit::OK => "committed",
         exit::INCOMPLETE => "decided commit, not yet acknowledged everywhere",
         exit::BUSY => "aborted (table busy)",
