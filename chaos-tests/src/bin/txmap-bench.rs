@@ -3,7 +3,8 @@
 //! (the machine is shared and noisy). Target: ratio <= 2.0 on 2 cores.
 //!
 //! Run: `cargo run --release -p txmap-chaos-tests --bin txmap-bench [-- ROUNDS LINES]`
-//! It builds the release `txmap`/`txmapd` first (`cargo build --release --bins`).
+//! It builds the release `txmap`/`txmapd` first (`cargo build --release --bins`), unless
+//! `TXMAP_BIN_DIR` names a directory of binaries to bench instead (an older build, say).
 
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
@@ -54,13 +55,16 @@ fn main() -> Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .context("workspace root")?;
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let st = Command::new(cargo)
-        .current_dir(root)
-        .args(["build", "--release", "--quiet", "--bins"])
-        .status()?;
-    ensure!(st.success(), "cargo build --release failed");
-    std::env::set_var("TXMAP_BIN_DIR", root.join("target/release"));
+    // TXMAP_BIN_DIR set: bench those binaries as they are (e.g. an older build, to compare).
+    if std::env::var_os("TXMAP_BIN_DIR").is_none() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .current_dir(root)
+            .args(["build", "--release", "--quiet", "--bins"])
+            .status()?;
+        ensure!(st.success(), "cargo build --release failed");
+        std::env::set_var("TXMAP_BIN_DIR", root.join("target/release"));
+    }
 
     let table = transport_table("lists.example.org", 0..lines);
 
