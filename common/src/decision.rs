@@ -281,9 +281,6 @@ impl DecisionLog {
         let Ok(rd) = std::fs::read_dir(&self.dir) else {
             return Vec::new();
         };
-        if sync_dir(&self.dir).is_err() {
-            return Vec::new();
-        }
         let mut out: Vec<DecisionRecord> = rd
             .flatten()
             .filter(|e| {
@@ -293,6 +290,10 @@ impl DecisionLog {
             })
             .filter_map(|e| read_json(&e.path()).ok().flatten())
             .collect();
+        // Made durable before anyone acts on them (nothing to sync when there is nothing).
+        if !out.is_empty() && sync_dir(&self.dir).is_err() {
+            return Vec::new();
+        }
         out.sort_by_key(|r| (r.verdict != Verdict::Commit, r.at_ms));
         out
     }
