@@ -750,6 +750,10 @@ fn a_txmap_commit_run_by_root_leaves_a_non_root_txmapd_able_to_serve_the_hook() 
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    // What root's command created in the daemon's state directory is the daemon's.
+    let uid = uid_of_user(DAEMON_USER);
+    let foreign = not_owned_by(&c.state_dir(1), uid);
+    assert!(foreign.is_empty(), "left to root: {foreign:?}");
     c.write_source(&transport_table("b.example", 0..10));
     let (code, text, _) = hook_within(
         &c,

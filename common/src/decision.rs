@@ -132,6 +132,7 @@ fn write_atomic_locked(
         .write(true)
         .create_new(true)
         .open(&tmp)?;
+    crate::table::adopt_owner(&f, dir)?;
     if lock {
         fs4::FileExt::lock(&f)?;
     }
@@ -408,6 +409,7 @@ impl DecisionLog {
             .create(true)
             .truncate(false)
             .open(self.pending.join(format!("{table}.owner")))?;
+        crate::table::adopt_owner(&f, &self.pending)?;
         match fs4::FileExt::try_lock(&f) {
             Ok(()) => Ok(Some(f)),
             Err(fs4::TryLockError::WouldBlock) => Ok(None),

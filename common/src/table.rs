@@ -312,6 +312,21 @@ pub fn read_bounded<R: Read>(r: R, max: u64) -> std::io::Result<Vec<u8>> {
     Ok(v)
 }
 
+/// When this process is root and `dir` belongs to another user (`txmapd` running as a
+/// dedicated user, and `txmap` run by root on its node), gives `f`, just created in `dir`, to
+/// that user: the daemon must be able to go on using what the command left there.
+pub fn adopt_owner(f: &File, dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if !rustix::process::geteuid().is_root() {
+        return Ok(());
+    }
+    let m = std::fs::metadata(dir)?;
+    if m.uid() == 0 {
+        return Ok(());
+    }
+    std::os::unix::fs::fchown(f, Some(m.uid()), Some(m.gid()))
+}
+
 /// Creates `dir` with `mode`, and any missing parent (0755), each made durable in its parent:
 /// the parent is fsynced once the new entry exists, so a power cut cannot take back a
 /// directory that records were then written into. An existing directory is left as it is.
@@ -330,7 +345,15 @@ pub fn create_dir_durable(dir: &Path, mode: u32) -> std::io::Result<()> {
         Err(e) => return Err(e),
     }
     match parent {
-        Some(p) => File::open(p)?.sync_all(),
+        Some(p) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let d = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(NOFOLLOW_DIRECTORY)
+                .open(dir)?;
+            adopt_owner(&d, p)?;
+            File::open(p)?.sync_all()
+        }
         None => Ok(()),
     }
 }
@@ -476,6 +499,7 @@ impl Snapshots {
         self.ensure()?;
         let p = self.dir.join(format!(".{table}.{}.tmp", TxId::random()));
         let f = create_private(&p)?;
+        adopt_owner(&f, &self.dir)?;
         Ok((p, f))
     }
 
