@@ -26,7 +26,8 @@ use crate::invariants::{
 use crate::proxy::{Faults, ProxySet, Stats};
 use anyhow::{Context, Result};
 use schedule::{
-    storage_env, Fault, Kind, Profile, Schedule, Step, FAILPOINTS, HOLD_POINTS, STORAGE_POINTS,
+    storage_env, Fault, Kind, OutageStart, Profile, Schedule, Step, FAILPOINTS, HOLD_POINTS,
+    STORAGE_POINTS,
 };
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -324,7 +325,9 @@ struct Runner<'a> {
     /// In-service nodes plus out-of-service ones.
     total: usize,
     recovers: Vec<RecoverRun>,
-    outage_commits: u64,
+    /// Long outages: commits with an outcome while a node was out, outages that left it
+    /// prepared (aborted without its vote), outages that made it miss a decided commit.
+    outage: (u64, u64, u64),
     c: TestCluster,
     proxies: ProxySet,
     clock: Clock,
@@ -453,7 +456,7 @@ impl<'a> Runner<'a> {
             opts,
             total,
             recovers: Vec::new(),
-            outage_commits: 0,
+            outage: (0, 0, 0),
             c,
             proxies,
             clock,
@@ -1102,15 +1105,47 @@ impl<'a> Runner<'a> {
             }
             Fault::LongOutage {
                 node,
-                after_ms,
+                start,
                 burst,
                 cooperative_ms,
             } => {
                 let (n, c) = (*node, s.coordinator);
-                let p = self.spawn_commit(c, &[])?;
-                std::thread::sleep(Duration::from_millis(*after_ms));
-                self.kill(n);
-                self.finish_commit(p, s.index, false);
+                match start {
+                    OutageStart::Kill { after_ms } => {
+                        let p = self.spawn_commit(c, &[])?;
+                        std::thread::sleep(Duration::from_millis(*after_ms));
+                        self.kill(n);
+                        self.finish_commit(p, s.index, false);
+                    }
+                    OutageStart::AfterPrepared => {
+                        self.kill(n);
+                        self.start(n, Some("participant::after_prepared_durable"));
+                        self.commit(s, c, &[])?;
+                        if self.c.wait_exit(n, Duration::from_millis(1000)).is_some() {
+                            self.running[n - 1] = false;
+                            self.outage.1 += 1;
+                        }
+                        self.kill(n);
+                    }
+                    OutageStart::AfterDecision { sleep_ms } => {
+                        let fp = format!("coordinator::after_decision_durable=sleep({sleep_ms})");
+                        let mark = self.log_len(n);
+                        let p = self.spawn_commit(c, &[("FAILPOINTS", &fp)])?;
+                        // Killed once prepared, before the decision reaches it: wait for its
+                        // prepare (the coordinator then sleeps), then kill.
+                        let until = Instant::now() + Duration::from_millis(*sleep_ms);
+                        while Instant::now() < until
+                            && !self.log_since(n, mark).contains("prepared generation")
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        self.kill(n);
+                        let run = self.finish_commit(p, s.index, false);
+                        if run.exit == Some(3) {
+                            self.outage.2 += 1;
+                        }
+                    }
+                }
                 // Out of service on every other node (a restart loads the config).
                 let others: Vec<usize> = (1..=self.total).filter(|j| *j != n).collect();
                 let mut saved = Vec::new();
@@ -1161,11 +1196,11 @@ impl<'a> Runner<'a> {
                 if !hit {
                     self.note(kind, "some bursts had too few outcomes");
                 }
-                self.outage_commits += *burst;
+                self.outage.0 += outcomes;
                 let e = self.counts.entry(kind).or_default();
                 e.note = format!(
-                    "{} commits while a node was out; {outcomes} outcomes in the last",
-                    self.outage_commits
+                    "{} commits while out; back prepared: {}, after a missed commit: {}",
+                    self.outage.0, self.outage.1, self.outage.2
                 );
                 self.count(kind, true, hit);
             }
@@ -1216,6 +1251,12 @@ impl<'a> Runner<'a> {
                         };
                         if self.opts.verbose {
                             eprintln!("        {}", run.describe());
+                        }
+                        if run.exit == Some(0) && run.output.contains("not authorized") {
+                            self.findings.push(format!(
+                                "recover exited 0 (done) although nodes refused it as not authorized: {}",
+                                run.describe()
+                            ));
                         }
                         self.recovers.push(run);
                     }

@@ -161,6 +161,38 @@ impl Kind {
     }
 }
 
+/// How the node of a long outage goes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutageStart {
+    /// SIGKILL `after_ms` into the commit.
+    Kill {
+        /// Delay after the commit starts.
+        after_ms: u64,
+    },
+    /// `participant::after_prepared_durable=panic`: it comes back holding the transaction
+    /// prepared, which the coordinator aborted without its vote.
+    AfterPrepared,
+    /// The coordinator sleeps `sleep_ms` at `coordinator::after_decision_durable` and the node is
+    /// killed meanwhile: it comes back holding a transaction decided commit that it never
+    /// heard of, and every other node committed (and, 64 outcomes later, forgot) it.
+    AfterDecision {
+        /// Sleep of the coordinator.
+        sleep_ms: u64,
+    },
+}
+
+impl fmt::Display for OutageStart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OutageStart::Kill { after_ms } => write!(f, "killed at +{after_ms} ms"),
+            OutageStart::AfterPrepared => write!(f, "crashed once prepared"),
+            OutageStart::AfterDecision { sleep_ms } => {
+                write!(f, "killed after the commit decision ({sleep_ms} ms)")
+            }
+        }
+    }
+}
+
 /// The primary fault of one step, with its drawn parameters.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
@@ -257,15 +289,15 @@ pub enum Fault {
         /// Restart the daemon once while still armed.
         restart_armed: bool,
     },
-    /// `node`'s `txmapd` is killed `after_ms` into the commit, the other nodes mark it out of
-    /// service and run `burst` commits (more than `RECENT` outcomes), then it comes back in
+    /// `node`'s `txmapd` goes down during the commit (see [`OutageStart`]), the other nodes
+    /// mark it out of service and run `burst` commits (more than `RECENT` outcomes), then it comes back in
     /// service; with `cooperative_ms`, the step's coordinator node is cut off that long as it
     /// returns, so its in-doubt resolution must ask its peers.
     LongOutage {
         /// Node down.
         node: usize,
-        /// Delay after the commit starts.
-        after_ms: u64,
+        /// How it goes down.
+        start: OutageStart,
         /// Commits while it is down.
         burst: u64,
         /// Cut off the coordinator's node this long when the node returns.
@@ -392,13 +424,13 @@ impl fmt::Display for Fault {
             ),
             Fault::LongOutage {
                 node,
-                after_ms,
+                start,
                 burst,
                 cooperative_ms,
             } => {
                 write!(
                     f,
-                    "node{node} down at +{after_ms} ms, out of service for {burst} commits"
+                    "node{node} down ({start}), out of service for {burst} commits"
                 )?;
                 if let Some(c) = cooperative_ms {
                     write!(f, ", coordinator's node cut off {c} ms as it returns")?;
@@ -955,7 +987,7 @@ impl Schedule {
                         node: node(&mut rng),
                         points: pts
                             .into_iter()
-                            .map(|p| (p, draw_spec(&mut rng, 6)))
+                            .map(|p| (p, draw_spec(&mut rng, 3)))
                             .collect(),
                         commits: rng.range(1, 2),
                         hold_ms: rng.range(0, 2500),
@@ -973,9 +1005,19 @@ impl Schedule {
                 },
                 Kind::LongOutage => {
                     let others: Vec<usize> = (1..=nodes).filter(|n| *n != coordinator).collect();
+                    let node = *rng.pick(&others).unwrap_or(&1);
+                    let start = match rng.below(10) {
+                        0..=3 => OutageStart::Kill {
+                            after_ms: rng.range(0, 400),
+                        },
+                        4..=6 => OutageStart::AfterPrepared,
+                        _ => OutageStart::AfterDecision {
+                            sleep_ms: rng.range(800, 1500),
+                        },
+                    };
                     Fault::LongOutage {
-                        node: *rng.pick(&others).unwrap_or(&1),
-                        after_ms: rng.range(0, 400),
+                        node,
+                        start,
                         burst: rng.range(profile.outage_burst.0, profile.outage_burst.1),
                         cooperative_ms: rng.chance(50.0).then(|| rng.range(3000, 6000)),
                     }
