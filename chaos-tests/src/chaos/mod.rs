@@ -1021,6 +1021,7 @@ impl<'a> Runner<'a> {
                 node,
                 points,
                 commits,
+                kill_after_ms,
                 hold_ms,
                 restart_armed,
             } => {
@@ -1033,7 +1034,20 @@ impl<'a> Runner<'a> {
                     self.note(kind, "some refused to start armed (crash-only)");
                 }
                 for _ in 0..*commits {
-                    self.commit(s, s.coordinator, &[])?;
+                    match kill_after_ms {
+                        None => {
+                            self.commit(s, s.coordinator, &[])?;
+                        }
+                        Some(ms) => {
+                            let mut p = self.spawn_commit(s.coordinator, &[])?;
+                            std::thread::sleep(Duration::from_millis(*ms));
+                            let alive = matches!(p.child.try_wait(), Ok(None));
+                            if alive {
+                                let _ = p.child.kill();
+                            }
+                            self.finish_commit(p, s.index, alive);
+                        }
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(*hold_ms));
                 if *restart_armed && armed {

@@ -274,6 +274,9 @@ pub enum Fault {
         points: Vec<(usize, Spec)>,
         /// Commits while armed.
         commits: u64,
+        /// SIGKILL each of those `txmap commit`s this long after it starts (so that the node's
+        /// `txmapd` re-drives or retries it, writing its decision log).
+        kill_after_ms: Option<u64>,
         /// Time armed after them.
         hold_ms: u64,
         /// Restart the daemon once while still armed.
@@ -397,12 +400,16 @@ impl fmt::Display for Fault {
                 node,
                 points,
                 commits,
+                kill_after_ms,
                 hold_ms,
                 restart_armed,
             } => write!(
                 f,
-                "txmapd node{node} FAILPOINTS={} for {commits} commit(s) + {hold_ms} ms{}",
+                "txmapd node{node} FAILPOINTS={} for {commits} commit(s){} + {hold_ms} ms{}",
                 storage_env(points),
+                kill_after_ms
+                    .map(|k| format!(" killed at +{k} ms"))
+                    .unwrap_or_default(),
                 if *restart_armed {
                     ", restarted armed"
                 } else {
@@ -983,14 +990,29 @@ impl Schedule {
                     rng.shuffle(&mut pts);
                     pts.truncate(if rng.chance(30.0) { 2 } else { 1 });
                     pts.sort();
+                    // A txmapd writes its decision log when it coordinates: a pending retry or
+                    // the redrive of a dead coordinator's transaction. So the decision points
+                    // go to the coordinator's node, whose `txmap commit` is killed early.
+                    let decision = pts
+                        .iter()
+                        .any(|p| STORAGE_POINTS[*p].0.starts_with("decision"));
                     Fault::StorageTxmapd {
-                        node: node(&mut rng),
+                        node: if decision {
+                            coordinator
+                        } else {
+                            node(&mut rng)
+                        },
                         points: pts
                             .into_iter()
                             .map(|p| (p, draw_spec(&mut rng, 3)))
                             .collect(),
                         commits: rng.range(1, 2),
-                        hold_ms: rng.range(0, 2500),
+                        kill_after_ms: decision.then(|| rng.range(0, 150)),
+                        hold_ms: if decision {
+                            rng.range(1500, 3000)
+                        } else {
+                            rng.range(0, 2500)
+                        },
                         restart_armed: rng.chance(25.0),
                     }
                 }
