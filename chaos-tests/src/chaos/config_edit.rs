@@ -130,11 +130,14 @@ mod tests {
         );
         let s = set_node_key(&s, "node1", "in_service", "false");
         assert!(
-            s.contains("name = \"node1\"\nin_service = false\naddress = \"127.0.0.1:1000\""),
+            s.contains("[[nodes]]\nin_service = false\nname = \"node1\"\naddress"),
             "{s}"
         );
         let s = set_node_key(&s, "node1", "in_service", "true");
-        assert!(s.contains("name = \"node1\"\nin_service = true\n"), "{s}");
+        assert!(
+            s.contains("[[nodes]]\nin_service = true\nname = \"node1\""),
+            "{s}"
+        );
         let s = set_key(&s, Some("hook"), "mode", "\"0666\"");
         assert!(s.ends_with("\n[hook]\nmode = \"0666\"\n"), "{s}");
     }
