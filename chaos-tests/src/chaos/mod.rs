@@ -1355,6 +1355,27 @@ impl<'a> Runner<'a> {
         findings.extend((1..=n).flat_map(|i| clean::history_leftovers(&self.c, i)));
         cleanup.merge(std::mem::take(&mut self.stuck));
         let seen = self.readers_result();
+        findings.append(&mut self.findings);
+        // Out-of-service nodes are not judged by `clean`, but what they leave behind is worth a
+        // look (a decision they keep re-sending, a pending change they keep retrying).
+        for i in n + 1..=self.total {
+            let state = self.c.node_dir(i).join("state");
+            for sub in ["decisions", "pending"] {
+                let left: Vec<String> = std::fs::read_dir(state.join(sub))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|f| f.ends_with(".json"))
+                    .collect();
+                if !left.is_empty() {
+                    findings.push(format!(
+                        "out-of-service node{i} still holds {sub}/ {}",
+                        left.join(", ")
+                    ));
+                }
+            }
+        }
         let log = sampler.stop();
         let end = self.clock.ms();
         let invariants = vec![
@@ -1428,7 +1449,27 @@ impl<'a> Runner<'a> {
     }
 
     fn readers_result(&mut self) -> visibility::VisibilityResult {
-        self.readers.take().map(Readers::stop).unwrap_or_default()
+        let (seen, stalls) = self
+            .readers
+            .take()
+            .map(Readers::stop_with_stalls)
+            .unwrap_or_default();
+        if !stalls.windows.is_empty() {
+            let longest = stalls.windows.iter().map(|w| w.1).max().unwrap_or(0);
+            let list: Vec<String> = stalls
+                .windows
+                .iter()
+                .take(5)
+                .map(|(a, l)| format!("{:.1} s for {l} ms", *a as f64 / 1000.0))
+                .collect();
+            self.findings.push(format!(
+                "the whole machine stalled {} times (longest {longest} ms: {}); {} slow lookups excused",
+                stalls.windows.len(),
+                list.join(", "),
+                stalls.excused
+            ));
+        }
+        seen
     }
 
     fn fault_rows(&self, schedule: &Schedule) -> Vec<FaultRow> {
