@@ -4,9 +4,13 @@
 //!
 //! One *step* of the schedule writes a new version of the shared source (stable keys, a marker
 //! key only this version has, some churn lines) and commits it under one primary fault
-//! (a failpoint, a kill, a freeze, a partition, a failing builder, a full disk, or concurrent
-//! coordinators), while the background network condition (loss, delay, duplication,
-//! reordering on some or all links) changes every few steps. After the last step every fault
+//! (a failpoint, a kill, a freeze, a partition, a failing builder, a full disk, concurrent
+//! coordinators, and since issue 9: storage errors returned by failpoints in `txmap` and in
+//! `txmapd`, failed installs on the coordinator's own node, an outage longer than the
+//! remembered window, an operator's `txmap recover`, a commit via the out-of-service node),
+//! while the background network condition (loss, delay, duplication, reordering on some or all
+//! links) changes every few steps. With `Profile::out_of_service`, extra nodes run configured
+//! `in_service = false` everywhere, reachable through proxies like the others. After the last step every fault
 //! stops, and the cluster must converge by itself: nobody runs a command.
 //!
 //! Use [`run`] (the `chaos` binary and `tests/chaos.rs` do).
