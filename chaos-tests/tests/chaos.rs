@@ -1,5 +1,8 @@
 //! The chaos runner as CI runs it: (a) the `ci` profile, at least 200 transactions with every
-//! fault kind, must report zero violations in under 5 minutes (debug build, 2 cores); (b) the
+//! fault kind (those of issue 9 included: storage errors in `txmap` and `txmapd`, failed installs
+//! on the coordinator's node, an outage longer than the remembered window, operator `recover`,
+//! a reachable out-of-service node), must report zero violations in under 6 minutes (debug
+//! build, 2 cores); (b) the
 //! deliberately broken participant (`TXMAP_CHAOS_BROKEN=rename-before-durable`, which copies
 //! each built table over the live one before the transaction is decided) must be caught.
 //!
@@ -35,9 +38,9 @@ fn injected(r: &Report, label: &str) -> u64 {
 }
 
 #[test]
-fn ci_profile_200_transactions_every_fault_kind_zero_violations_under_5_minutes() {
+fn ci_profile_200_transactions_every_fault_kind_zero_violations_under_6_minutes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    bins(); // build the binaries first: the 5-minute budget is for the run itself
+    bins(); // build the binaries first: the 6-minute budget is for the run itself
     let started = Instant::now();
     let opts = Options::new(profile("ci").unwrap(), seed(20_240_607));
     let report = run(&opts).expect("the chaos run itself failed");
@@ -68,6 +71,10 @@ fn ci_profile_200_transactions_every_fault_kind_zero_violations_under_5_minutes(
     ] {
         assert!(injected(&report, net) > 0, "`{net}` never hit a datagram");
     }
+    assert!(
+        report.node_counts.1 >= 1,
+        "no out-of-service node took part"
+    );
     let v = report.violations();
     assert!(
         v.is_empty(),
@@ -77,8 +84,8 @@ fn ci_profile_200_transactions_every_fault_kind_zero_violations_under_5_minutes(
         v[0]
     );
     assert!(
-        took < Duration::from_secs(300),
-        "the CI profile took {took:?}, over 5 minutes"
+        took < Duration::from_secs(360),
+        "the CI profile took {took:?}, over 6 minutes"
     );
 }
 

@@ -1,7 +1,7 @@
 //! `chaos`: runs txmap under faults drawn from a seed and checks every guarantee.
 //!
 //! ```text
-//! chaos run --nodes 3 --transactions 200 --seed 42 [--profile ci] [--broken 2] [--verbose]
+//! chaos run --nodes 3 --transactions 200 --seed 42 [--profile ci] [--out-of-service 1] [--broken 2] [--verbose] [--keep]
 //! chaos schedule --seed 42 [--profile ci] [--nodes 3] [--transactions 200]
 //! chaos profiles
 //! ```
@@ -45,6 +45,10 @@ enum Cmd {
         /// (TXMAP_CHAOS_BROKEN=rename-before-durable): the run must then report violations.
         #[arg(long)]
         broken: Option<usize>,
+        /// Extra nodes configured `in_service = false`, running and reachable [default: the
+        /// profile's].
+        #[arg(long)]
+        out_of_service: Option<usize>,
         /// Keep the sandbox directory (logs, journals) after the run.
         #[arg(long)]
         keep: bool,
@@ -66,6 +70,10 @@ enum Cmd {
         /// Profile.
         #[arg(long, default_value = "ci")]
         profile: String,
+        /// Extra nodes configured `in_service = false`, running and reachable [default: the
+        /// profile's].
+        #[arg(long)]
+        out_of_service: Option<usize>,
     },
     /// List the profiles.
     Profiles,
@@ -121,11 +129,13 @@ fn main() -> ExitCode {
             transactions,
             seed,
             profile: name,
+            out_of_service,
         } => {
-            let Some(p) = profile(&name) else {
+            let Some(mut p) = profile(&name) else {
                 eprintln!("chaos: unknown profile `{name}` (see `chaos profiles`)");
                 return ExitCode::from(2);
             };
+            p.out_of_service = out_of_service.unwrap_or(p.out_of_service);
             let s = Schedule::draw(
                 seed,
                 &p,
@@ -143,13 +153,15 @@ fn main() -> ExitCode {
             seed,
             profile: name,
             broken,
+            out_of_service,
             keep,
             verbose,
         } => {
-            let Some(p) = profile(&name) else {
+            let Some(mut p) = profile(&name) else {
                 eprintln!("chaos: unknown profile `{name}` (see `chaos profiles`)");
                 return ExitCode::from(2);
             };
+            p.out_of_service = out_of_service.unwrap_or(p.out_of_service);
             if keep {
                 // Read by the harness's temporary directory when it is dropped.
                 std::env::set_var("TXMAP_KEEP_TEST_DIRS", "1");

@@ -55,6 +55,12 @@ pub fn set_key(text: &str, section: Option<&str>, key: &str, value: &str) -> Str
 
 /// Sets the `address` of the `[[nodes]]` entry named `name`.
 pub fn set_node_address(text: &str, name: &str, address: &str) -> String {
+    set_node_key(text, name, "address", &format!("\"{address}\""))
+}
+
+/// Sets `key = value` (`value` as TOML, e.g. `false` or `"x"`) in the `[[nodes]]` entry named
+/// `name`.
+pub fn set_node_key(text: &str, name: &str, key: &str, value: &str) -> String {
     let lines: Vec<&str> = text.lines().collect();
     let mut out: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
     let mut i = 0;
@@ -75,15 +81,16 @@ pub fn set_node_address(text: &str, name: &str, address: &str) -> String {
                 .is_some_and(|v| v.trim().trim_matches('"') == name)
         });
         if named {
-            let addr_line = format!("address = \"{address}\"");
+            let line = format!("{key} = {value}");
+            let off = out.len() - lines.len();
             match (i + 1..end).find(|j| {
                 lines[*j]
                     .trim_start()
-                    .strip_prefix("address")
+                    .strip_prefix(key)
                     .is_some_and(|r| r.trim_start().starts_with('='))
             }) {
-                Some(j) => out[j] = addr_line,
-                None => out.insert(i + 1, addr_line),
+                Some(j) => out[j + off] = line,
+                None => out.insert(i + 1 + off, line),
             }
         }
         i = end;
@@ -119,6 +126,16 @@ mod tests {
         );
         assert!(
             s.contains("name = \"node1\"\naddress = \"127.0.0.1:1000\""),
+            "{s}"
+        );
+        let s = set_node_key(&s, "node1", "in_service", "false");
+        assert!(
+            s.contains("[[nodes]]\nin_service = false\nname = \"node1\"\naddress"),
+            "{s}"
+        );
+        let s = set_node_key(&s, "node1", "in_service", "true");
+        assert!(
+            s.contains("[[nodes]]\nin_service = true\nname = \"node1\""),
             "{s}"
         );
         let s = set_key(&s, Some("hook"), "mode", "\"0666\"");

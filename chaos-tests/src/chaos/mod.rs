@@ -4,9 +4,13 @@
 //!
 //! One *step* of the schedule writes a new version of the shared source (stable keys, a marker
 //! key only this version has, some churn lines) and commits it under one primary fault
-//! (a failpoint, a kill, a freeze, a partition, a failing builder, a full disk, or concurrent
-//! coordinators), while the background network condition (loss, delay, duplication,
-//! reordering on some or all links) changes every few steps. After the last step every fault
+//! (a failpoint, a kill, a freeze, a partition, a failing builder, a full disk, concurrent
+//! coordinators, and since issue 9: storage errors returned by failpoints in `txmap` and in
+//! `txmapd`, failed installs on the coordinator's own node, an outage longer than the
+//! remembered window, an operator's `txmap recover`, a commit via the out-of-service node),
+//! while the background network condition (loss, delay, duplication, reordering on some or all
+//! links) changes every few steps. With `Profile::out_of_service`, extra nodes run configured
+//! `in_service = false` everywhere, reachable through proxies like the others. After the last step every fault
 //! stops, and the cluster must converge by itself: nobody runs a command.
 //!
 //! Use [`run`] (the `chaos` binary and `tests/chaos.rs` do).
@@ -16,6 +20,7 @@ pub mod schedule;
 
 use crate::cluster::{bins, is_root, TestCluster, TABLE};
 use crate::invariants::journal::Sampler;
+use crate::invariants::operator::{self, RecoverRun};
 use crate::invariants::outcomes::CommitRun;
 use crate::invariants::visibility::{ReaderTarget, Readers};
 use crate::invariants::{
@@ -24,7 +29,10 @@ use crate::invariants::{
 };
 use crate::proxy::{Faults, ProxySet, Stats};
 use anyhow::{Context, Result};
-use schedule::{Fault, Kind, Profile, Schedule, Step, FAILPOINTS};
+use schedule::{
+    storage_env, Fault, Kind, OutageStart, Profile, Schedule, Step, FAILPOINTS, HOLD_POINTS,
+    STORAGE_POINTS,
+};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -34,6 +42,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use txmap_common::machine::RECENT;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -97,6 +106,10 @@ pub struct Report {
     pub invariants: Vec<(&'static str, Tally)>,
     /// `txmap commit` runs by exit code (`killed` for those killed on purpose).
     pub exits: BTreeMap<String, u64>,
+    /// `txmap recover --abort/--commit` runs by exit code.
+    pub recover_exits: BTreeMap<String, u64>,
+    /// Nodes taking part: in service, then out of service.
+    pub node_counts: (usize, usize),
     /// Distinct transactions the journals showed committed and aborted (retries by the
     /// coordinators and pending retries by `txmapd` included).
     pub transactions_seen: (u64, u64),
@@ -154,7 +167,28 @@ impl Report {
             .iter()
             .map(|(k, v)| format!("{k}: {v}"))
             .collect();
-        s.push_str(&format!("txmap commit exits: {}\n", exits.join(", ")));
+        let total: u64 = self.exits.values().sum();
+        s.push_str(&format!(
+            "txmap commit runs: {total} ({})\n",
+            exits.join(", ")
+        ));
+        if !self.recover_exits.is_empty() {
+            let r: Vec<String> = self
+                .recover_exits
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
+            s.push_str(&format!(
+                "txmap recover --abort/--commit: {}\n",
+                r.join(", ")
+            ));
+        }
+        if self.node_counts.1 > 0 {
+            s.push_str(&format!(
+                "nodes: {} in service + {} out of service (running, reachable)\n",
+                self.node_counts.0, self.node_counts.1
+            ));
+        }
         s.push_str(&format!(
             "convergence after the faults stopped: {}; longest in doubt: {}; reader lookups: {} (slowest {} ms)\n\n",
             self.convergence
@@ -292,6 +326,12 @@ struct Count {
 
 struct Runner<'a> {
     opts: &'a Options,
+    /// In-service nodes plus out-of-service ones.
+    total: usize,
+    recovers: Vec<RecoverRun>,
+    /// Long outages: commits with an outcome while a node was out, outages that left it
+    /// prepared (aborted without its vote), outages that made it miss a decided commit.
+    outage: (u64, u64, u64),
     c: TestCluster,
     proxies: ProxySet,
     clock: Clock,
@@ -350,7 +390,8 @@ impl<'a> Runner<'a> {
             );
         }
         let n = opts.nodes;
-        let c = TestCluster::create(&format!("chaos-{}", opts.seed), n)?;
+        let total = n + opts.profile.out_of_service;
+        let c = TestCluster::create(&format!("chaos-{}", opts.seed), total)?;
         let clock = Clock::start();
         // A proxy for every link between two different nodes; every node's config names its
         // peers by their proxy. A node reaches itself directly.
@@ -358,11 +399,18 @@ impl<'a> Runner<'a> {
         let real = |k: usize| -> SocketAddr {
             SocketAddr::from(([127, 0, 0, 1], c.base_port + k as u16 - 1))
         };
-        for j in 1..=n {
-            for k in (1..=n).filter(|k| *k != j) {
+        for j in 1..=total {
+            for k in (1..=total).filter(|k| *k != j) {
                 let via = proxies.add(j, k, 0, real(k), opts.seed)?;
                 c.edit_config(j, |t| {
                     config_edit::set_node_address(&t, &format!("node{k}"), &via.to_string())
+                });
+            }
+            // The extra nodes are configured out of service everywhere (their own config too),
+            // and run: reachable, answering, never members.
+            for k in n + 1..=total {
+                c.edit_config(j, |t| {
+                    config_edit::set_node_key(&t, &format!("node{k}"), "in_service", "false")
                 });
             }
             c.edit_config(j, |mut t| {
@@ -396,7 +444,7 @@ impl<'a> Runner<'a> {
         }
         let versions = Versions::shared();
         let stable = Versions::stable_keys(opts.profile.stable_keys);
-        let state_dirs = (1..=n).map(|i| c.node_dir(i).join("state")).collect();
+        let state_dirs = (1..=total).map(|i| c.node_dir(i).join("state")).collect();
         let sampler = Sampler::start(state_dirs, TABLE, clock, Duration::from_millis(50));
         let t = |k: &str| {
             opts.profile
@@ -410,13 +458,16 @@ impl<'a> Runner<'a> {
         );
         let mut r = Runner {
             opts,
+            total,
+            recovers: Vec::new(),
+            outage: (0, 0, 0),
             c,
             proxies,
             clock,
             versions,
             sampler: Some(sampler),
             readers: None,
-            running: vec![false; n],
+            running: vec![false; total],
             runs: Vec::new(),
             counts: BTreeMap::new(),
             stuck: Tally::default(),
@@ -427,7 +478,7 @@ impl<'a> Runner<'a> {
             content: String::new(),
             limit,
         };
-        for i in 1..=n {
+        for i in 1..=total {
             anyhow::ensure!(r.start(i, None), "txmapd of node{i} does not start");
         }
         // Version 0, committed with no fault, is what the readers find first.
@@ -517,6 +568,63 @@ impl<'a> Runner<'a> {
         false
     }
 
+    /// Starts node `i` once with `FAILPOINTS=<env>` (storage errors). A daemon that refuses to
+    /// start with them armed (a journal write at start-up failed: crash-only) is not stuck:
+    /// `false`, and the caller starts it clean.
+    fn start_armed(&mut self, i: usize, env: &str) -> bool {
+        let mut e: Vec<(&str, &str)> = vec![("FAILPOINTS", env)];
+        if self.opts.broken == Some(i) {
+            e.push(("TXMAP_CHAOS_BROKEN", "rename-before-durable"));
+        }
+        match self.c.start_node_with(i, &e) {
+            Ok(()) => {
+                self.running[i - 1] = true;
+                true
+            }
+            Err(_) => {
+                self.c.kill_node(i);
+                self.running[i - 1] = false;
+                false
+            }
+        }
+    }
+
+    /// Length of node `i`'s daemon log (to read what a fault made it log).
+    fn log_len(&self, i: usize) -> u64 {
+        std::fs::metadata(self.c.log(i))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    }
+
+    /// What node `i`'s daemon logged since `from`.
+    fn log_since(&self, i: usize, from: u64) -> String {
+        let b = std::fs::read(self.c.log(i)).unwrap_or_default();
+        String::from_utf8_lossy(b.get(from as usize..).unwrap_or_default()).into_owned()
+    }
+
+    /// Every proxy's faults (to put back after a quiet stretch).
+    fn save_net(&self) -> Vec<((usize, usize), Faults)> {
+        self.proxies
+            .links()
+            .into_iter()
+            .filter_map(|l| self.proxies.get(l.0, l.1).map(|p| (l, p.faults())))
+            .collect()
+    }
+
+    fn restore_net(&self, saved: Vec<((usize, usize), Faults)>) {
+        for ((a, b), f) in saved {
+            if let Some(p) = self.proxies.get(a, b) {
+                p.set(f);
+            }
+        }
+    }
+
+    /// Restarts node `j`'s daemon (to load an edited config).
+    fn restart(&mut self, j: usize) {
+        self.kill(j);
+        self.start(j, None);
+    }
+
     fn kill(&mut self, i: usize) {
         self.c.kill_node(i);
         self.running[i - 1] = false;
@@ -525,7 +633,7 @@ impl<'a> Runner<'a> {
     /// Notices daemons that died on their own (none should: every failpoint is cleared
     /// within its step).
     fn check_daemons(&mut self) {
-        for i in 1..=self.opts.nodes {
+        for i in 1..=self.total {
             if !self.running[i - 1] {
                 continue;
             }
@@ -559,7 +667,7 @@ impl<'a> Runner<'a> {
     }
 
     fn ensure_running(&mut self) {
-        for i in 1..=self.opts.nodes {
+        for i in 1..=self.total {
             if !self.running[i - 1] {
                 self.start(i, None);
             }
@@ -672,7 +780,11 @@ impl<'a> Runner<'a> {
                 .and_then(|t| t.as_str())
                 .map(str::to_string),
             generation: json.get("generation").and_then(|g| g.as_u64()),
+            injected: out.contains("injected failure") || err.contains("injected failure"),
             lines,
+            members: None,
+            storage_fault: false,
+            out_of_service: false,
         };
         self.runs.push(run.clone());
         run
@@ -895,6 +1007,299 @@ impl<'a> Runner<'a> {
                 self.count(k, true, true);
                 self.note(k, &format!("{} coordinators", nodes.len()));
             }
+            Fault::StorageTxmap { point, spec } => {
+                let fp = format!("{}={spec}", STORAGE_POINTS[*point].0);
+                let run = self.commit(s, s.coordinator, &[("FAILPOINTS", &fp)])?;
+                if let Some(last) = self.runs.last_mut() {
+                    last.storage_fault = true;
+                }
+                if !run.injected {
+                    self.note(kind, "some never reached the error");
+                }
+                if run.exit == Some(6) {
+                    self.note(kind, "some exited 6");
+                }
+                self.count(kind, true, run.injected);
+            }
+            Fault::StorageTxmapd {
+                node,
+                points,
+                commits,
+                kill_after_ms,
+                hold_ms,
+                restart_armed,
+            } => {
+                let node = *node;
+                let env = storage_env(points);
+                let mark = self.log_len(node);
+                self.kill(node);
+                let mut armed = self.start_armed(node, &env);
+                if !armed {
+                    self.note(kind, "some refused to start armed (crash-only)");
+                }
+                for _ in 0..*commits {
+                    match kill_after_ms {
+                        None => {
+                            self.commit(s, s.coordinator, &[])?;
+                        }
+                        Some(ms) => {
+                            let mut p = self.spawn_commit(s.coordinator, &[])?;
+                            std::thread::sleep(Duration::from_millis(*ms));
+                            let alive = matches!(p.child.try_wait(), Ok(None));
+                            if alive {
+                                let _ = p.child.kill();
+                            }
+                            self.finish_commit(p, s.index, alive);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(*hold_ms));
+                if *restart_armed && armed {
+                    self.kill(node);
+                    armed = self.start_armed(node, &env);
+                    if !armed {
+                        self.note(kind, "some refused to start armed (crash-only)");
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                if armed && self.c.wait_exit(node, Duration::from_millis(1)).is_some() {
+                    self.running[node - 1] = false;
+                    self.note(kind, "some txmapd stopped on the error (crash-only)");
+                }
+                let hit = self.log_since(node, mark).contains("injected failure");
+                if !hit {
+                    self.note(kind, "some never reached the error");
+                }
+                self.kill(node);
+                self.start(node, None);
+                self.count(kind, true, hit);
+            }
+            Fault::InstallFailsOwn {
+                spec,
+                hold_ms,
+                restart_armed,
+            } => {
+                let own = s.coordinator;
+                let env = format!("table::install={spec}");
+                let mark = self.log_len(own);
+                self.kill(own);
+                let armed = self.start_armed(own, &env);
+                if !armed {
+                    self.stuck.check(false, clean::NAME, self.clock.ms(), || {
+                        format!("node{own}: txmapd does not start with {env}")
+                    });
+                }
+                self.commit(s, own, &[])?;
+                std::thread::sleep(Duration::from_millis(*hold_ms));
+                let st = self.c.status(own);
+                if let Some(sm) = &self.sampler {
+                    sm.record_status(&st);
+                }
+                if st.to_string().contains("\"installing\":true") {
+                    self.note(kind, "status showed installing");
+                }
+                if *restart_armed && armed {
+                    // Defect 1 of issue 9: a daemon whose install keeps failing must still start
+                    // (and serve its other tables).
+                    self.kill(own);
+                    if !self.start_armed(own, &env) {
+                        self.stuck.check(false, clean::NAME, self.clock.ms(), || {
+                            format!(
+                                "node{own}: txmapd does not start again while an install keeps failing ({env})"
+                            )
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                let hit = self
+                    .log_since(own, mark)
+                    .contains("injected failure (table::install)");
+                if !hit {
+                    self.note(kind, "some commits never reached the install");
+                }
+                self.kill(own);
+                self.start(own, None);
+                self.count(kind, true, hit);
+            }
+            Fault::LongOutage {
+                node,
+                start,
+                burst,
+                cooperative_ms,
+            } => {
+                let (n, c) = (*node, s.coordinator);
+                match start {
+                    OutageStart::Kill { after_ms } => {
+                        let p = self.spawn_commit(c, &[])?;
+                        std::thread::sleep(Duration::from_millis(*after_ms));
+                        self.kill(n);
+                        self.finish_commit(p, s.index, false);
+                    }
+                    OutageStart::AfterPrepared => {
+                        self.kill(n);
+                        self.start(n, Some("participant::after_prepared_durable"));
+                        self.commit(s, c, &[])?;
+                        if self.c.wait_exit(n, Duration::from_millis(1000)).is_some() {
+                            self.running[n - 1] = false;
+                            self.outage.1 += 1;
+                        }
+                        self.kill(n);
+                    }
+                    OutageStart::AfterDecision { sleep_ms } => {
+                        let fp = format!("coordinator::after_decision_durable=sleep({sleep_ms})");
+                        let mark = self.log_len(n);
+                        let p = self.spawn_commit(c, &[("FAILPOINTS", &fp)])?;
+                        // Killed once prepared, before the decision reaches it: wait for its
+                        // prepare (the coordinator then sleeps), then kill.
+                        let until = Instant::now() + Duration::from_millis(*sleep_ms);
+                        while Instant::now() < until
+                            && !self.log_since(n, mark).contains("prepared generation")
+                        {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        self.kill(n);
+                        let run = self.finish_commit(p, s.index, false);
+                        if run.exit == Some(3) {
+                            self.outage.2 += 1;
+                        }
+                    }
+                }
+                // Out of service on every other node (a restart loads the config).
+                let others: Vec<usize> = (1..=self.total).filter(|j| *j != n).collect();
+                let mut saved = Vec::new();
+                for &j in &others {
+                    saved.push((j, std::fs::read_to_string(self.c.config(j))?));
+                    self.c.edit_config(j, |t| {
+                        config_edit::set_node_key(&t, &format!("node{n}"), "in_service", "false")
+                    });
+                    self.restart(j);
+                }
+                // A quiet network while the burst runs (it is about memory, not packets).
+                let net = self.save_net();
+                self.proxies.set_all(Faults::clean());
+                let members: Vec<usize> = (1..=self.opts.nodes).filter(|j| *j != n).collect();
+                let mut outcomes = 0u64;
+                for k in 0..*burst as usize {
+                    if self
+                        .opts
+                        .stop
+                        .as_ref()
+                        .is_some_and(|x| x.load(Ordering::SeqCst))
+                    {
+                        break;
+                    }
+                    self.new_version((k * 7) % 40)?;
+                    let run = self.commit(s, members[k % members.len()], &[])?;
+                    if let Some(last) = self.runs.last_mut() {
+                        last.members = Some(members.clone());
+                    }
+                    outcomes += u64::from(matches!(run.exit, Some(0 | 1 | 3)));
+                }
+                for (j, text) in saved {
+                    self.c.edit_config(j, |_| text);
+                    self.restart(j);
+                }
+                self.restore_net(net);
+                if let Some(ms) = cooperative_ms {
+                    // The returning node's coordinator's node is unreachable: its in-doubt
+                    // resolution must use cooperative termination with peers that forgot.
+                    self.proxies.partition(c);
+                    self.start(n, None);
+                    std::thread::sleep(Duration::from_millis(*ms));
+                    self.proxies.heal();
+                } else {
+                    self.start(n, None);
+                }
+                let hit = outcomes > RECENT as u64;
+                if !hit {
+                    self.note(kind, "some bursts had too few outcomes");
+                }
+                self.outage.0 += outcomes;
+                let e = self.counts.entry(kind).or_default();
+                e.note = format!(
+                    "{} commits while out; back prepared: {}, after a missed commit: {}",
+                    self.outage.0, self.outage.1, self.outage.2
+                );
+                self.count(kind, true, hit);
+            }
+            Fault::Recover {
+                hold,
+                hold_ms,
+                after_ms,
+                kill_coordinator,
+                from,
+                commit,
+            } => {
+                let fp = format!("{}=sleep({hold_ms})", HOLD_POINTS[*hold]);
+                let mut p = self.spawn_commit(s.coordinator, &[("FAILPOINTS", &fp)])?;
+                std::thread::sleep(Duration::from_millis(*after_ms));
+                let mut killed = false;
+                if *kill_coordinator && matches!(p.child.try_wait(), Ok(None)) {
+                    let _ = p.child.kill();
+                    killed = true;
+                }
+                let list = self.c.txmap(*from, &["recover", "--json"]);
+                let found: serde_json::Value =
+                    serde_json::from_slice(&list.stdout).unwrap_or(serde_json::Value::Null);
+                let txid = found.as_array().and_then(|a| {
+                    a.iter()
+                        .filter_map(|d| d.pointer("/prepared/txid").and_then(|t| t.as_str()))
+                        .next()
+                        .map(str::to_string)
+                });
+                let hit = txid.is_some();
+                match txid {
+                    None => self.note(kind, "some found nothing in doubt"),
+                    Some(txid) => {
+                        let flag = if *commit { "--commit" } else { "--abort" };
+                        let at_ms = self.clock.ms();
+                        let out = self.c.txmap(*from, &["recover", flag, &txid]);
+                        let run = RecoverRun {
+                            step: s.index,
+                            from: *from,
+                            txid,
+                            commit: *commit,
+                            exit: out.status.code(),
+                            at_ms,
+                            output: format!(
+                                "{}{}",
+                                String::from_utf8_lossy(&out.stdout),
+                                String::from_utf8_lossy(&out.stderr)
+                            ),
+                        };
+                        if self.opts.verbose {
+                            eprintln!("        {}", run.describe());
+                        }
+                        if run.exit == Some(0) && run.output.contains("not authorized") {
+                            self.findings.push(format!(
+                                "recover exited 0 (done) although nodes refused it as not authorized: {}",
+                                run.describe()
+                            ));
+                        }
+                        self.recovers.push(run);
+                    }
+                }
+                self.finish_commit(p, s.index, killed);
+                let done = self.recovers.iter().filter(|r| r.exit == Some(0)).count();
+                let refused = self.recovers.iter().filter(|r| r.exit == Some(7)).count();
+                let e = self.counts.entry(kind).or_default();
+                e.note = format!("{done} done, {refused} refused (exit 7)");
+                self.count(kind, true, hit);
+            }
+            Fault::OutOfService { node } => {
+                let oos = self.spawn_commit(*node, &[])?;
+                let own = self.spawn_commit(s.coordinator, &[])?;
+                let run = self.finish_commit(oos, s.index, false);
+                if let Some(last) = self.runs.last_mut() {
+                    last.out_of_service = true;
+                }
+                self.finish_commit(own, s.index, false);
+                let refused = !matches!(run.exit, Some(0 | 3));
+                if let Some(c) = run.exit {
+                    self.note(kind, &format!("exit {c}"));
+                }
+                self.count(kind, true, refused);
+            }
         }
         if s.index % 10 == 9 {
             let st = self.c.status(1);
@@ -928,7 +1333,7 @@ impl<'a> Runner<'a> {
     fn finish(mut self, schedule: Schedule, started: Instant) -> Result<Report> {
         // The faults stop.
         self.proxies.set_all(Faults::clean());
-        for i in 1..=self.opts.nodes {
+        for i in 1..=self.total {
             self.c.signal(i, libc::SIGCONT);
             self.free_disk(i);
         }
@@ -954,6 +1359,27 @@ impl<'a> Runner<'a> {
         findings.extend((1..=n).flat_map(|i| clean::history_leftovers(&self.c, i)));
         cleanup.merge(std::mem::take(&mut self.stuck));
         let seen = self.readers_result();
+        findings.append(&mut self.findings);
+        // Out-of-service nodes are not judged by `clean`, but what they leave behind is worth a
+        // look (a decision they keep re-sending, a pending change they keep retrying).
+        for i in n + 1..=self.total {
+            let state = self.c.node_dir(i).join("state");
+            for sub in ["decisions", "pending"] {
+                let left: Vec<String> = std::fs::read_dir(state.join(sub))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|f| f.ends_with(".json"))
+                    .collect();
+                if !left.is_empty() {
+                    findings.push(format!(
+                        "out-of-service node{i} still holds {sub}/ {}",
+                        left.join(", ")
+                    ));
+                }
+            }
+        }
         let log = sampler.stop();
         let end = self.clock.ms();
         let invariants = vec![
@@ -969,7 +1395,16 @@ impl<'a> Runner<'a> {
                 outcomes::NAME,
                 outcomes::check(&self.runs, &log, &nodes, self.limit, end),
             ),
+            (operator::NAME, operator::check(&self.recovers, &log, end)),
         ];
+        let mut recover_exits: BTreeMap<String, u64> = BTreeMap::new();
+        for r in &self.recovers {
+            let k = match r.exit {
+                Some(c) => format!("exit {c}"),
+                None => "signal".to_string(),
+            };
+            *recover_exits.entry(k).or_default() += 1;
+        }
         let mut exits: BTreeMap<String, u64> = BTreeMap::new();
         for r in &self.runs {
             let k = match (r.killed, r.exit) {
@@ -1002,6 +1437,8 @@ impl<'a> Runner<'a> {
             faults,
             invariants,
             exits,
+            recover_exits,
+            node_counts: (self.opts.nodes, self.total - self.opts.nodes),
             transactions_seen: (committed.len() as u64, aborted_set.len() as u64),
             final_generation,
             elapsed: started.elapsed(),
@@ -1016,7 +1453,27 @@ impl<'a> Runner<'a> {
     }
 
     fn readers_result(&mut self) -> visibility::VisibilityResult {
-        self.readers.take().map(Readers::stop).unwrap_or_default()
+        let (seen, stalls) = self
+            .readers
+            .take()
+            .map(Readers::stop_with_stalls)
+            .unwrap_or_default();
+        if !stalls.windows.is_empty() {
+            let longest = stalls.windows.iter().map(|w| w.1).max().unwrap_or(0);
+            let list: Vec<String> = stalls
+                .windows
+                .iter()
+                .take(5)
+                .map(|(a, l)| format!("{:.1} s for {l} ms", *a as f64 / 1000.0))
+                .collect();
+            self.findings.push(format!(
+                "the whole machine stalled {} times (longest {longest} ms: {}); {} slow lookups excused",
+                stalls.windows.len(),
+                list.join(", "),
+                stalls.excused
+            ));
+        }
+        seen
     }
 
     fn fault_rows(&self, schedule: &Schedule) -> Vec<FaultRow> {

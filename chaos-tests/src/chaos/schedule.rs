@@ -18,6 +18,60 @@ pub const FAILPOINTS: [(&str, Side); 7] = [
     ("coordinator::after_first_commit_sent", Side::Coordinator),
 ];
 
+/// The failpoints that return a storage error (`fail::fail_point!` with an `Err` action), and
+/// whether the `txmap` process hits them too (every one is hit by `txmapd`): the two of the
+/// decision log (hard link of a record, directory fsync: every decision-log write, so the pending
+/// intent, the open record and the decision), the journal write, and the commit's renames.
+pub const STORAGE_POINTS: [(&str, bool); 4] = [
+    ("decision::after_link", true),
+    ("decision::sync_dir", true),
+    ("journal::store", false),
+    ("table::install", false),
+];
+
+/// The coordinator failpoints a `sleep(MS)` can hold an operator's `recover` against (the
+/// transaction is then prepared everywhere, decided or not).
+pub const HOLD_POINTS: [&str; 3] = [
+    "coordinator::after_all_prepared",
+    "coordinator::after_decision_durable",
+    "coordinator::after_first_commit_sent",
+];
+
+/// How a storage failpoint fires (the `fail` crate's syntax).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spec {
+    /// Passes `skip` times, then returns an error once, then never again
+    /// (`<skip>*off->1*return`).
+    Once {
+        /// Hits that pass first.
+        skip: u64,
+    },
+    /// Returns an error on each hit with this probability (`<pct>%return`).
+    Pct(u64),
+    /// Returns an error on every hit (`return`).
+    Always,
+}
+
+impl fmt::Display for Spec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Spec::Once { skip: 0 } => write!(f, "1*return"),
+            Spec::Once { skip } => write!(f, "{skip}*off->1*return"),
+            Spec::Pct(p) => write!(f, "{p}%return"),
+            Spec::Always => write!(f, "return"),
+        }
+    }
+}
+
+/// A `FAILPOINTS` value arming storage points: `point=spec;point=spec`.
+pub fn storage_env(points: &[(usize, Spec)]) -> String {
+    points
+        .iter()
+        .map(|(p, s)| format!("{}={s}", STORAGE_POINTS[*p].0))
+        .collect::<Vec<_>>()
+        .join(";")
+}
+
 /// Which process a failpoint is set on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -48,6 +102,18 @@ pub enum Kind {
     DiskFull,
     /// 2 or 3 coordinators on different nodes commit at once.
     Concurrent,
+    /// A storage failpoint returns an error in the `txmap commit` process.
+    StorageTxmap,
+    /// Storage failpoints return errors in one node's `txmapd` for a while.
+    StorageTxmapd,
+    /// The coordinator's own node fails its installs (`table::install`) for a while.
+    InstallFailsOwn,
+    /// A node is down (and out of service) while more than `RECENT` outcomes happen.
+    LongOutage,
+    /// An operator runs `txmap recover --abort|--commit TXID` on an in-doubt transaction.
+    Recover,
+    /// A commit coordinated from the reachable out-of-service node.
+    OutOfService,
 }
 
 impl Kind {
@@ -63,6 +129,12 @@ impl Kind {
             Kind::BuilderFails,
             Kind::DiskFull,
             Kind::Concurrent,
+            Kind::StorageTxmap,
+            Kind::StorageTxmapd,
+            Kind::InstallFailsOwn,
+            Kind::LongOutage,
+            Kind::Recover,
+            Kind::OutOfService,
         ]);
         v
     }
@@ -79,6 +151,44 @@ impl Kind {
             Kind::BuilderFails => "builder fails on one node".into(),
             Kind::DiskFull => "table directory full".into(),
             Kind::Concurrent => "concurrent coordinators".into(),
+            Kind::StorageTxmap => "storage error in txmap commit".into(),
+            Kind::StorageTxmapd => "storage errors in txmapd".into(),
+            Kind::InstallFailsOwn => "installs fail on the coordinator's node".into(),
+            Kind::LongOutage => "outage longer than the remembered window".into(),
+            Kind::Recover => "operator txmap recover --abort/--commit".into(),
+            Kind::OutOfService => "commit via the out-of-service node".into(),
+        }
+    }
+}
+
+/// How the node of a long outage goes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutageStart {
+    /// SIGKILL `after_ms` into the commit.
+    Kill {
+        /// Delay after the commit starts.
+        after_ms: u64,
+    },
+    /// `participant::after_prepared_durable=panic`: it comes back holding the transaction
+    /// prepared, which the coordinator aborted without its vote.
+    AfterPrepared,
+    /// The coordinator sleeps `sleep_ms` at `coordinator::after_decision_durable` and the node is
+    /// killed meanwhile: it comes back holding a transaction decided commit that it never
+    /// heard of, and every other node committed (and, 64 outcomes later, forgot) it.
+    AfterDecision {
+        /// Sleep of the coordinator.
+        sleep_ms: u64,
+    },
+}
+
+impl fmt::Display for OutageStart {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OutageStart::Kill { after_ms } => write!(f, "killed at +{after_ms} ms"),
+            OutageStart::AfterPrepared => write!(f, "crashed once prepared"),
+            OutageStart::AfterDecision { sleep_ms } => {
+                write!(f, "killed after the commit decision ({sleep_ms} ms)")
+            }
         }
     }
 }
@@ -147,6 +257,77 @@ pub enum Fault {
         /// Coordinating nodes (2 or 3, distinct).
         nodes: Vec<usize>,
     },
+    /// `txmap commit` runs with `FAILPOINTS=<STORAGE_POINTS[point]>=<spec>`.
+    StorageTxmap {
+        /// Index into [`STORAGE_POINTS`] (one the `txmap` process hits).
+        point: usize,
+        /// How it fires.
+        spec: Spec,
+    },
+    /// `node`'s `txmapd` is restarted with storage failpoints armed, `commits` commits run,
+    /// it is kept armed `hold_ms` more (restarted armed once if `restart_armed`), then it is
+    /// restarted clean.
+    StorageTxmapd {
+        /// Node.
+        node: usize,
+        /// Armed points (indexes into [`STORAGE_POINTS`]) and how each fires.
+        points: Vec<(usize, Spec)>,
+        /// Commits while armed.
+        commits: u64,
+        /// SIGKILL each of those `txmap commit`s this long after it starts (so that the node's
+        /// `txmapd` re-drives or retries it, writing its decision log).
+        kill_after_ms: Option<u64>,
+        /// Time armed after them.
+        hold_ms: u64,
+        /// Restart the daemon once while still armed.
+        restart_armed: bool,
+    },
+    /// The coordinator's node's `txmapd` runs with `table::install=<spec>` during the commit and
+    /// `hold_ms` after it (restarted once while armed if `restart_armed`), then clean.
+    InstallFailsOwn {
+        /// How the install fails.
+        spec: Spec,
+        /// Time armed after the commit.
+        hold_ms: u64,
+        /// Restart the daemon once while still armed.
+        restart_armed: bool,
+    },
+    /// `node`'s `txmapd` goes down during the commit (see [`OutageStart`]), the other nodes
+    /// mark it out of service and run `burst` commits (more than `RECENT` outcomes), then it comes back in
+    /// service; with `cooperative_ms`, the step's coordinator node is cut off that long as it
+    /// returns, so its in-doubt resolution must ask its peers.
+    LongOutage {
+        /// Node down.
+        node: usize,
+        /// How it goes down.
+        start: OutageStart,
+        /// Commits while it is down.
+        burst: u64,
+        /// Cut off the coordinator's node this long when the node returns.
+        cooperative_ms: Option<u64>,
+    },
+    /// `txmap commit` holds at `HOLD_POINTS[hold]` (`sleep(hold_ms)`); `after_ms` in (its
+    /// coordinator killed first if `kill_coordinator`) an operator on `from` lists the in-doubt
+    /// transactions and runs `txmap recover --commit` (if `commit`) or `--abort` on one.
+    Recover {
+        /// Index into [`HOLD_POINTS`].
+        hold: usize,
+        /// Sleep at that point.
+        hold_ms: u64,
+        /// Delay after the commit starts.
+        after_ms: u64,
+        /// SIGKILL the coordinator before recovering.
+        kill_coordinator: bool,
+        /// Node whose config the operator uses (may be the out-of-service node).
+        from: usize,
+        /// `--commit` rather than `--abort`.
+        commit: bool,
+    },
+    /// A commit from the out-of-service node `node` races the step's commit.
+    OutOfService {
+        /// The out-of-service node.
+        node: usize,
+    },
 }
 
 impl Fault {
@@ -164,6 +345,12 @@ impl Fault {
             Fault::BuilderFails { .. } => Kind::BuilderFails,
             Fault::DiskFull { .. } => Kind::DiskFull,
             Fault::Concurrent { .. } => Kind::Concurrent,
+            Fault::StorageTxmap { .. } => Kind::StorageTxmap,
+            Fault::StorageTxmapd { .. } => Kind::StorageTxmapd,
+            Fault::InstallFailsOwn { .. } => Kind::InstallFailsOwn,
+            Fault::LongOutage { .. } => Kind::LongOutage,
+            Fault::Recover { .. } => Kind::Recover,
+            Fault::OutOfService { .. } => Kind::OutOfService,
         }
     }
 }
@@ -203,6 +390,80 @@ impl fmt::Display for Fault {
             Fault::Concurrent { nodes } => {
                 let v: Vec<String> = nodes.iter().map(|n| format!("node{n}")).collect();
                 write!(f, "{} coordinators at once: {}", nodes.len(), v.join(" "))
+            }
+            Fault::StorageTxmap { point, spec } => write!(
+                f,
+                "txmap commit FAILPOINTS={}={spec}",
+                STORAGE_POINTS[*point].0
+            ),
+            Fault::StorageTxmapd {
+                node,
+                points,
+                commits,
+                kill_after_ms,
+                hold_ms,
+                restart_armed,
+            } => write!(
+                f,
+                "txmapd node{node} FAILPOINTS={} for {commits} commit(s){} + {hold_ms} ms{}",
+                storage_env(points),
+                kill_after_ms
+                    .map(|k| format!(" killed at +{k} ms"))
+                    .unwrap_or_default(),
+                if *restart_armed {
+                    ", restarted armed"
+                } else {
+                    ""
+                }
+            ),
+            Fault::InstallFailsOwn {
+                spec,
+                hold_ms,
+                restart_armed,
+            } => write!(
+                f,
+                "coordinator's node table::install={spec} + {hold_ms} ms{}",
+                if *restart_armed {
+                    ", restarted armed"
+                } else {
+                    ""
+                }
+            ),
+            Fault::LongOutage {
+                node,
+                start,
+                burst,
+                cooperative_ms,
+            } => {
+                write!(
+                    f,
+                    "node{node} down ({start}), out of service for {burst} commits"
+                )?;
+                if let Some(c) = cooperative_ms {
+                    write!(f, ", coordinator's node cut off {c} ms as it returns")?;
+                }
+                Ok(())
+            }
+            Fault::Recover {
+                hold,
+                hold_ms,
+                after_ms,
+                kill_coordinator,
+                from,
+                commit,
+            } => write!(
+                f,
+                "txmap commit sleeps {hold_ms} ms at {}; at +{after_ms} ms{} recover --{} via node{from}",
+                HOLD_POINTS[*hold],
+                if *kill_coordinator {
+                    " kill -9 it,"
+                } else {
+                    ""
+                },
+                if *commit { "commit" } else { "abort" }
+            ),
+            Fault::OutOfService { node } => {
+                write!(f, "a commit via out-of-service node{node} races the step's")
             }
         }
     }
@@ -307,6 +568,13 @@ pub struct Profile {
     pub disk_leave_kb: Vec<u64>,
     /// Where crashes and freezes around the prepare land.
     pub crash_target: CrashTarget,
+    /// Extra nodes configured `in_service = false` on every node, running and reachable
+    /// (numbered after the in-service ones).
+    pub out_of_service: usize,
+    /// At most this many long outages (each runs `outage_burst` commits of its own).
+    pub max_long_outages: usize,
+    /// Commits run while a node is out for a long outage (`RECENT` is 64).
+    pub outage_burst: (u64, u64),
 }
 
 fn weights(pairs: &[(Kind, u32)]) -> Vec<u32> {
@@ -322,7 +590,9 @@ fn weights(pairs: &[(Kind, u32)]) -> Vec<u32> {
         .collect()
 }
 
-fn every_fault(none: u32, fp: u32, rest: u32, concurrent: u32) -> Vec<u32> {
+/// Every fault kind: the crash, disk, network and concurrency kinds, plus the kinds of issue 9 (storage errors, long outages, operator
+/// `recover`, the out-of-service node) at weight `new` (long outages: 1, capped per profile).
+fn every_fault_and(none: u32, fp: u32, rest: u32, concurrent: u32, new: u32) -> Vec<u32> {
     let mut p = vec![(Kind::None, none)];
     p.extend((0..FAILPOINTS.len()).map(|i| (Kind::Failpoint(i), fp)));
     p.extend([
@@ -333,6 +603,12 @@ fn every_fault(none: u32, fp: u32, rest: u32, concurrent: u32) -> Vec<u32> {
         (Kind::BuilderFails, rest),
         (Kind::DiskFull, rest),
         (Kind::Concurrent, concurrent),
+        (Kind::StorageTxmap, new),
+        (Kind::StorageTxmapd, new + new / 2),
+        (Kind::InstallFailsOwn, new),
+        (Kind::LongOutage, new.min(1)),
+        (Kind::Recover, new),
+        (Kind::OutOfService, new / 2),
     ]);
     weights(&p)
 }
@@ -356,10 +632,10 @@ pub fn profiles() -> Vec<Profile> {
     vec![
         Profile {
             name: "ci",
-            about: "every fault kind, 200+ transactions, 3 nodes, under 5 minutes on 2 cores (debug)",
+            about: "every fault kind, 200+ transactions, 3 nodes + 1 out of service, under 6 minutes on 2 cores (debug)",
             nodes: 3,
             transactions: 210,
-            weights: every_fault(44, 2, 3, 7),
+            weights: every_fault_and(44, 2, 3, 7, 3),
             require_each: true,
             net_every: (4, 12),
             net_weights: [3, 2, 2, 2, 2, 2],
@@ -370,13 +646,16 @@ pub fn profiles() -> Vec<Profile> {
             stable_keys: 20,
             disk_leave_kb: vec![0, 0, 4, 8],
             crash_target: CrashTarget::Any,
+            out_of_service: 1,
+            max_long_outages: 1,
+            outage_burst: (66, 72),
         },
         Profile {
             name: "long",
             about: "the CI mix with more faults per step, for long runs (e.g. --transactions 1500)",
             nodes: 3,
             transactions: 1000,
-            weights: every_fault(30, 3, 4, 8),
+            weights: every_fault_and(30, 3, 4, 8, 4),
             require_each: true,
             net_every: (3, 10),
             net_weights: [2, 2, 2, 2, 2, 3],
@@ -387,6 +666,40 @@ pub fn profiles() -> Vec<Profile> {
             stable_keys: 20,
             disk_leave_kb: vec![0, 0, 4, 8],
             crash_target: CrashTarget::Any,
+            out_of_service: 1,
+            max_long_outages: 12,
+            outage_burst: (66, 72),
+        },
+        Profile {
+            name: "storage",
+            about: "mostly the fault kinds of issue 9: storage errors, failed installs on the coordinator's node, long outages, operator recover, the out-of-service node",
+            nodes: 3,
+            transactions: 200,
+            weights: weights(&[
+                (Kind::None, 10),
+                (Kind::KillTxmap, 2),
+                (Kind::KillTxmapd, 2),
+                (Kind::Partition, 2),
+                (Kind::StorageTxmap, 10),
+                (Kind::StorageTxmapd, 12),
+                (Kind::InstallFailsOwn, 8),
+                (Kind::LongOutage, 1),
+                (Kind::Recover, 10),
+                (Kind::OutOfService, 3),
+            ]),
+            require_each: true,
+            net_every: (5, 15),
+            net_weights: [4, 1, 1, 1, 1, 1],
+            timeouts: fast_timeouts(),
+            convergence_bound: Duration::from_secs(90),
+            reader_pause: Duration::from_millis(30),
+            churn_max: 100,
+            stable_keys: 20,
+            disk_leave_kb: vec![0, 0, 4, 8],
+            crash_target: CrashTarget::Any,
+            out_of_service: 1,
+            max_long_outages: 3,
+            outage_burst: (66, 72),
         },
         Profile {
             name: "network",
@@ -409,6 +722,9 @@ pub fn profiles() -> Vec<Profile> {
             stable_keys: 20,
             disk_leave_kb: vec![0, 0, 4, 8],
             crash_target: CrashTarget::Any,
+            out_of_service: 0,
+            max_long_outages: 0,
+            outage_burst: (66, 72),
         },
         Profile {
             name: "crash",
@@ -431,6 +747,9 @@ pub fn profiles() -> Vec<Profile> {
             stable_keys: 20,
             disk_leave_kb: vec![0, 0, 4, 8],
             crash_target: CrashTarget::Any,
+            out_of_service: 0,
+            max_long_outages: 0,
+            outage_burst: (66, 72),
         },
         Profile {
             name: "aborts",
@@ -453,6 +772,9 @@ pub fn profiles() -> Vec<Profile> {
             stable_keys: 20,
             disk_leave_kb: vec![0, 0, 4, 8],
             crash_target: CrashTarget::Any,
+            out_of_service: 0,
+            max_long_outages: 0,
+            outage_burst: (66, 72),
         },
         Profile {
             name: "diskfull",
@@ -470,6 +792,9 @@ pub fn profiles() -> Vec<Profile> {
             stable_keys: 20,
             disk_leave_kb: vec![4, 8],
             crash_target: CrashTarget::Any,
+            out_of_service: 0,
+            max_long_outages: 0,
+            outage_burst: (66, 72),
         },
         Profile {
             name: "regressions",
@@ -492,6 +817,9 @@ pub fn profiles() -> Vec<Profile> {
             stable_keys: 20,
             disk_leave_kb: vec![4, 8],
             crash_target: CrashTarget::Coordinator,
+            out_of_service: 0,
+            max_long_outages: 0,
+            outage_burst: (66, 72),
         },
     ]
 }
@@ -535,6 +863,16 @@ impl Schedule {
                 }
             }
         }
+        for (k, x) in kinds.iter().zip(w.iter_mut()) {
+            let impossible = match k {
+                Kind::OutOfService => profile.out_of_service == 0,
+                Kind::LongOutage => nodes < 2 || profile.max_long_outages == 0,
+                _ => false,
+            };
+            if impossible {
+                *x = 0;
+            }
+        }
         let mut picks: Vec<Kind> = (0..transactions)
             .map(|_| kinds[rng.weighted(&w).unwrap_or(0)])
             .collect();
@@ -567,7 +905,18 @@ impl Schedule {
                 picks[at] = *k;
             }
         }
+        // Long outages run commits of their own: at most `max_long_outages` of them.
+        let mut outages = 0;
+        for k in picks.iter_mut() {
+            if *k == Kind::LongOutage {
+                outages += 1;
+                if outages > profile.max_long_outages {
+                    *k = Kind::None;
+                }
+            }
+        }
         let node = |rng: &mut SplitMix64| rng.range(1, nodes as u64) as usize;
+        let all_nodes = nodes + profile.out_of_service;
         let mut next_net = rng.range(0, profile.net_every.0);
         let mut steps = Vec::new();
         for (index, kind) in picks.into_iter().enumerate() {
@@ -627,6 +976,85 @@ impl Schedule {
                     all.truncate(k);
                     Fault::Concurrent { nodes: all }
                 }
+                Kind::StorageTxmap => {
+                    let coord: Vec<usize> = (0..STORAGE_POINTS.len())
+                        .filter(|p| STORAGE_POINTS[*p].1)
+                        .collect();
+                    Fault::StorageTxmap {
+                        point: *rng.pick(&coord).unwrap_or(&0),
+                        spec: draw_spec(&mut rng, 3),
+                    }
+                }
+                Kind::StorageTxmapd => {
+                    let mut pts: Vec<usize> = (0..STORAGE_POINTS.len()).collect();
+                    rng.shuffle(&mut pts);
+                    pts.truncate(if rng.chance(30.0) { 2 } else { 1 });
+                    pts.sort();
+                    // A txmapd writes its decision log when it coordinates: a pending retry or
+                    // the redrive of a dead coordinator's transaction. So the decision points
+                    // go to the coordinator's node, whose `txmap commit` is killed early.
+                    let decision = pts
+                        .iter()
+                        .any(|p| STORAGE_POINTS[*p].0.starts_with("decision"));
+                    Fault::StorageTxmapd {
+                        node: if decision {
+                            coordinator
+                        } else {
+                            node(&mut rng)
+                        },
+                        points: pts
+                            .into_iter()
+                            .map(|p| (p, draw_spec(&mut rng, 3)))
+                            .collect(),
+                        commits: rng.range(1, 2),
+                        kill_after_ms: decision.then(|| rng.range(0, 150)),
+                        hold_ms: if decision {
+                            rng.range(1500, 3000)
+                        } else {
+                            rng.range(0, 2500)
+                        },
+                        restart_armed: rng.chance(25.0),
+                    }
+                }
+                Kind::InstallFailsOwn => Fault::InstallFailsOwn {
+                    spec: if rng.chance(70.0) {
+                        Spec::Always
+                    } else {
+                        Spec::Pct(rng.range(30, 80))
+                    },
+                    hold_ms: rng.range(500, 4000),
+                    restart_armed: rng.chance(40.0),
+                },
+                Kind::LongOutage => {
+                    let others: Vec<usize> = (1..=nodes).filter(|n| *n != coordinator).collect();
+                    let node = *rng.pick(&others).unwrap_or(&1);
+                    let start = match rng.below(10) {
+                        0..=3 => OutageStart::Kill {
+                            after_ms: rng.range(0, 400),
+                        },
+                        4..=6 => OutageStart::AfterPrepared,
+                        _ => OutageStart::AfterDecision {
+                            sleep_ms: rng.range(800, 1500),
+                        },
+                    };
+                    Fault::LongOutage {
+                        node,
+                        start,
+                        burst: rng.range(profile.outage_burst.0, profile.outage_burst.1),
+                        cooperative_ms: rng.chance(50.0).then(|| rng.range(3000, 6000)),
+                    }
+                }
+                Kind::Recover => Fault::Recover {
+                    hold: rng.below(HOLD_POINTS.len() as u64) as usize,
+                    hold_ms: rng.range(1500, 4000),
+                    after_ms: rng.range(200, 1400),
+                    kill_coordinator: rng.chance(40.0),
+                    from: rng.range(1, all_nodes as u64) as usize,
+                    commit: rng.chance(40.0),
+                },
+                Kind::OutOfService => Fault::OutOfService {
+                    node: rng.range(nodes as u64 + 1, all_nodes.max(nodes + 1) as u64) as usize,
+                },
             };
             let net = if index as u64 == next_net {
                 next_net += rng.range(profile.net_every.0.max(1), profile.net_every.1.max(1));
@@ -674,6 +1102,17 @@ impl Schedule {
             h = h.wrapping_mul(0x0100_0000_01b3);
         }
         format!("{h:016x}")
+    }
+}
+
+/// A storage failpoint's firing: once after `0..=max_skip` passing hits, or with a probability.
+fn draw_spec(rng: &mut SplitMix64, max_skip: u64) -> Spec {
+    if rng.chance(70.0) {
+        Spec::Once {
+            skip: rng.range(0, max_skip),
+        }
+    } else {
+        Spec::Pct(rng.range(10, 60))
     }
 }
 

@@ -1,5 +1,6 @@
-//! Gathers what every node's journal (`<state_dir>/tables/<table>.json`) says over time, plus
-//! `txmap status` answers and, at the end, each node's history: the raw material of the
+//! Gathers what every node's journal (`<state_dir>/tables/<table>.json`) and decision log
+//! (`<state_dir>/decisions/<txid>.json`) say over time, plus `txmap status` answers and, at the
+//! end, each node's history: the raw material of the
 //! [`super::monotonic`], [`super::aborted`] and [`super::outcomes`] checks.
 //!
 //! A journal keeps only its last 64 outcomes, so one sample at the end would not do: a thread
@@ -54,6 +55,12 @@ pub struct NodeLog {
     pub outcomes: HashMap<String, NodeOutcome>,
     /// Transactions seen prepared (in doubt): first and last time.
     pub in_doubt: HashMap<String, (u64, u64)>,
+    /// Transactions seen *Installing* (the node received Commit: the decision was commit),
+    /// first seen then.
+    pub installing: HashMap<String, u64>,
+    /// Decisions in this node's decision log (`decisions/<txid>.json`): txid → (`commit` or
+    /// `abort`, first seen then). A record is created once (no-replace) and never rewritten.
+    pub decisions: HashMap<String, (String, u64)>,
     /// Journal reads.
     pub samples: u64,
     /// Journal reads that failed (file being replaced, node dir gone...).
@@ -216,6 +223,36 @@ fn sample(log: &Mutex<JournalLog>, state_dirs: &[PathBuf], table: &str, clock: C
         if let Some(a) = st.active.as_ref().filter(|a| a.phase == Phase::Prepared) {
             let e = n.in_doubt.entry(a.txid.to_string()).or_insert((at, at));
             e.1 = at;
+        }
+        if let Some(a) = st.active.as_ref().filter(|a| a.phase == Phase::Installing) {
+            n.installing.entry(a.txid.to_string()).or_insert(at);
+        }
+        read_decisions(n, &dir.join("decisions"), at);
+    }
+}
+
+/// Adds the decision records of `dir` not seen yet (records are immutable once linked).
+fn read_decisions(n: &mut NodeLog, dir: &std::path::Path, at: u64) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(txid) = name.to_str().and_then(|x| x.strip_suffix(".json")) else {
+            continue;
+        };
+        if txid.len() != 32 || n.decisions.contains_key(txid) {
+            continue;
+        }
+        let Ok(b) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) else {
+            continue;
+        };
+        if let Some(verdict) = v.get("verdict").and_then(|x| x.as_str()) {
+            n.decisions
+                .insert(txid.to_string(), (verdict.to_string(), at));
         }
     }
 }

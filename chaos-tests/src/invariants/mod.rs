@@ -6,8 +6,9 @@
 //! | [`convergence`] | 2, 5, 6 agreement, no lost update | after the faults stop, with no command run, every in-service node serves the newest source |
 //! | [`clean`] | 5 no stuck state | no staged file, no held lock, no prepared transaction, no pending or undelivered decision |
 //! | [`monotonic`] | 4 ordered | per-node generations sampled from journals and `status` never go down; one transaction and one content per generation |
-//! | [`aborted`] | 2 all or nothing | an aborted transaction is committed nowhere; no transaction is committed on one node and aborted on another; every content a node served was committed |
-//! | [`outcomes`] | 3, Sympa's 20 s | every `txmap commit` ends in time with a documented exit code; an acknowledged commit is committed on every node |
+//! | [`aborted`] | 2, 9 all or nothing, one outcome | an aborted transaction is committed nowhere; no transaction is committed (or installing, or decided commit) on one node and aborted (or decided abort) on another, per every node's journal, history and decision log; every content a node served was committed |
+//! | [`outcomes`] | 3, Sympa's 20 s | every `txmap commit` ends in time with a documented exit code; an acknowledged commit is committed on every node; an out-of-service node's commit fails |
+//! | [`operator`] | 9 one outcome | an operator's `txmap recover --abort/--commit` is refused (exit 7) whenever it would contradict a decision |
 //!
 //! The checkers never trust what the system says about itself alone: the readers look at the
 //! live `.db` with Debian's `postmap`, and the journals are cross-checked against each other,
@@ -23,6 +24,7 @@ pub mod clean;
 pub mod convergence;
 pub mod journal;
 pub mod monotonic;
+pub mod operator;
 pub mod outcomes;
 pub mod visibility;
 

@@ -1,7 +1,10 @@
 //! What every `txmap commit` answered, judged against what the journals show.
 //!
 //! - A commit nobody killed ends within `timeouts.total + timeouts.commit` plus a slack for
-//!   process start-up (Sympa waits 20 s), with a documented exit code: 0, 1, 3 or 4.
+//!   process start-up (Sympa waits 20 s), with a documented exit code: 0, 1, 3 or 4 (and 6,
+//!   local error, when a storage failpoint was armed in it).
+//! - A commit coordinated by an out-of-service node fails, and its transaction is committed
+//!   nowhere.
 //! - Exit 0 (every node acknowledged): the transaction is committed on every in-service node.
 //! - Exit 3 (decided, not acknowledged everywhere): by the end of the run (after recovery) it
 //!   is committed on every in-service node: a reported decision is durable.
@@ -38,6 +41,16 @@ pub struct CommitRun {
     pub generation: Option<u64>,
     /// Its per-node lines, for diagnostics.
     pub lines: Vec<String>,
+    /// The in-service nodes when it ran, when they differ from the end's (a long outage takes
+    /// a node out of service for a while): exit 0 is judged on these.
+    pub members: Option<Vec<usize>>,
+    /// A storage failpoint was armed in this process: exit 6 (local error) is documented.
+    pub storage_fault: bool,
+    /// Coordinated from an out-of-service node: it must not commit (exit 0 or 3 is a violation,
+    /// and so is its transaction committed anywhere).
+    pub out_of_service: bool,
+    /// Its output mentions an injected failure (a storage failpoint fired in it).
+    pub injected: bool,
 }
 
 impl CommitRun {
@@ -92,17 +105,43 @@ pub fn check(
                 )
             },
         );
-        t.check(
-            matches!(r.exit, Some(0 | 1 | 3 | 4)),
-            NAME,
-            r.started_ms,
-            || {
-                format!(
-                    "a commit ended with an unexpected exit code: {}",
-                    r.describe()
-                )
-            },
-        );
+        if r.out_of_service {
+            t.check(
+                !matches!(r.exit, Some(0 | 3) | None),
+                NAME,
+                r.started_ms,
+                || {
+                    format!(
+                        "a commit coordinated by an out-of-service node did not fail: {}",
+                        r.describe()
+                    )
+                },
+            );
+            if let Some(txid) = &r.txid {
+                for (i, l) in log.nodes.iter().enumerate() {
+                    let c = l.outcomes.get(txid).and_then(|o| o.committed);
+                    t.check(c.is_none(), NAME, end_ms, || {
+                        format!(
+                            "node{} committed {txid}, coordinated by an out-of-service node: {}",
+                            i + 1,
+                            r.describe()
+                        )
+                    });
+                }
+            }
+            continue;
+        }
+        let exit_ok = match r.exit {
+            Some(0 | 1 | 3 | 4) => true,
+            Some(6) => r.storage_fault,
+            _ => false,
+        };
+        t.check(exit_ok, NAME, r.started_ms, || {
+            format!(
+                "a commit ended with an unexpected exit code: {}",
+                r.describe()
+            )
+        });
         if !matches!(r.exit, Some(0 | 3)) {
             continue;
         }
@@ -112,7 +151,7 @@ pub fn check(
             });
             continue;
         };
-        for &n in nodes {
+        for &n in r.members.as_deref().unwrap_or(nodes) {
             let committed = log
                 .nodes
                 .get(n - 1)
