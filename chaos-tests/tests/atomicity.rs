@@ -573,6 +573,42 @@ fn a_commit_decision_is_never_acted_on_before_it_is_durable() {
     assert_agreement(watch);
 }
 
+/// An out-of-service node does not coordinate: `txmap commit` there is refused before anything
+/// is recorded (no pending change retried for ever, no abort re-sent for ever), and so is
+/// `txmap recover`.
+#[test]
+fn an_out_of_service_node_refuses_to_coordinate_and_records_nothing() {
+    let c = cluster_on_a("oos-coord", 3, |_, s| s);
+    let edited = c.out_of_service(std::fs::read_to_string(c.config(3)).unwrap(), 3);
+    c.edit_config(3, |_| edited);
+    // (The source is B already: a real change.)
+    let out = c.txmap(3, &["commit", TABLE]);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("out of service"),
+        "{}",
+        describe(&out)
+    );
+    let state = c.state_dir(3);
+    for sub in ["pending", "decisions"] {
+        let left: Vec<_> = std::fs::read_dir(state.join(sub))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name())
+            .filter(|n| !n.to_string_lossy().ends_with(".owner"))
+            .collect();
+        assert!(left.is_empty(), "node3 recorded {sub}: {left:?}");
+    }
+    let out = c.txmap(3, &["recover", "--abort", &"0".repeat(32)]);
+    assert_eq!(out.status.code(), Some(7), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("out of service"),
+        "{}",
+        describe(&out)
+    );
+}
+
 /// `txmap check-config` on node1's config rewritten by `edit`.
 fn check_config(name: &str, edit: impl FnOnce(String) -> String) -> std::process::Output {
     let c = TestCluster::create(name, 1).unwrap();

@@ -236,6 +236,15 @@ pub async fn commit_with(
             detail,
         }];
     };
+    if let Err(why) = may_coordinate(cluster) {
+        report.exit = exit::USAGE;
+        report.nodes = vec![NodeReport {
+            node: cluster.cfg.node.clone(),
+            ok: false,
+            detail: why,
+        }];
+        return report;
+    }
     let digest = match table::digest_file(source) {
         Ok(d) => d,
         Err(e) => {
@@ -559,6 +568,19 @@ async fn abort_all(
     all
 }
 
+/// Out-of-service nodes do not coordinate: the other nodes refuse their prepares anyway, and a
+/// change recorded there would be retried (and its aborts re-sent) for ever.
+pub fn may_coordinate(cluster: &Cluster) -> Result<(), String> {
+    match cluster.cfg.node_by_name(&cluster.cfg.node) {
+        Some(n) if n.in_service => Ok(()),
+        _ => Err(format!(
+            "refused: {} is out of service in {}: it does not coordinate (run txmap on an in-service node)",
+            cluster.cfg.node,
+            cluster.cfg.file.display()
+        )),
+    }
+}
+
 /// [`commit`], tracked for convergence (guarantee 6). The intent is recorded as pending
 /// *before* the commit starts, owned by this process: if the process dies, `txmapd` sees the
 /// owner gone and retries at once. A complete commit clears it; a failed one leaves it pending
@@ -575,6 +597,10 @@ pub async fn commit_tracked_with(
     source: &Path,
     force: bool,
 ) -> CommitReport {
+    if may_coordinate(cluster).is_err() {
+        // Nothing recorded: this node will never distribute it.
+        return commit_with(cluster, table_name, source, force).await;
+    }
     let log = DecisionLog::new(&cluster.cfg.state_dir);
     // Held until this function returns: txmapd sees this process at work (or gone) by it.
     let _owner = log.own_pending(table_name).ok().flatten();

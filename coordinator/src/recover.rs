@@ -67,6 +67,7 @@ pub async fn list(cluster: &Cluster) -> (Vec<InDoubt>, Vec<String>) {
 pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result<String, String> {
     let txid = txmap_common::proto::TxId::parse(txid_text)
         .ok_or_else(|| format!("`{txid_text}` is not a transaction id (32 hex digits)"))?;
+    crate::commit::may_coordinate(cluster)?;
     let (found, _) = list(cluster).await;
     let Some(first) = found.iter().find(|d| d.prepared.txid == txid).cloned() else {
         return Err(format!("no reachable node holds transaction {txid}"));
@@ -149,6 +150,13 @@ pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result
     .await;
     let failed = crate::commit::failures(&nodes, &results);
     let what = if commit { "committed" } else { "aborted" };
+    if !nodes.is_empty() && failed.len() == nodes.len() {
+        return Err(format!(
+            "no node took the {} of {txid} from this node: {} (run recover on one of the transaction's nodes)",
+            if commit { "commit" } else { "abort" },
+            failed.join("; ")
+        ));
+    }
     if failed.is_empty() {
         Ok(format!("{txid} {what} on every node"))
     } else {
