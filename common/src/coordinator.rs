@@ -69,6 +69,17 @@ pub fn already_served(statuses: &[TableStatus], asked: usize, sha256: &Sha256) -
     (same && first.generation > 0).then_some(first.generation)
 }
 
+/// `Some(generation)` when a node serves content whose change was requested after this one
+/// (`requested_ms`): this change is superseded (a pending retry of an older change must never
+/// replace newer content, whichever node coordinated each).
+pub fn superseded(statuses: &[TableStatus], requested_ms: u64) -> Option<u64> {
+    statuses
+        .iter()
+        .filter(|s| s.generation > 0 && s.content_ms > requested_ms)
+        .map(|s| s.generation)
+        .max()
+}
+
 /// The content guard: `Err(why)` when the new source (`new_entries`) would empty the table or
 /// remove more than `max_shrink_percent` of the entries the nodes serve now (the largest live
 /// count among `statuses`). A forced commit skips it.
@@ -397,6 +408,7 @@ mod tests {
             last_txid: None,
             coordinator: None,
             fenced: 0,
+            content_ms: 0,
             prepared: None,
             pending: None,
         };
@@ -419,6 +431,7 @@ mod tests {
             last_txid: None,
             coordinator: None,
             fenced: 0,
+            content_ms: 0,
             prepared: None,
             pending: None,
         };
@@ -437,6 +450,28 @@ mod tests {
         );
         // A table never committed by txmap has nothing to lose.
         assert!(content_guard(&[st(0, 0)], 0, 50).is_ok());
+    }
+
+    #[test]
+    fn an_older_change_never_replaces_content_requested_later() {
+        let st = |g: u64, content_ms: u64| TableStatus {
+            table: "t".into(),
+            generation: g,
+            sha256: None,
+            entries: 1,
+            committed_at_ms: None,
+            last_txid: None,
+            coordinator: None,
+            fenced: 0,
+            content_ms,
+            prepared: None,
+            pending: None,
+        };
+        assert_eq!(superseded(&[st(5, 1000), st(5, 1000)], 900), Some(5));
+        assert_eq!(superseded(&[st(5, 1000), st(4, 800)], 1000), None);
+        assert_eq!(superseded(&[st(5, 1000)], 2000), None);
+        // Content from before this field existed (0) never supersedes anything.
+        assert_eq!(superseded(&[st(5, 0)], 1), None);
     }
 
     #[test]

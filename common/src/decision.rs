@@ -111,6 +111,10 @@ pub struct PendingRecord {
     /// Forced past the content guard (`txmap commit --force`): so are its retries.
     #[serde(default)]
     pub force: bool,
+    /// When the change was requested (ms since the epoch): a retry never replaces content
+    /// requested later (see `coordinator::superseded`).
+    #[serde(default)]
+    pub requested_ms: u64,
 }
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8], replace: bool) -> std::io::Result<bool> {

@@ -116,6 +116,7 @@ mod tests {
                 sha256: Sha256([2; 32]),
                 entries: 1,
                 nodes: vec![],
+                requested_ms: 0,
             },
             0,
         );

@@ -67,6 +67,9 @@ pub struct Active {
     /// Every node taking part (for cooperative termination).
     #[serde(default)]
     pub nodes: Vec<String>,
+    /// When its change was requested (ms since the epoch).
+    #[serde(default)]
+    pub requested_ms: u64,
 }
 
 /// Everything a participant knows about one table; the journal stores exactly this.
@@ -92,6 +95,9 @@ pub struct TableState {
     /// No prepare of this generation or below is accepted (fences of aborted transactions).
     #[serde(default)]
     pub fenced: u64,
+    /// When the live content's change was requested (ms since the epoch; 0: unknown).
+    #[serde(default)]
+    pub content_ms: u64,
 }
 
 /// Input to the participant machine.
@@ -111,6 +117,8 @@ pub enum Event {
         entries: u64,
         /// Nodes taking part.
         nodes: Vec<String>,
+        /// When the change was requested.
+        requested_ms: u64,
     },
     /// Staging finished: built, verified, fsynced.
     StageDone {
@@ -218,6 +226,7 @@ impl TableState {
             last_txid: self.last_txid,
             coordinator: self.coordinator.clone(),
             fenced: self.fenced,
+            content_ms: self.content_ms,
             prepared: self.active.as_ref().map(|a| PreparedInfo {
                 txid: a.txid,
                 generation: a.generation,
@@ -285,6 +294,7 @@ impl TableState {
                 sha256,
                 entries,
                 nodes,
+                requested_ms,
             } => {
                 match self.outcome_of(txid) {
                     Some(Outcome::Committed(g)) => {
@@ -332,6 +342,7 @@ impl TableState {
                     abort_requested: false,
                     since_ms: now_ms,
                     nodes,
+                    requested_ms,
                 });
                 vec![A::Stage { txid }]
             }
@@ -397,6 +408,7 @@ impl TableState {
                     self.committed_at_ms = Some(now_ms);
                     self.last_txid = Some(txid);
                     self.coordinator = Some(a.coordinator);
+                    self.content_ms = a.requested_ms;
                     self.remember(txid, Outcome::Committed(a.generation));
                     vec![
                         A::Persist,
@@ -565,6 +577,7 @@ mod tests {
             sha256: Sha256([1; 32]),
             entries: 3,
             nodes: vec!["node1".into(), "node2".into()],
+            requested_ms: 0,
         }
     }
 

@@ -264,6 +264,9 @@ pub struct Prepare {
     pub entries: u64,
     /// Every node taking part (asked for the outcome if the coordinator's node is unreachable).
     pub nodes: Vec<String>,
+    /// When the change was requested (ms since the epoch, the requesting node's clock): a
+    /// pending retry of a change requested before the live content's never replaces it.
+    pub requested_ms: u64,
 }
 
 /// A participant's answer.
@@ -398,6 +401,8 @@ pub struct TableStatus {
     pub coordinator: Option<String>,
     /// No prepare at or below this generation is accepted (fences of aborted transactions).
     pub fenced: u64,
+    /// When the live content's change was requested (ms since the epoch; 0: unknown).
+    pub content_ms: u64,
     /// A transaction holding the table, if any.
     pub prepared: Option<PreparedInfo>,
     /// A commit this node coordinated that has not reached every node yet.
@@ -603,6 +608,7 @@ mod tests {
             sha256: Sha256([9; 32]),
             entries: 2,
             nodes: vec!["node1".into()],
+            requested_ms: 5,
         });
         let f = crate::codec::encode(&p).unwrap();
         assert_eq!(crate::codec::decode::<Request>(&f).unwrap(), p);

@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use txmap_common::config::NodeConfig;
 use txmap_common::coordinator::{
-    after_decision_write, already_served, content_guard, delivery, on_votes, AfterWrite, Delivery,
-    OnVotes, WriteResult,
+    after_decision_write, already_served, content_guard, delivery, on_votes, superseded,
+    AfterWrite, Delivery, OnVotes, WriteResult,
 };
 use txmap_common::decision::{DecisionLog, DecisionRecord, PendingRecord, Verdict};
 use txmap_common::exit;
@@ -200,19 +200,23 @@ fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(base + (r as u64) * base / 1000)
 }
 
-/// Runs one whole commit of `table` from `source`, guarded (see [`commit_with`]).
+/// Runs one whole commit of `table` from `source`, requested now, guarded (see
+/// [`commit_with`]).
 pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> CommitReport {
-    commit_with(cluster, table_name, source, false).await
+    commit_with(cluster, table_name, source, false, now_ms()).await
 }
 
 /// Runs one whole commit of `table` from `source`. Never panics; the report carries the exit.
 /// Unless `force`, a source that would empty the table or remove more than
 /// `max_shrink_percent` of its entries is refused before anything is sent (exit 2).
+/// `requested_ms` is when the change was asked for: when some node already serves content asked
+/// for later, this change is superseded and exits 0 without a transaction.
 pub async fn commit_with(
     cluster: &Cluster,
     table_name: &str,
     source: &Path,
     force: bool,
+    requested_ms: u64,
 ) -> CommitReport {
     let started = Instant::now();
     let t = &cluster.cfg.timeouts;
@@ -317,6 +321,20 @@ pub async fn commit_with(
                     .collect();
                 break;
             }
+            if let Some(g) = superseded(&known, requested_ms) {
+                // Newest content wins: a change asked for after this one is live already.
+                report.txid = None;
+                report.generation = Some(g);
+                report.exit = exit::OK;
+                report.nodes = vec![NodeReport {
+                    node: cluster.cfg.node.clone(),
+                    ok: true,
+                    detail: format!(
+                        "superseded: generation {g}, live, holds a change requested after this one"
+                    ),
+                }];
+                break;
+            }
             if !force {
                 if let Err(why) =
                     content_guard(&known, digest.entries, cluster.cfg.max_shrink_percent)
@@ -357,6 +375,7 @@ pub async fn commit_with(
             sha256: sha,
             entries: digest.entries,
             nodes: names.clone(),
+            requested_ms,
         });
         let prepare_sent = votes.iter().all(|v| v.is_none());
         if prepare_sent {
@@ -586,20 +605,23 @@ pub fn may_coordinate(cluster: &Cluster) -> Result<(), String> {
 /// owner gone and retries at once. A complete commit clears it; a failed one leaves it pending
 /// with a backoff, and `txmapd` retries it, reading the source again each time.
 pub async fn commit_tracked(cluster: &Cluster, table_name: &str, source: &Path) -> CommitReport {
-    commit_tracked_with(cluster, table_name, source, false).await
+    commit_tracked_with(cluster, table_name, source, false, None).await
 }
 
 /// [`commit_tracked`], forced past the content guard when `force` (kept in the pending record,
 /// so a retry is forced too).
+/// `requested_ms`: `None` for a new request (now); a pending retry passes its record's.
 pub async fn commit_tracked_with(
     cluster: &Cluster,
     table_name: &str,
     source: &Path,
     force: bool,
+    requested_ms: Option<u64>,
 ) -> CommitReport {
+    let requested_ms = requested_ms.unwrap_or_else(now_ms);
     if may_coordinate(cluster).is_err() {
         // Nothing recorded: this node will never distribute it.
-        return commit_with(cluster, table_name, source, force).await;
+        return commit_with(cluster, table_name, source, force, requested_ms).await;
     }
     let log = DecisionLog::new(&cluster.cfg.state_dir);
     // Held until this function returns: txmapd sees this process at work (or gone) by it.
@@ -620,11 +642,12 @@ pub async fn commit_tracked_with(
             + (cluster.cfg.timeouts.total + cluster.cfg.timeouts.commit).as_millis() as u64,
         owner_pid: Some(std::process::id()),
         force: force || prev.as_ref().is_some_and(|p| p.force),
+        requested_ms,
     };
     if let Err(e) = log.set_pending(&intent) {
         warn!(error = %e, "cannot record the commit's intent as pending");
     }
-    let report = commit_with(cluster, table_name, source, intent.force).await;
+    let report = commit_with(cluster, table_name, source, intent.force, requested_ms).await;
     if report.exit == exit::OK {
         log.clear_pending(table_name, source);
         return report;

@@ -184,7 +184,7 @@ pub async fn rollback(cluster: &Cluster, table: &str, to: Option<u64>) -> Commit
         );
     }
     // A rollback restores an earlier content on purpose: past the content guard.
-    let report = commit_with(cluster, table, &tmp, true).await;
+    let report = commit_with(cluster, table, &tmp, true, txmap_common::now_ms()).await;
     let _ = std::fs::remove_file(&tmp);
     report
 }

@@ -235,7 +235,7 @@ fn cmd_commit(
         }
     };
     let report = with_cluster(cfg, async |c| {
-        commit::commit_tracked_with(c, table, &source, force).await
+        commit::commit_tracked_with(c, table, &source, force, None).await
     })?;
     print_report(&report, json, "commit");
     Ok(report.exit)

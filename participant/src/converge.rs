@@ -50,8 +50,14 @@ impl Node {
                     log.clear_pending(&p.table, &p.source);
                     continue;
                 }
-                let r =
-                    txmap_coordinator::commit::commit_tracked(&cluster, &p.table, &p.source).await;
+                let r = txmap_coordinator::commit::commit_tracked_with(
+                    &cluster,
+                    &p.table,
+                    &p.source,
+                    p.force,
+                    Some(p.requested_ms),
+                )
+                .await;
                 if r.exit == txmap_common::exit::OK {
                     info!(table = %p.table, attempts = p.attempts + 1, generation = ?r.generation, "pending commit done: the cluster serves the newest source");
                 } else {

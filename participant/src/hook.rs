@@ -414,6 +414,10 @@ fn adopt_one(cfg: &Config, table_name: &str, taken: &Path, queued_at: SystemTime
             next_ms: 0,
             owner_pid: None,
             force: false,
+            requested_ms: queued_at
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
         };
         if let Err(e) = log.set_pending(&rec) {
             warn!(error = %e, "cannot record the queued request");

@@ -56,6 +56,7 @@ impl Node {
             sha256: p.sha256,
             entries: p.entries,
             nodes: p.nodes.clone(),
+            requested_ms: p.requested_ms,
         };
         let actions = slot.state.lock().await.step(event, now_ms());
         if actions.first() != Some(&Action::Stage { txid: p.txid }) {
