@@ -627,6 +627,42 @@ fn an_out_of_service_node_refuses_to_coordinate_and_records_nothing() {
     );
 }
 
+/// Newest content wins across nodes: a change left pending on node1 (node3 down) must not
+/// replace newer content committed meanwhile through node2, once node1's txmapd retries it.
+#[test]
+fn a_pending_older_change_never_replaces_newer_content_committed_through_another_node() {
+    let mut c = cluster_on_a("newest", 3, |_, s| s);
+    c.kill_node(3);
+    // Change B through node1: node3 is down, so it stays pending on node1.
+    let out = c.commit(1);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    // Change C, later, through node2, whose config has node3 out of service: it goes live.
+    c.write_source(&transport_table("c.example", 0..30));
+    let edited = c.out_of_service(std::fs::read_to_string(c.config(2)).unwrap(), 3);
+    c.edit_config(2, |_| edited);
+    let out = c.commit(2);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    assert!(serves(&c, 1, "c.example") && serves(&c, 2, "c.example"));
+    // node3 returns; node1's txmapd retries B (after 2 s, 4 s, ...): B is older than C.
+    c.start_node(3).unwrap();
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        for i in [1, 2] {
+            assert!(
+                serves(&c, i, "c.example") && !serves(&c, i, B),
+                "node{i} went back to the older change B: {}",
+                c.journal(i)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = c.status(1).to_string();
+    assert!(
+        !status.contains("\"pending\":{"),
+        "node1 still holds the superseded change: {status}"
+    );
+}
+
 /// `txmap check-config` on node1's config rewritten by `edit`.
 fn check_config(name: &str, edit: impl FnOnce(String) -> String) -> std::process::Output {
     let c = TestCluster::create(name, 1).unwrap();
