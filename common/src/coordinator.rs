@@ -310,6 +310,23 @@ mod tests {
     use super::*;
     use crate::proto::TxId;
 
+    /// A node's status of table `t` at generation `g` (one entry, nothing else known).
+    fn status(g: u64) -> TableStatus {
+        TableStatus {
+            table: "t".into(),
+            generation: g,
+            sha256: None,
+            entries: 1,
+            committed_at_ms: None,
+            last_txid: None,
+            coordinator: None,
+            fenced: 0,
+            content_ms: 0,
+            prepared: None,
+            pending: None,
+        }
+    }
+
     fn h(node: &str, member: bool, answer: OutcomeAnswer) -> Heard {
         Heard {
             node: node.into(),
@@ -400,17 +417,8 @@ mod tests {
     #[test]
     fn unchanged_content_everywhere_needs_no_transaction() {
         let st = |g: u64, sha: u8| TableStatus {
-            table: "t".into(),
-            generation: g,
             sha256: Some(Sha256([sha; 32])),
-            entries: 1,
-            committed_at_ms: None,
-            last_txid: None,
-            coordinator: None,
-            fenced: 0,
-            content_ms: 0,
-            prepared: None,
-            pending: None,
+            ..status(g)
         };
         let sha = Sha256([7; 32]);
         assert_eq!(already_served(&[st(4, 7), st(4, 7)], 2, &sha), Some(4));
@@ -423,17 +431,8 @@ mod tests {
     #[test]
     fn the_content_guard_refuses_an_empty_or_much_smaller_table() {
         let st = |g: u64, entries: u64| TableStatus {
-            table: "t".into(),
-            generation: g,
-            sha256: None,
             entries,
-            committed_at_ms: None,
-            last_txid: None,
-            coordinator: None,
-            fenced: 0,
-            content_ms: 0,
-            prepared: None,
-            pending: None,
+            ..status(g)
         };
         let live = [st(3, 100), st(3, 100)];
         assert!(content_guard(&live, 0, 50)
@@ -455,17 +454,8 @@ mod tests {
     #[test]
     fn an_older_change_never_replaces_content_requested_later() {
         let st = |g: u64, content_ms: u64| TableStatus {
-            table: "t".into(),
-            generation: g,
-            sha256: None,
-            entries: 1,
-            committed_at_ms: None,
-            last_txid: None,
-            coordinator: None,
-            fenced: 0,
             content_ms,
-            prepared: None,
-            pending: None,
+            ..status(g)
         };
         assert_eq!(superseded(&[st(5, 1000), st(5, 1000)], 900), Some(5));
         assert_eq!(superseded(&[st(5, 1000), st(4, 800)], 1000), None);
