@@ -56,6 +56,12 @@ fn spawn_hook(
         .unwrap()
 }
 
+/// Plants a symbolic link `link` -> `target` as the unprivileged attacker (`nobody`).
+fn plant_link(target: &str, link: &str) {
+    let out = as_user("nobody", "nogroup", &["ln", "-sfn", target, link]);
+    assert!(out.status.success(), "{}", describe(&out));
+}
+
 /// Runs the hook as `user`:`group`, killing it after `limit`. None: it was still running.
 fn hook_within(
     c: &TestCluster,
@@ -156,17 +162,7 @@ fn a_symlink_at_the_source_to_a_root_only_file_is_refused_and_the_secret_appears
     };
     let (secret, marker, skip) = secret_file(&c);
     let source = give_sources_to_nobody(&c);
-    let out = as_user(
-        "nobody",
-        "nogroup",
-        &[
-            "ln",
-            "-sfn",
-            secret.to_str().unwrap(),
-            source.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", describe(&out));
+    plant_link(secret.to_str().unwrap(), source.to_str().unwrap());
     let (code, text, _) = hook_within(&c, "nobody", "nogroup", &source, Duration::from_secs(20));
     assert!(
         code.is_some() && code != Some(0),
@@ -233,12 +229,7 @@ fn dev_zero_at_the_source_neither_hangs_the_hook_nor_stalls_the_node() {
         return;
     };
     let source = give_sources_to_nobody(&c);
-    let out = as_user(
-        "nobody",
-        "nogroup",
-        &["ln", "-sfn", "/dev/zero", source.to_str().unwrap()],
-    );
-    assert!(out.status.success(), "{}", describe(&out));
+    plant_link("/dev/zero", source.to_str().unwrap());
     let (code, text, took) = hook_within(&c, "nobody", "nogroup", &source, Duration::from_secs(20));
     assert_eq!(code, Some(2), "{text}");
     assert!(took < Duration::from_secs(5), "{took:?}");
@@ -278,17 +269,7 @@ fn a_link_planted_in_requests_is_never_written_through() {
         .unwrap();
     assert!(st.success());
     let planted = c.node_dir(1).join("state/requests").join(TABLE);
-    let out = as_user(
-        "nobody",
-        "nogroup",
-        &[
-            "ln",
-            "-sfn",
-            victim.to_str().unwrap(),
-            planted.to_str().unwrap(),
-        ],
-    );
-    assert!(out.status.success(), "{}", describe(&out));
+    plant_link(victim.to_str().unwrap(), planted.to_str().unwrap());
     let (code, text, _) = hook_within(
         &c,
         "daemon",
@@ -688,17 +669,7 @@ fn an_unprivileged_poller_never_sees_the_secret_during_a_symlink_attack() {
     let started = Instant::now();
     let mut codes = Vec::new();
     for _ in 0..5 {
-        let out = as_user(
-            "nobody",
-            "nogroup",
-            &[
-                "ln",
-                "-sfn",
-                secret.to_str().unwrap(),
-                source.to_str().unwrap(),
-            ],
-        );
-        assert!(out.status.success(), "{}", describe(&out));
+        plant_link(secret.to_str().unwrap(), source.to_str().unwrap());
         let (code, _, _) = hook_within(&c, "nobody", "nogroup", &source, Duration::from_secs(20));
         codes.push(code);
     }
