@@ -2,6 +2,7 @@
 //! re-drives unfinished decisions and retries pending commits of its node.
 //!
 //! # Layout
+//! - [`cli`]: the command-line definitions of `txmap` and `txmapd`.
 //! - [`cluster`]: QUIC client endpoint, connections and one exchange per node with deadlines.
 //! - [`commit`]: the two phases of one commit, with retry on conflicts, and pending tracking.
 //! - [`history`]: `txmap history`, `rollback` (a normal commit of an earlier generation) and
@@ -10,6 +11,7 @@
 //! - [`recover`]: `txmap recover`, listing and resolving in-doubt transactions by hand.
 //! - [`sandbox`]: `txmap sandbox`, a ready local cluster.
 
+pub mod cli;
 pub mod cluster;
 pub mod commit;
 pub mod history;

@@ -12,21 +12,10 @@ mod serve;
 mod server;
 
 use clap::Parser;
-use std::path::PathBuf;
 use std::process::ExitCode;
 
-/// txmap participant daemon: stages, builds, verifies and installs Postfix tables on this node
-/// when the coordinator says so.
-#[derive(Debug, Parser)]
-#[command(name = "txmapd", version)]
-struct Args {
-    /// Config file [default: $TXMAP_CONFIG, else /etc/txmap/txmap.toml].
-    #[arg(long, short)]
-    config: Option<PathBuf>,
-}
-
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = txmap_coordinator::cli::TxmapdArgs::parse();
     txmap_coordinator::init_process("info");
     let _failpoints = fail::FailScenario::setup();
     let path = txmap_common::config::Config::resolve_path(args.config.as_deref());

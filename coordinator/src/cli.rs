@@ -1,0 +1,142 @@
+//! The command-line definitions of `txmap` and `txmapd`, in the library so that man pages and
+//! shell completions can be generated from them (see `packaging/`).
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  done: every node committed (status: every node reachable and on one generation)
+  1  aborted: nothing changed anywhere; one line per node says why
+  2  usage or configuration error; commit: content refused by the guard (empty source, or more
+     than max_shrink_percent of the entries removed; --force to commit it anyway)
+  3  commit decided but not yet acknowledged by every node (it completes on its own)
+  4  busy: other transactions held the table past the retry deadline; nothing changed
+  5  status: some node unreachable, or nodes disagree
+  6  local error (source unreadable, state directory, certificates)
+  7  recover: the requested resolution was refused (it would contradict a decision)";
+
+/// txmap: update a Postfix lookup table on every node of a cluster as one transaction.
+#[derive(Debug, Parser)]
+#[command(name = "txmap", version, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Config file [default: $TXMAP_CONFIG, else /etc/txmap/txmap.toml].
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Distribute TABLE to every node as one two-phase transaction.
+    Commit {
+        /// Table name from the config.
+        table: String,
+        /// Read the new content from FILE instead of the table's configured `source`.
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Commit even a source that would empty the table or remove more than
+        /// `max_shrink_percent` of its entries (refused otherwise, exit 2).
+        #[arg(long)]
+        force: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show every node's generation, sha256 and transaction in progress.
+    Status {
+        /// Only this table.
+        table: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the generations of TABLE kept in history, and which nodes hold each.
+    History {
+        /// Table name.
+        table: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Distribute an earlier generation of TABLE as a new generation (a normal transaction).
+    Rollback {
+        /// Table name.
+        table: String,
+        /// Generation to restore [default: the one before the live one].
+        #[arg(long)]
+        to: Option<u64>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check on every node that the live table matches its recorded generation.
+    Verify {
+        /// Only this table [default: every table].
+        table: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the config file and report every problem with its key.
+    CheckConfig,
+    /// List transactions in doubt on every node, or resolve one by hand.
+    Recover {
+        /// Abort this transaction everywhere (refused if it was decided commit).
+        #[arg(long, value_name = "TXID", conflicts_with = "commit")]
+        abort: Option<String>,
+        /// Commit this transaction everywhere (only when a commit decision exists).
+        #[arg(long, value_name = "TXID")]
+        commit: Option<String>,
+        /// Print JSON (listing only).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the cluster CA and node certificates.
+    Cert {
+        #[command(subcommand)]
+        cmd: CertCmd,
+    },
+    /// Write a ready N-node cluster on 127.0.0.1 under DIR.
+    Sandbox {
+        /// Directory to create (must be new or empty).
+        dir: PathBuf,
+        /// Number of nodes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// UDP port of node1; node i listens on base-port + i - 1.
+        #[arg(long, default_value_t = 7401)]
+        base_port: u16,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCmd {
+    /// Create DIR/ca.pem and DIR/ca.key.
+    InitCa {
+        /// Directory for the CA.
+        dir: PathBuf,
+    },
+    /// Issue NODE.pem and NODE.key signed by the CA.
+    Issue {
+        /// Node name (its DNS name in the certificate).
+        node: String,
+        /// CA directory.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Output directory [default: the current directory].
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+/// txmap participant daemon: stages, builds, verifies and installs Postfix tables on this node
+/// when the coordinator says so.
+#[derive(Debug, Parser)]
+#[command(name = "txmapd", version)]
+pub struct TxmapdArgs {
+    /// Config file [default: $TXMAP_CONFIG, else /etc/txmap/txmap.toml].
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
