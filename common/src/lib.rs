@@ -23,6 +23,8 @@ pub mod config;
 pub mod coordinator;
 pub mod decision;
 pub mod defects;
+pub mod delta;
+pub mod entries;
 pub mod exit;
 pub mod history;
 pub mod journal;

@@ -1,0 +1,727 @@
+//! Delta transfer: the change from a base source (the generation a node serves) to a new one,
+//! as an edit script over **records**, so that a one-list change to a big table costs a few
+//! hundred bytes on the wire instead of the whole table.
+//!
+//! A record is one entry as written: its first line (one that [`starts_entry`]) and every line
+//! after it up to the next such line (continuation lines, comments, blank lines). The bytes
+//! before the first entry form a record of their own. So records start at offset 0 and after
+//! every newline followed by an entry's first byte, and the same bytes always split the same
+//! way on the coordinator and on the node.
+//!
+//! The script (sent raw after the `PrepareDelta` frame) is a sequence of operations:
+//!
+//! | tag | operand | meaning |
+//! |---|---|---|
+//! | `K` | u64 LE `n` | copy the next `n` base records |
+//! | `D` | u64 LE `n` | skip the next `n` base records (their keys are deleted) |
+//! | `I` | u64 LE `len`, then `len` bytes | write these bytes (whole records; their entries are added) |
+//! | `R` | — | copy the rest of the base (last operation) |
+//!
+//! The node rebuilds the whole new source from its own live copy, and checks its sha256 and
+//! length against the prepare's: a node whose base differs gets a refusal it cannot mistake,
+//! and the coordinator sends it the whole table instead.
+//!
+//! [`plan`] finds the script cheaply for the usual change (one region of a big file): the common
+//! prefix and suffix are found by comparing bytes, and only the middle is diffed record by record
+//! (Myers' O(ND) algorithm, bounded).
+
+use crate::entries::starts_entry;
+use std::fs::File;
+use std::io::{BufRead, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+const KEEP: u8 = b'K';
+const DROP: u8 = b'D';
+const INSERT: u8 = b'I';
+const REST: u8 = b'R';
+
+/// What goes wrong applying a script.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    /// The script is malformed.
+    #[error("malformed delta: {0}")]
+    Malformed(String),
+    /// The script does not fit this base (another base, or a drifted live file).
+    #[error("delta does not fit this node's base: {0}")]
+    Base(String),
+    /// Reading the base or writing the result failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Bounds of [`plan`]: beyond them the whole table is sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most bytes of script (and of each side's changed middle region).
+    pub max_bytes: u64,
+    /// Most edits (records dropped plus records inserted) the diff looks for.
+    pub max_edits: usize,
+}
+
+/// A script from a base to a new source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The script.
+    pub payload: Vec<u8>,
+    /// sha256 of the base it applies to.
+    pub base_sha256: [u8; 32],
+    /// Records dropped.
+    pub dropped: u64,
+    /// Records inserted.
+    pub inserted: u64,
+}
+
+/// One step of the middle's edit script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Edit {
+    Keep,
+    Drop,
+    Insert(usize),
+}
+
+/// Record starts of `bytes` (a whole file, or a region starting at a record start).
+fn record_starts(bytes: &[u8]) -> Vec<usize> {
+    let mut v = Vec::new();
+    if !bytes.is_empty() {
+        v.push(0);
+    }
+    for (i, w) in bytes.windows(2).enumerate() {
+        if w[0] == b'\n' && starts_entry(w[1]) {
+            v.push(i + 1);
+        }
+    }
+    v
+}
+
+fn records(bytes: &[u8]) -> Vec<&[u8]> {
+    let starts = record_starts(bytes);
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, s)| &bytes[*s..starts.get(i + 1).copied().unwrap_or(bytes.len())])
+        .collect()
+}
+
+/// Myers' greedy diff of `a` into `b`, or `None` past `max_d` edits.
+fn myers(a: &[&[u8]], b: &[&[u8]], max_d: usize) -> Option<Vec<Edit>> {
+    let (n, m) = (a.len() as isize, b.len() as isize);
+    let dmax = (max_d as isize).min(n + m);
+    let off = dmax + 1;
+    let mut v = vec![0isize; (2 * dmax + 3) as usize];
+    // trace[d] holds v[k] for k in -d-1..=d+1 before step d.
+    let mut trace: Vec<Vec<isize>> = Vec::new();
+    let mut found = None;
+    'outer: for d in 0..=dmax {
+        trace.push(v[(off - d - 1) as usize..=(off + d + 1) as usize].to_vec());
+        let mut k = -d;
+        while k <= d {
+            let down = k == -d || (k != d && v[(off + k - 1) as usize] < v[(off + k + 1) as usize]);
+            let mut x = if down {
+                v[(off + k + 1) as usize]
+            } else {
+                v[(off + k - 1) as usize] + 1
+            };
+            let mut y = x - k;
+            while x < n && y < m && a[x as usize] == b[y as usize] {
+                x += 1;
+                y += 1;
+            }
+            v[(off + k) as usize] = x;
+            if x >= n && y >= m {
+                found = Some(d);
+                break 'outer;
+            }
+            k += 2;
+        }
+    }
+    let dfound = found?;
+    let mut edits = Vec::new();
+    let (mut x, mut y) = (n, m);
+    for d in (0..=dfound).rev() {
+        let t = &trace[d as usize];
+        let at = |k: isize| t[(k + d + 1) as usize];
+        let k = x - y;
+        let prev_k = if k == -d || (k != d && at(k - 1) < at(k + 1)) {
+            k + 1
+        } else {
+            k - 1
+        };
+        let prev_x = if d == 0 { 0 } else { at(prev_k) };
+        let prev_y = if d == 0 { 0 } else { prev_x - prev_k };
+        while x > prev_x && y > prev_y {
+            edits.push(Edit::Keep);
+            x -= 1;
+            y -= 1;
+        }
+        if d > 0 {
+            if x == prev_x {
+                edits.push(Edit::Insert((y - 1) as usize));
+            } else {
+                edits.push(Edit::Drop);
+            }
+        }
+        x = prev_x;
+        y = prev_y;
+    }
+    edits.reverse();
+    Some(edits)
+}
+
+fn push_count(out: &mut Vec<u8>, tag: u8, n: u64) {
+    if n > 0 {
+        out.push(tag);
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+}
+
+/// Encodes `edits` of middle records (`b` the new side's) after `keep_prefix` kept records.
+fn encode(keep_prefix: u64, edits: &[Edit], b: &[&[u8]]) -> (Vec<u8>, u64, u64) {
+    let mut out = Vec::new();
+    let (mut keep, mut drop) = (keep_prefix, 0u64);
+    let mut ins: Vec<u8> = Vec::new();
+    let (mut dropped, mut inserted) = (0u64, 0u64);
+    let flush = |out: &mut Vec<u8>, keep: &mut u64, drop: &mut u64, ins: &mut Vec<u8>| {
+        push_count(out, KEEP, std::mem::take(keep));
+        push_count(out, DROP, std::mem::take(drop));
+        if !ins.is_empty() {
+            out.push(INSERT);
+            out.extend_from_slice(&(ins.len() as u64).to_le_bytes());
+            out.append(ins);
+        }
+    };
+    for e in edits {
+        match e {
+            Edit::Keep => {
+                if drop > 0 || !ins.is_empty() {
+                    flush(&mut out, &mut 0, &mut drop, &mut ins);
+                }
+                keep += 1;
+            }
+            Edit::Drop => {
+                if keep > 0 {
+                    flush(&mut out, &mut keep, &mut 0, &mut Vec::new());
+                }
+                drop += 1;
+                dropped += 1;
+            }
+            Edit::Insert(j) => {
+                if keep > 0 {
+                    flush(&mut out, &mut keep, &mut 0, &mut Vec::new());
+                }
+                ins.extend_from_slice(b[*j]);
+                inserted += 1;
+            }
+        }
+    }
+    flush(&mut out, &mut keep, &mut drop, &mut ins);
+    out.push(REST);
+    (out, dropped, inserted)
+}
+
+fn read_at(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
+    f.read_exact_at(buf, at)
+}
+
+/// The script turning `base` into `new`, or `None` when the files are equal or the change is
+/// beyond `limits` (then the whole table is sent). Reads both files (the base once whole, for
+/// its sha256) with bounded memory: only the changed middle is held.
+pub fn plan(base: &Path, new: &Path, limits: Limits) -> std::io::Result<Option<Plan>> {
+    let (fb, _) = crate::table::open_untrusted(base, u64::MAX)?;
+    let fnew = File::open(new)?;
+    plan_files(&fb, &fnew, limits)
+}
+
+fn plan_files(fb: &File, fnew: &File, limits: Limits) -> std::io::Result<Option<Plan>> {
+    let lb = fb.metadata()?.len();
+    let ln = fnew.metadata()?.len();
+    const CHUNK: usize = 1 << 20;
+    // Forward: the base's sha256, and the first differing offset.
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    let (mut bb, mut nb) = (vec![0u8; CHUNK], vec![0u8; CHUNK]);
+    let mut pos = 0u64;
+    let mut first_diff: Option<u64> = None;
+    let mut rb = fb.try_clone()?;
+    rb.seek(SeekFrom::Start(0))?;
+    loop {
+        let n = read_full(&mut rb, &mut bb)?;
+        if n == 0 {
+            break;
+        }
+        ctx.update(&bb[..n]);
+        if first_diff.is_none() {
+            let want = (n as u64).min(ln.saturating_sub(pos)) as usize;
+            read_at(fnew, &mut nb[..want], pos)?;
+            match bb[..want].iter().zip(&nb[..want]).position(|(x, y)| x != y) {
+                Some(i) => first_diff = Some(pos + i as u64),
+                None if want < n => first_diff = Some(pos + want as u64),
+                None => {}
+            }
+        }
+        pos += n as u64;
+    }
+    let mut base_sha256 = [0u8; 32];
+    base_sha256.copy_from_slice(ctx.finish().as_ref());
+    let p = match first_diff {
+        Some(p) => p,
+        None if ln == lb => return Ok(None),
+        None => lb,
+    };
+    // Backward: the common suffix, never overlapping the common prefix on either side.
+    let max_suffix = lb.min(ln) - p;
+    let mut s = 0u64;
+    while s < max_suffix {
+        let want = ((max_suffix - s) as usize).min(CHUNK);
+        read_at(fb, &mut bb[..want], lb - s - want as u64)?;
+        read_at(fnew, &mut nb[..want], ln - s - want as u64)?;
+        match bb[..want]
+            .iter()
+            .rev()
+            .zip(nb[..want].iter().rev())
+            .position(|(x, y)| x != y)
+        {
+            Some(i) => {
+                s += i as u64;
+                break;
+            }
+            None => s += want as u64,
+        }
+    }
+    // Widen [p, lb - s) to record boundaries: `cut` is the last record start before `p`
+    // (bytes before `p` are common, so it starts a record in both files); `q` the first start
+    // inside the common suffix (its newline too), or the end.
+    let cut = last_start_before(fb, p)?;
+    let q = first_start_after(fb, lb - s, lb)?;
+    let (mid_b, mid_n) = (q - cut, (q + ln) - lb - cut);
+    if mid_b > limits.max_bytes || mid_n > limits.max_bytes {
+        return Ok(None);
+    }
+    let mut a_bytes = vec![0u8; mid_b as usize];
+    read_at(fb, &mut a_bytes, cut)?;
+    let mut b_bytes = vec![0u8; mid_n as usize];
+    read_at(fnew, &mut b_bytes, cut)?;
+    let (a, b) = (records(&a_bytes), records(&b_bytes));
+    let Some(edits) = myers(&a, &b, limits.max_edits) else {
+        return Ok(None);
+    };
+    let keep_prefix = count_starts(fb, cut)?;
+    let (payload, dropped, inserted) = encode(keep_prefix, &edits, &b);
+    if payload.len() as u64 > limits.max_bytes {
+        return Ok(None);
+    }
+    Ok(Some(Plan {
+        payload,
+        base_sha256,
+        dropped,
+        inserted,
+    }))
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// The last record start strictly before `p` (0 if none).
+fn last_start_before(f: &File, p: u64) -> std::io::Result<u64> {
+    const WIN: u64 = 64 * 1024;
+    let mut end = p; // examine starts x in (lo, end) with x < p
+    while end > 0 {
+        let lo = end.saturating_sub(WIN);
+        // Bytes lo-1 ..= end-1 decide starts in [lo, end).
+        let from = lo.saturating_sub(1);
+        let mut buf = vec![0u8; (end - from) as usize];
+        read_at(f, &mut buf, from)?;
+        for x in (lo.max(1)..end).rev() {
+            let i = (x - from) as usize;
+            if buf[i - 1] == b'\n' && starts_entry(buf[i]) {
+                return Ok(x);
+            }
+        }
+        end = lo;
+    }
+    Ok(0)
+}
+
+/// The first record start `x` with `from < x < len`, or `len`.
+fn first_start_after(f: &File, from: u64, len: u64) -> std::io::Result<u64> {
+    const WIN: u64 = 64 * 1024;
+    let mut lo = from;
+    while lo < len {
+        let hi = (lo + WIN).min(len);
+        let mut buf = vec![0u8; (hi - lo) as usize];
+        read_at(f, &mut buf, lo)?;
+        for (i, w) in buf.windows(2).enumerate() {
+            if w[0] == b'\n' && starts_entry(w[1]) {
+                return Ok(lo + i as u64 + 1);
+            }
+        }
+        // A newline at the window's end pairs with the next window's first byte.
+        lo = if hi == len { hi } else { hi - 1 };
+    }
+    Ok(len)
+}
+
+/// Record starts in `[0, end)`.
+fn count_starts(f: &File, end: u64) -> std::io::Result<u64> {
+    if end == 0 {
+        return Ok(0);
+    }
+    let mut n = 1u64;
+    let mut prev_newline = false;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0u64;
+    while pos < end {
+        let want = ((end - pos) as usize).min(buf.len());
+        read_at(f, &mut buf[..want], pos)?;
+        for (i, b) in buf[..want].iter().enumerate() {
+            if prev_newline && pos + (i as u64) > 0 && starts_entry(*b) {
+                n += 1;
+            }
+            prev_newline = *b == b'\n';
+        }
+        pos += want as u64;
+    }
+    Ok(n)
+}
+
+/// What applying a script changed, for the incremental build.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The dropped records, as written in the base.
+    pub dropped: Vec<u8>,
+    /// The inserted records, as written in the new source.
+    pub inserted: Vec<u8>,
+    /// sha256 of the whole base as read.
+    pub base_sha256: [u8; 32],
+}
+
+/// Reads a base record by record.
+struct Records<R> {
+    r: R,
+    pending: Vec<u8>,
+    has_pending: bool,
+    started: bool,
+    ctx: ring::digest::Context,
+}
+
+impl<R: BufRead> Records<R> {
+    fn new(r: R) -> Self {
+        Records {
+            r,
+            pending: Vec::new(),
+            has_pending: false,
+            started: false,
+            ctx: ring::digest::Context::new(&ring::digest::SHA256),
+        }
+    }
+
+    fn line(&mut self, into: &mut Vec<u8>) -> std::io::Result<usize> {
+        let start = into.len();
+        let n = self.r.read_until(b'\n', into)?;
+        self.ctx.update(&into[start..]);
+        Ok(n)
+    }
+
+    /// The next record into `rec` (cleared first); false at the end.
+    fn next(&mut self, rec: &mut Vec<u8>) -> std::io::Result<bool> {
+        rec.clear();
+        if self.has_pending {
+            std::mem::swap(rec, &mut self.pending);
+            self.has_pending = false;
+        } else if self.started || self.line(rec)? == 0 {
+            return Ok(false);
+        }
+        self.started = true;
+        loop {
+            self.pending.clear();
+            let mut line = std::mem::take(&mut self.pending);
+            if self.line(&mut line)? == 0 {
+                self.pending = line;
+                return Ok(true);
+            }
+            if starts_entry(line[0]) {
+                self.pending = line;
+                self.has_pending = true;
+                return Ok(true);
+            }
+            rec.extend_from_slice(&line);
+            self.pending = line;
+        }
+    }
+
+    /// Everything not read yet, to `out`; then the base's sha256.
+    fn rest(
+        mut self,
+        out: &mut impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<[u8; 32]> {
+        if self.has_pending {
+            out(&self.pending)?;
+        }
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = self.r.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            self.ctx.update(&buf[..n]);
+            out(&buf[..n])?;
+        }
+        let mut sha = [0u8; 32];
+        sha.copy_from_slice(self.ctx.finish().as_ref());
+        Ok(sha)
+    }
+
+    fn finish(mut self) -> std::io::Result<Option<[u8; 32]>> {
+        if self.has_pending {
+            return Ok(None);
+        }
+        if !self.started {
+            let mut probe = Vec::new();
+            if self.line(&mut probe)? > 0 {
+                return Ok(None);
+            }
+        }
+        let mut sha = [0u8; 32];
+        sha.copy_from_slice(self.ctx.finish().as_ref());
+        Ok(Some(sha))
+    }
+}
+
+fn take<'a>(p: &mut &'a [u8], n: usize, what: &str) -> Result<&'a [u8], DeltaError> {
+    if p.len() < n {
+        return Err(DeltaError::Malformed(format!("truncated {what}")));
+    }
+    let (a, b) = p.split_at(n);
+    *p = b;
+    Ok(a)
+}
+
+fn take_u64(p: &mut &[u8], what: &str) -> Result<u64, DeltaError> {
+    let b = take(p, 8, what)?;
+    let mut a = [0u8; 8];
+    a.copy_from_slice(b);
+    Ok(u64::from_le_bytes(a))
+}
+
+/// Applies `script` to `base`, writing the new source to `out`. Fails, having written a prefix
+/// only, when the script is malformed or does not cover the base exactly.
+pub fn apply<R: BufRead>(
+    base: R,
+    script: &[u8],
+    mut out: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<Applied, DeltaError> {
+    let mut recs = Records::new(base);
+    let mut applied = Applied::default();
+    let mut p = script;
+    let mut rec = Vec::new();
+    while let Some((&tag, rest)) = p.split_first() {
+        p = rest;
+        match tag {
+            KEEP | DROP => {
+                let n = take_u64(&mut p, "count")?;
+                for i in 0..n {
+                    if !recs.next(&mut rec)? {
+                        return Err(DeltaError::Base(format!(
+                            "the base ends {} records early",
+                            n - i
+                        )));
+                    }
+                    if tag == KEEP {
+                        out(&rec)?;
+                    } else {
+                        applied.dropped.extend_from_slice(&rec);
+                    }
+                }
+            }
+            INSERT => {
+                let len = take_u64(&mut p, "length")?;
+                let bytes = take(&mut p, usize::try_from(len).unwrap_or(usize::MAX), "insert")?;
+                out(bytes)?;
+                applied.inserted.extend_from_slice(bytes);
+            }
+            REST => {
+                if !p.is_empty() {
+                    return Err(DeltaError::Malformed("operations after the rest".into()));
+                }
+                applied.base_sha256 = recs.rest(&mut out)?;
+                return Ok(applied);
+            }
+            other => {
+                return Err(DeltaError::Malformed(format!(
+                    "unknown operation byte {other:#04x}"
+                )))
+            }
+        }
+    }
+    match recs.finish()? {
+        Some(sha) => {
+            applied.base_sha256 = sha;
+            Ok(applied)
+        }
+        None => Err(DeltaError::Base(
+            "the base has more records than the delta covers".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("txmap-delta-{}", crate::proto::TxId::random()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    const LIMITS: Limits = Limits {
+        max_bytes: 1 << 20,
+        max_edits: 1000,
+    };
+
+    fn roundtrip(base: &[u8], new: &[u8]) -> Option<Plan> {
+        let (pb, pn) = (tmp("base", base), tmp("new", new));
+        let plan = plan(&pb, &pn, LIMITS).unwrap();
+        if let Some(plan) = &plan {
+            let mut out = Vec::new();
+            let applied = apply(base, &plan.payload, |b| {
+                out.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(out, new, "base {base:?} new {new:?}");
+            let sha = ring::digest::digest(&ring::digest::SHA256, base);
+            assert_eq!(&applied.base_sha256[..], sha.as_ref());
+            assert_eq!(plan.base_sha256, applied.base_sha256);
+        }
+        let _ = std::fs::remove_dir_all(pb.parent().unwrap());
+        plan
+    }
+
+    #[test]
+    fn small_changes_make_small_scripts() {
+        let mut base = Vec::new();
+        for i in 0..2000 {
+            base.extend_from_slice(format!("list{i}@x sympa:list{i}@x\n").as_bytes());
+        }
+        let mut new = base.clone();
+        let at = base.len() / 2;
+        let at = at + base[at..].iter().position(|b| *b == b'\n').unwrap() + 1;
+        new.splice(
+            at..at,
+            b"newlist@x sympa:newlist@x\n  continued\n".iter().copied(),
+        );
+        let plan = roundtrip(&base, &new).unwrap();
+        assert!(plan.payload.len() < 100, "{} bytes", plan.payload.len());
+        assert_eq!((plan.dropped, plan.inserted), (0, 1));
+        // Deleting one and changing another.
+        let text = String::from_utf8(base.clone()).unwrap();
+        let new = text
+            .replace("list7@x sympa:list7@x\n", "")
+            .replace("list1500@x sympa:list1500@x", "list1500@x other");
+        let plan = roundtrip(&base, new.as_bytes()).unwrap();
+        assert_eq!((plan.dropped, plan.inserted), (2, 1));
+    }
+
+    #[test]
+    fn edge_cases_roundtrip() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"", b"a b\n"),
+            (b"a b\n", b""),
+            (b"# head\na b\n", b"# other head\na b\n"),
+            (b"a b\nc d", b"a b\nc e"),
+            (b"a b\nc d\n", b"a b\nc d"),
+            (b"a b\n  cont\nc d\n", b"a b\n  cont2\nc d\n"),
+            (b"a b\nb c\na b\nb c\n", b"a b\nb c\nb c\n"),
+            (b"x\nx\nx\n", b"x\nx\nx\nx\n"),
+            (b"a 1\n\n\nb 2\n", b"a 1\n\nb 2\n"),
+            (b"k v\n", b"  lead\nk v\n"),
+            (b"\n\n", b"\n"),
+        ];
+        for (b, n) in cases {
+            let plan = roundtrip(b, n);
+            assert!(plan.is_some(), "no plan for {b:?} -> {n:?}");
+        }
+        assert_eq!(roundtrip(b"same\n", b"same\n"), None);
+    }
+
+    #[test]
+    fn randomized_changes_roundtrip() {
+        // A small deterministic generator (xorshift), so a failure can be replayed.
+        let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = move |n: u64| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s % n.max(1)
+        };
+        let pieces: [&[u8]; 8] = [
+            b"k1 v1\n",
+            b"K2 v2\n",
+            b"  cont\n",
+            b"# comment\n",
+            b"\n",
+            b"a: b, c\n",
+            b"k1 other\n",
+            b"tail-without-newline",
+        ];
+        for _ in 0..400 {
+            let mut base = Vec::new();
+            for _ in 0..rnd(12) {
+                base.extend_from_slice(pieces[rnd(7) as usize]);
+            }
+            let mut new = base.clone();
+            for _ in 0..rnd(4) + 1 {
+                let at = rnd(new.len() as u64 + 1) as usize;
+                match rnd(3) {
+                    0 => new
+                        .splice(at..at, pieces[rnd(8) as usize].iter().copied())
+                        .for_each(drop),
+                    1 => {
+                        let end = (at + rnd(8) as usize).min(new.len());
+                        new.drain(at..end);
+                    }
+                    _ => {
+                        if let Some(b) = new.get_mut(at) {
+                            *b = b"xy \n#"[rnd(5) as usize];
+                        }
+                    }
+                }
+            }
+            let plan = roundtrip(&base, &new);
+            assert_eq!(plan.is_none(), base == new, "{base:?} -> {new:?}");
+        }
+    }
+
+    #[test]
+    fn a_script_for_another_base_is_refused_or_detected() {
+        let plan = roundtrip(b"a 1\nb 2\nc 3\n", b"a 1\nc 3\n").unwrap();
+        // One record fewer: the script runs out of base.
+        let err = apply(&b"a 1\n"[..], &plan.payload, |_| Ok(())).unwrap_err();
+        assert!(matches!(err, DeltaError::Base(_)), "{err}");
+        // Same shape, other content: applies, but the base's sha256 tells.
+        let other = apply(&b"a 9\nb 2\nc 3\n"[..], &plan.payload, |_| Ok(())).unwrap();
+        assert_ne!(other.base_sha256, plan.base_sha256);
+        // Garbage never panics.
+        for bad in [
+            &b"Z"[..],
+            b"K\x01",
+            b"I\xff\xff\xff\xff\xff\xff\xff\xff",
+            b"R R",
+        ] {
+            assert!(apply(&b"a 1\n"[..], bad, |_| Ok(())).is_err());
+        }
+        // A script without `R` must cover the whole base.
+        assert!(apply(&b"a 1\nb 2\n"[..], b"K\x01\0\0\0\0\0\0\0", |_| Ok(())).is_err());
+    }
+}

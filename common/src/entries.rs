@@ -1,0 +1,269 @@
+//! What a Postfix table source means, entry by entry, as `postmap(1)` and `postalias(1)` read
+//! it (their "INPUT FILE FORMAT"), so that a built table can be checked against its source by
+//! content, not only by count.
+//!
+//! - A physical line whose first non-whitespace byte is `#`, or that holds only whitespace, is
+//!   ignored (also in the middle of a multi-line entry).
+//! - A line that starts with whitespace continues the previous logical line; Postfix joins the
+//!   lines as they are (leading whitespace kept, newline dropped).
+//! - Any other line starts a logical line: its key is the first word (for `postalias`, the name
+//!   before the colon), the value is the rest after the whitespace (and the colon).
+//! - Keys are folded to lower case (Unicode, as Postfix does with `smtputf8_enable`; ASCII for
+//!   bytes that are not UTF-8).
+//!
+//! Values are compared with every whitespace byte removed: `postalias` rewrites address lists
+//! (`a@b,c@d` is stored `a@b, c@d`), and a wrong value is still caught (a different address,
+//! a missing one), only whitespace-only differences are not. This is checked against the real
+//! `postmap`/`postalias` by `chaos-tests/tests/delta.rs`.
+
+use crate::config::Builder;
+use std::hash::BuildHasher;
+
+/// True when a physical line starting with `first` starts a new entry (neither whitespace, a
+/// comment nor an empty line).
+pub fn starts_entry(first: u8) -> bool {
+    !matches!(first, b' ' | b'\t' | b'\n' | b'\r' | b'#' | 0x0b | 0x0c)
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r' | 0x0b | 0x0c)
+}
+
+/// True for a line Postfix skips: only whitespace, or `#` as first non-whitespace byte.
+fn ignored(line: &[u8]) -> bool {
+    match line.iter().find(|b| !is_space(**b)) {
+        None => true,
+        Some(b) => *b == b'#',
+    }
+}
+
+/// Splits a logical line into its key and value (both as written; see [`fold_key`]).
+pub fn split_entry(builder: Builder, logical: &[u8]) -> (&[u8], &[u8]) {
+    let end = logical
+        .iter()
+        .position(|b| is_space(*b) || (builder == Builder::Postalias && *b == b':'))
+        .unwrap_or(logical.len());
+    let (key, mut rest) = logical.split_at(end);
+    rest = trim_start(rest);
+    if builder == Builder::Postalias {
+        if let Some(r) = rest.strip_prefix(b":") {
+            rest = trim_start(r);
+        }
+    }
+    (key, rest)
+}
+
+fn trim_start(mut s: &[u8]) -> &[u8] {
+    while let Some((b, r)) = s.split_first() {
+        if !is_space(*b) {
+            break;
+        }
+        s = r;
+    }
+    s
+}
+
+/// A key as Postfix stores it: folded to lower case.
+pub fn fold_key(key: &[u8]) -> Vec<u8> {
+    match std::str::from_utf8(key) {
+        Ok(s) => s.to_lowercase().into_bytes(),
+        Err(_) => key.to_ascii_lowercase(),
+    }
+}
+
+/// A value as compared: without any whitespace byte.
+pub fn norm_value(value: &[u8]) -> Vec<u8> {
+    value.iter().copied().filter(|b| !is_space(*b)).collect()
+}
+
+/// Assembles logical lines from a source streamed in chunks of any size.
+#[derive(Debug, Clone, Default)]
+pub struct LogicalLines {
+    line: Vec<u8>,
+    cur: Vec<u8>,
+    open: bool,
+}
+
+impl LogicalLines {
+    /// Feeds bytes; `each` gets every logical line completed by them.
+    pub fn feed(&mut self, chunk: &[u8], each: &mut impl FnMut(&[u8])) {
+        let mut rest = chunk;
+        while let Some(i) = rest.iter().position(|b| *b == b'\n') {
+            self.line.extend_from_slice(&rest[..i]);
+            self.physical(each);
+            rest = &rest[i + 1..];
+        }
+        self.line.extend_from_slice(rest);
+    }
+
+    fn physical(&mut self, each: &mut impl FnMut(&[u8])) {
+        let line = std::mem::take(&mut self.line);
+        if !ignored(&line) {
+            if line.first().is_some_and(|b| starts_entry(*b)) {
+                if self.open {
+                    each(&self.cur);
+                }
+                self.cur.clear();
+                self.open = true;
+                self.cur.extend_from_slice(&line);
+            } else if self.open {
+                self.cur.extend_from_slice(&line);
+            }
+        }
+        self.line = line;
+        self.line.clear();
+    }
+
+    /// Ends the stream: the last logical line, if any.
+    pub fn finish(mut self, each: &mut impl FnMut(&[u8])) {
+        if !self.line.is_empty() {
+            self.physical(each);
+        }
+        if self.open {
+            each(&self.cur);
+        }
+    }
+}
+
+/// An order-independent digest of a set of (key, value) entries: their count and the wrapping
+/// sum of a keyed hash (SipHash, random keys per process) of each folded key and normalized
+/// value. Two digests made with the same [`EntryHasher`] are equal when the entries are,
+/// whatever their order; a forged collision would need the process's random keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EntryDigest {
+    /// Entries.
+    pub count: u64,
+    /// Wrapping sum of their hashes.
+    pub sum: u64,
+}
+
+/// The keyed hash behind [`EntryDigest`]; make one and use it on both sides of a comparison.
+#[derive(Debug, Clone)]
+pub struct EntryHasher(std::collections::hash_map::RandomState);
+
+impl Default for EntryHasher {
+    fn default() -> Self {
+        EntryHasher(std::collections::hash_map::RandomState::new())
+    }
+}
+
+impl EntryHasher {
+    /// Adds one entry, key and value as written (folded and normalized here).
+    pub fn add(&self, d: &mut EntryDigest, key: &[u8], value: &[u8]) {
+        let h = self.0.hash_one((fold_key(key), norm_value(value)));
+        d.count += 1;
+        d.sum = d.sum.wrapping_add(h);
+    }
+
+    /// The digest of a logical line of a source.
+    pub fn add_logical(&self, d: &mut EntryDigest, builder: Builder, logical: &[u8]) {
+        let (k, v) = split_entry(builder, logical);
+        self.add(d, k, v);
+    }
+}
+
+/// Keys `postalias` adds on its own (sendmail/NIS compatibility); not entries of the source.
+pub const POSTALIAS_EXTRA_KEYS: [&str; 3] = ["@", "YP_LAST_MODIFIED", "YP_MASTER_NAME"];
+
+/// Parses one line of `postmap -s` / `postmap -q -` output (`key<TAB>value`; `postalias` prints
+/// `key:<TAB>value`). `None` for `postalias`'s own keys and for lines without a tab.
+pub fn parse_output_line(builder: Builder, line: &[u8]) -> Option<(&[u8], &[u8])> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let tab = line.iter().position(|b| *b == b'\t')?;
+    let (mut key, value) = (&line[..tab], &line[tab + 1..]);
+    if builder == Builder::Postalias {
+        key = key.strip_suffix(b":").unwrap_or(key);
+        if POSTALIAS_EXTRA_KEYS.iter().any(|k| k.as_bytes() == key) {
+            return None;
+        }
+    }
+    Some((key, value))
+}
+
+/// Every entry of a source held in memory, key folded and value normalized, in source order.
+pub fn entries_of(builder: Builder, source: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut ll = LogicalLines::default();
+    let mut each = |l: &[u8]| {
+        let (k, v) = split_entry(builder, l);
+        out.push((fold_key(k), norm_value(v)));
+    };
+    ll.feed(source, &mut each);
+    ll.finish(&mut each);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logical(src: &[u8], chunk: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut ll = LogicalLines::default();
+        let mut each = |l: &[u8]| out.push(l.to_vec());
+        for c in src.chunks(chunk.max(1)) {
+            ll.feed(c, &mut each);
+        }
+        ll.finish(&mut each);
+        out
+    }
+
+    #[test]
+    fn joins_continuations_and_skips_comments_in_any_chunking() {
+        let src =
+            b"# head\nFoo  bar baz  \n  cont1\t\n# c\n\tcont2\nk2\tv2\n\n  \nK3 v3\n  # x\nlast v";
+        let want: Vec<Vec<u8>> = vec![
+            b"Foo  bar baz    cont1\t\tcont2".to_vec(),
+            b"k2\tv2".to_vec(),
+            b"K3 v3".to_vec(),
+            b"last v".to_vec(),
+        ];
+        for chunk in [1, 2, 3, 7, 100] {
+            assert_eq!(logical(src, chunk), want, "chunk {chunk}");
+        }
+    }
+
+    #[test]
+    fn keys_and_values() {
+        assert_eq!(
+            split_entry(Builder::Postmap, b"Key  some value"),
+            (&b"Key"[..], &b"some value"[..])
+        );
+        assert_eq!(
+            split_entry(Builder::Postalias, b"Owner : a@b,\t c@d"),
+            (&b"Owner"[..], &b"a@b,\t c@d"[..])
+        );
+        assert_eq!(split_entry(Builder::Postmap, b"k"), (&b"k"[..], &b""[..]));
+        assert_eq!(fold_key("ÄÖü@X.org".as_bytes()), "äöü@x.org".as_bytes());
+        assert_eq!(fold_key(b"A\xff"), b"a\xff");
+        assert_eq!(norm_value(b"a@b, c@d"), b"a@b,c@d");
+    }
+
+    #[test]
+    fn digests_ignore_order_but_not_content() {
+        let h = EntryHasher::default();
+        let (mut a, mut b, mut c) = Default::default();
+        h.add(&mut a, b"k1", b"v1");
+        h.add(&mut a, b"K2", b"v 2");
+        h.add(&mut b, b"k2", b"v2");
+        h.add(&mut b, b"k1", b"v1");
+        h.add(&mut c, b"k1", b"v1");
+        h.add(&mut c, b"k2", b"v3");
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+    }
+
+    #[test]
+    fn output_lines() {
+        assert_eq!(
+            parse_output_line(Builder::Postmap, b"k\tv w\n"),
+            Some((&b"k"[..], &b"v w"[..]))
+        );
+        assert_eq!(
+            parse_output_line(Builder::Postalias, b"owner:\ta@b, c@d"),
+            Some((&b"owner"[..], &b"a@b, c@d"[..]))
+        );
+        assert_eq!(parse_output_line(Builder::Postalias, b"@:\t@"), None);
+        assert_eq!(parse_output_line(Builder::Postmap, b"garbage"), None);
+    }
+}
