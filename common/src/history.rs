@@ -1,7 +1,9 @@
 //! Each node keeps the last K generations of each table under
-//! `<state_dir>/history/<table>/<generation>/`: `source` and `indexed` are **copies** (never hard
-//! links: a second link to the live `.db` would keep its link count above 0 after the next
-//! commit, and Postfix daemons would never notice the new table), `meta.json` says what it is.
+//! `<state_dir>/history/<table>/<generation>/`: `source` is a **copy** (never a hard link: the
+//! live file must stay the only link to its inode), `meta.json` says what it is. The indexed
+//! file is not kept: a rollback is a normal commit of the source, built again on every node
+//! (a `.db` is 2–3 times the source, and copying it on every commit would cost more than a
+//! delta commit itself).
 //!
 //! The directories are private (0700) and the copies 0600: a copy is only ever served to
 //! cluster peers (`Fetch`) and to root.
@@ -48,7 +50,6 @@ impl History {
         let _ = std::fs::remove_dir_all(&d);
         table::private_dir(&d)?;
         table::copy_private(&staged.source, &d.join("source"))?;
-        table::copy_private(&staged.indexed, &d.join("indexed"))?;
         std::fs::File::open(&d).and_then(|f| f.sync_all())?;
         Ok(())
     }

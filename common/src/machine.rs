@@ -70,6 +70,9 @@ pub struct Active {
     /// When its change was requested (ms since the epoch).
     #[serde(default)]
     pub requested_ms: u64,
+    /// Staged by an incremental build (a delta applied to a copy of the live indexed file).
+    #[serde(default)]
+    pub incremental: bool,
 }
 
 /// Everything a participant knows about one table; the journal stores exactly this.
@@ -98,6 +101,13 @@ pub struct TableState {
     /// When the live content's change was requested (ms since the epoch; 0: unknown).
     #[serde(default)]
     pub content_ms: u64,
+    /// The live indexed file as installed (`None`: unknown, so never the base of an
+    /// incremental build).
+    #[serde(default)]
+    pub indexed_stamp: Option<crate::table::FileStamp>,
+    /// Incremental builds since the last full one.
+    #[serde(default)]
+    pub deltas_since_full: u32,
 }
 
 /// Input to the participant machine.
@@ -343,6 +353,7 @@ impl TableState {
                     since_ms: now_ms,
                     nodes,
                     requested_ms,
+                    incremental: false,
                 });
                 vec![A::Stage { txid }]
             }

@@ -102,3 +102,12 @@ pub async fn fetch(
     }
     Ok(resp)
 }
+
+/// True when the connection settled on protocol 3 ([`crate::proto::ALPN_DELTA`]): the peer
+/// takes [`Request::PrepareDelta`].
+pub fn speaks_delta(conn: &quinn::Connection) -> bool {
+    conn.handshake_data()
+        .and_then(|h| h.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+        .and_then(|h| h.protocol)
+        .is_some_and(|p| p == crate::proto::ALPN_DELTA)
+}

@@ -30,8 +30,24 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// ALPN protocol name; a peer speaking anything else is refused during the handshake.
+/// ALPN protocol name of protocol version 2 (every message but [`Request::PrepareDelta`]); a
+/// peer speaking neither this nor [`ALPN_DELTA`] is refused during the handshake.
 pub const ALPN: &[u8] = b"txmap/1";
+
+/// ALPN protocol name of protocol version 3: version 2 plus [`Request::PrepareDelta`]. Both
+/// sides offer it first; a node of the previous version only knows [`ALPN`], and the handshake
+/// then settles on that (rolling upgrades: such a node keeps getting whole tables).
+pub const ALPN_DELTA: &[u8] = b"txmap/3";
+
+/// The ALPN names this build offers and accepts, best first. `TXMAP_TEST_PROTOCOL=2` (for the
+/// mixed-version tests) makes it speak only version 2, like the build before delta commits.
+pub fn alpn_protocols() -> Vec<Vec<u8>> {
+    if std::env::var("TXMAP_TEST_PROTOCOL").as_deref() == Ok("2") {
+        vec![ALPN.to_vec()]
+    } else {
+        vec![ALPN_DELTA.to_vec(), ALPN.to_vec()]
+    }
+}
 
 /// A transaction id: 128 random bits, shown as 32 hex digits (also in JSON journals).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -225,6 +241,21 @@ pub enum Request {
         /// installed it.
         fence: bool,
     },
+    /// A prepare whose content is a delta script (`delta_len` raw bytes follow the frame; see
+    /// [`crate::delta`]) against the node's live content `base_sha256`. Protocol 3 only.
+    PrepareDelta(PrepareDelta),
+}
+
+/// The header of a delta prepare.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareDelta {
+    /// The prepare as for a whole table: `source_len`, `sha256` and `entries` describe the
+    /// new content the node must rebuild.
+    pub prepare: Prepare,
+    /// sha256 of the content the script applies to.
+    pub base_sha256: Sha256,
+    /// Bytes of script that follow.
+    pub delta_len: u64,
 }
 
 /// The answer to [`Request::Outcome`].
@@ -512,12 +543,20 @@ pub enum Refusal {
         /// What was wrong.
         detail: String,
     },
+    /// A delta prepare does not fit this node's live content: send the whole table.
+    DeltaBase {
+        /// What did not fit.
+        detail: String,
+    },
 }
 
 impl Refusal {
     /// Refusals that a later retry of the whole transaction may overcome.
     pub fn is_conflict(&self) -> bool {
-        matches!(self, Refusal::Busy { .. } | Refusal::StaleGeneration { .. })
+        matches!(
+            self,
+            Refusal::Busy { .. } | Refusal::StaleGeneration { .. } | Refusal::DeltaBase { .. }
+        )
     }
 }
 
@@ -558,6 +597,9 @@ impl fmt::Display for Refusal {
             Refusal::AlreadyCommitted { txid } => write!(f, "transaction {txid} was committed"),
             Refusal::NotAuthorized { detail } => write!(f, "not authorized: {detail}"),
             Refusal::Protocol { detail } => write!(f, "protocol error: {detail}"),
+            Refusal::DeltaBase { detail } => {
+                write!(f, "delta does not fit this node's table: {detail}")
+            }
         }
     }
 }
@@ -581,6 +623,7 @@ impl From<crate::table::TableError> for Refusal {
                 stderr,
             },
             E::VerifyFailed { expected, found } => Refusal::VerifyFailed { expected, found },
+            E::ContentDiffers { detail } => Refusal::ContentMismatch { detail },
         }
     }
 }

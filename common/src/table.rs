@@ -8,7 +8,8 @@
 //! never older than its source; the old inode's link count drops to 0, which is how running
 //! Postfix daemons notice the change.
 
-use crate::config::{Builder, PostfixSettings, TableConfig};
+use crate::config::{Builder, PostfixSettings, TableConfig, TableType};
+use crate::entries::{EntryDigest, EntryHasher, LogicalLines};
 use crate::proto::TxId;
 use std::ffi::OsString;
 use std::fs::File;
@@ -38,6 +39,12 @@ pub enum TableError {
         status: String,
         /// What it printed on stderr (trimmed).
         stderr: String,
+    },
+    /// The built file holds other keys or values than the source says.
+    #[error("verification failed: {detail}")]
+    ContentDiffers {
+        /// What differs.
+        detail: String,
     },
     /// The built file does not hold what the source says.
     #[error("verification failed: source has {expected} entries, built table has {found}")]
@@ -577,8 +584,21 @@ pub struct SourceWriter {
     file: std::io::BufWriter<File>,
     ctx: ring::digest::Context,
     counter: EntryCounter,
+    builder: Builder,
     sampler: Option<KeySampler>,
+    content: Option<(EntryHasher, EntryDigest, LogicalLines)>,
     len: u64,
+}
+
+/// How a staged build is checked, as decided while its source streamed in.
+#[derive(Debug)]
+pub enum Check {
+    /// `verify = "sample"`: these keys must be answered.
+    Sample(SampledKeys),
+    /// Every entry, by key and value (see [`crate::entries`]).
+    Content(EntryHasher, EntryDigest),
+    /// Only the count (`allow_warnings` tables: postmap may drop duplicates).
+    Count,
 }
 
 impl std::fmt::Debug for SourceWriter {
@@ -611,8 +631,11 @@ impl SourceWriter {
             file: std::io::BufWriter::with_capacity(256 * 1024, file),
             ctx: ring::digest::Context::new(&ring::digest::SHA256),
             counter: EntryCounter::default(),
+            builder: t.builder,
             sampler: (t.verify == crate::config::VerifyMode::Sample)
                 .then(|| KeySampler::new(t.builder, ring_seed())),
+            content: (t.verify != crate::config::VerifyMode::Sample && !t.allow_warnings)
+                .then(|| (EntryHasher::default(), EntryDigest::default(), LogicalLines::default())),
             len: 0,
         })
     }
@@ -623,6 +646,10 @@ impl SourceWriter {
         self.counter.feed(chunk);
         if let Some(s) = self.sampler.as_mut() {
             s.feed(chunk);
+        }
+        if let Some((h, d, ll)) = self.content.as_mut() {
+            let b = self.builder;
+            ll.feed(chunk, &mut |l| h.add_logical(d, b, l));
         }
         self.len += chunk.len() as u64;
         self.file.write_all(chunk).map_err(io("write", &self.path))
@@ -638,9 +665,8 @@ impl SourceWriter {
         self.len == 0
     }
 
-    /// Flushes and fsyncs the file; returns what was written, and the sampled keys when the
-    /// table verifies by sample.
-    pub fn finish(self) -> Result<(SourceDigest, Option<SampledKeys>), TableError> {
+    /// Flushes and fsyncs the file; returns what was written, and how to check its build.
+    pub fn finish(self) -> Result<(SourceDigest, Check), TableError> {
         let path = self.path;
         let file = self
             .file
@@ -649,13 +675,21 @@ impl SourceWriter {
         file.sync_all().map_err(io("fsync", &path))?;
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(self.ctx.finish().as_ref());
-        let sample = self.sampler.map(KeySampler::finish);
+        let check = match (self.sampler, self.content) {
+            (Some(s), _) => Check::Sample(s.finish()),
+            (None, Some((h, mut d, ll))) => {
+                let b = self.builder;
+                ll.finish(&mut |l| h.add_logical(&mut d, b, l));
+                Check::Content(h, d)
+            }
+            (None, None) => Check::Count,
+        };
         let digest = SourceDigest {
             sha256,
             len: self.len,
             entries: self.counter.entries(),
         };
-        Ok((digest, sample))
+        Ok((digest, check))
     }
 }
 
@@ -726,15 +760,14 @@ pub async fn build(
     Ok(())
 }
 
-/// Keys `postalias` adds on its own (sendmail/NIS compatibility); not counted as entries.
-const POSTALIAS_EXTRA_KEYS: [&str; 3] = ["@", "YP_LAST_MODIFIED", "YP_MASTER_NAME"];
-
-/// Counts the entries of a built table by dumping it (`postmap -s`), streaming the output.
-pub async fn count_built(
+/// Streams the entries of a built table (`postmap -s`) to `each`, one output line at a time
+/// (the dump can be hundreds of megabytes: never held whole).
+pub async fn dump_built(
     postfix: &PostfixSettings,
     t: &TableConfig,
     path: &Path,
-) -> Result<u64, TableError> {
+    mut each: impl FnMut(&[u8]) + Send,
+) -> Result<(), TableError> {
     let mut cmd = builder_command(postfix, t.builder);
     cmd.arg("-s")
         .arg(typed(t, path))
@@ -757,25 +790,16 @@ pub async fn count_built(
         .stderr
         .take()
         .ok_or_else(|| fail("no stderr".into(), String::new()))?;
-    let builder = t.builder;
-    // Stream the dump line by line: it can be hundreds of megabytes, never held whole.
-    let count = async move {
+    let lines = async move {
         use tokio::io::AsyncBufReadExt;
         let mut r = tokio::io::BufReader::with_capacity(256 * 1024, stdout);
         let mut line = Vec::new();
-        let mut n = 0u64;
         loop {
             line.clear();
             if r.read_until(b'\n', &mut line).await? == 0 {
-                return Ok::<u64, std::io::Error>(n);
+                return Ok::<(), std::io::Error>(());
             }
-            let extra = builder == Builder::Postalias
-                && POSTALIAS_EXTRA_KEYS
-                    .iter()
-                    .any(|k| line.starts_with(k.as_bytes()) && line.get(k.len()) == Some(&b':'));
-            if !extra {
-                n += 1;
-            }
+            each(&line);
         }
     };
     let errs = async move {
@@ -784,41 +808,324 @@ pub async fn count_built(
         let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut v).await;
         v
     };
-    let (n, err_text) = tokio::join!(count, errs);
-    let n = n.map_err(|e| fail("read".into(), e.to_string()))?;
+    let (n, err_text) = tokio::join!(lines, errs);
+    n.map_err(|e| fail("read".into(), e.to_string()))?;
     let status = child
         .wait()
         .await
         .map_err(|e| fail("wait".into(), e.to_string()))?;
-    let out = std::process::Output {
-        status,
-        stdout: Vec::new(),
-        stderr: err_text,
-    };
-    if !out.status.success() || !out.stderr.is_empty() {
-        return Err(fail(out.status.to_string(), clip(&out.stderr)));
+    if !status.success() || !err_text.is_empty() {
+        return Err(fail(status.to_string(), clip(&err_text)));
     }
+    Ok(())
+}
+
+/// Counts the entries of a built table by dumping it (`postmap -s`); `postalias`'s own keys
+/// are not counted.
+pub async fn count_built(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    path: &Path,
+) -> Result<u64, TableError> {
+    let mut n = 0u64;
+    let b = t.builder;
+    dump_built(postfix, t, path, |line| {
+        if b == Builder::Postmap || crate::entries::parse_output_line(b, line).is_some() {
+            n += 1;
+        }
+    })
+    .await?;
     Ok(n)
 }
 
-/// Checks the built table against the source's entry count.
+/// Checks a built table against its source: the entry count always; with
+/// [`Check::Content`], every key and value (one dump, hashed as it streams; see
+/// [`crate::entries`]); with [`Check::Sample`], the sampled keys.
 pub async fn verify(
     postfix: &PostfixSettings,
     t: &TableConfig,
     staged: &Staged,
     expected: u64,
+    check: Check,
 ) -> Result<(), TableError> {
-    let found = count_built(postfix, t, &staged.source).await?;
-    let ok = if t.allow_warnings {
-        found <= expected && (found > 0 || expected == 0)
-    } else {
-        found == expected
+    let (hasher, want) = match check {
+        Check::Sample(keys) => return verify_sample(postfix, t, staged, keys).await,
+        Check::Count => {
+            let found = count_built(postfix, t, &staged.source).await?;
+            let ok = if t.allow_warnings {
+                found <= expected && (found > 0 || expected == 0)
+            } else {
+                found == expected
+            };
+            return if ok {
+                Ok(())
+            } else {
+                Err(TableError::VerifyFailed { expected, found })
+            };
+        }
+        Check::Content(h, d) => (h, d),
     };
-    if ok {
-        Ok(())
-    } else {
-        Err(TableError::VerifyFailed { expected, found })
+    let mut got = EntryDigest::default();
+    let b = t.builder;
+    dump_built(postfix, t, &staged.source, |line| {
+        if let Some((k, v)) = crate::entries::parse_output_line(b, line) {
+            hasher.add(&mut got, k, v);
+        }
+    })
+    .await?;
+    if got.count != expected || want.count != expected {
+        return Err(TableError::VerifyFailed {
+            expected,
+            found: got.count,
+        });
     }
+    if got != want {
+        return Err(TableError::ContentDiffers {
+            detail: format!(
+                "the built table holds {expected} entries, as the source, but their keys or \
+                 values differ from the source's"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// What a node recorded of the live indexed file it installed. A byte copy of that file is
+/// trusted as the base of an incremental build only while every field is unchanged: any write,
+/// `chmod`, link or replacement changes the inode, size, mtime or ctime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct FileStamp {
+    /// Device.
+    pub dev: u64,
+    /// Inode.
+    pub ino: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time (ns since the epoch).
+    pub mtime_ns: i128,
+    /// Inode change time (ns since the epoch).
+    pub ctime_ns: i128,
+}
+
+impl FileStamp {
+    /// The stamp of an open file.
+    pub fn of(m: &std::fs::Metadata) -> FileStamp {
+        use std::os::unix::fs::MetadataExt;
+        FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        }
+    }
+}
+
+/// The stamp of the live indexed file of `t` (never through a link).
+pub fn live_stamp(t: &TableConfig) -> std::io::Result<FileStamp> {
+    let m = std::fs::symlink_metadata(t.live_indexed())?;
+    if !m.file_type().is_file() {
+        return Err(std::io::Error::other("the live indexed file is not a regular file"));
+    }
+    Ok(FileStamp::of(&m))
+}
+
+/// True for the map types Postfix can update in place (`postmap -i`, `postmap -d`); `cdb`
+/// cannot.
+pub fn updatable(kind: TableType) -> bool {
+    kind != TableType::Cdb
+}
+
+/// Why an incremental build was not made (the full build then runs instead).
+#[derive(Debug, thiserror::Error)]
+pub enum IncrementalError {
+    /// The live indexed file is not the one recorded at install.
+    #[error("the live indexed file changed since txmap installed it ({0})")]
+    Drifted(String),
+    /// A Postfix command failed, or the result is not what the change says.
+    #[error("{0}")]
+    Failed(#[from] TableError),
+}
+
+/// Incremental build: copies the live indexed file (which must still carry `stamp`) to the
+/// staged name, deletes the keys of `dropped` records (`postmap -d -`) and adds the `inserted`
+/// records (`postmap -i`), then checks every changed key with `postmap -q -`: each added key
+/// answers its new value, each deleted key that was not added again is gone. The unchanged part
+/// is a byte copy of a table txmap built and verified.
+pub async fn build_incremental(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    staged: &Staged,
+    stamp: FileStamp,
+    dropped: &[u8],
+    inserted: &[u8],
+) -> Result<(), IncrementalError> {
+    let (postfix, t, staged) = (postfix.clone(), t.clone(), staged.clone());
+    let (dropped, inserted) = (dropped.to_vec(), inserted.to_vec());
+    tokio::task::spawn_blocking(move || {
+        incremental_blocking(&postfix, &t, &staged, stamp, &dropped, &inserted)
+    })
+    .await
+    .map_err(|e| IncrementalError::Failed(io("incremental build", Path::new(""))(std::io::Error::other(e.to_string()))))?
+}
+
+fn incremental_blocking(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    staged: &Staged,
+    stamp: FileStamp,
+    dropped: &[u8],
+    inserted: &[u8],
+) -> Result<(), IncrementalError> {
+    use crate::entries::{entries_of, fold_key, parse_output_line, split_entry, LogicalLines};
+    use std::collections::HashMap;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let live = t.live_indexed();
+    let mut src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&live)
+        .map_err(|e| IncrementalError::Drifted(format!("{}: {e}", live.display())))?;
+    let before = src.metadata().map_err(io("stat", &live))?;
+    if !before.file_type().is_file() || FileStamp::of(&before) != stamp {
+        return Err(IncrementalError::Drifted(format!(
+            "{} is not the file recorded at install",
+            live.display()
+        )));
+    }
+    let mut dst = create_private(&staged.indexed).map_err(io("create", &staged.indexed))?;
+    let _ = std::os::unix::fs::fchown(&dst, Some(before.uid()), Some(before.gid()));
+    std::io::copy(&mut src, &mut dst).map_err(io("copy", &live))?;
+    let after = src.metadata().map_err(io("stat", &live))?;
+    if FileStamp::of(&after) != stamp {
+        return Err(IncrementalError::Drifted(format!(
+            "{} changed while it was copied",
+            live.display()
+        )));
+    }
+    drop(dst);
+    // Keys of the dropped records, as written, one per line.
+    let mut del_keys: Vec<Vec<u8>> = Vec::new();
+    let mut ll = LogicalLines::default();
+    let mut each = |l: &[u8]| del_keys.push(split_entry(t.builder, l).0.to_vec());
+    ll.feed(dropped, &mut each);
+    ll.finish(&mut each);
+    let added = entries_of(t.builder, inserted);
+    let mut want: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    for (k, v) in &added {
+        if want.insert(k.clone(), v.clone()).is_some() {
+            return Err(TableError::ContentDiffers {
+                detail: format!(
+                    "the change adds key `{}` twice",
+                    String::from_utf8_lossy(k)
+                ),
+            }
+            .into());
+        }
+    }
+    if !del_keys.is_empty() {
+        let mut stdin = Vec::new();
+        for k in &del_keys {
+            stdin.extend_from_slice(k);
+            stdin.push(b'\n');
+        }
+        run_with_stdin(postfix, t, &["-d", "-"], staged, &stdin)?;
+    }
+    if !inserted.is_empty() {
+        run_with_stdin(postfix, t, &["-i"], staged, inserted)?;
+    }
+    // Check every changed key.
+    let mut ask: Vec<Vec<u8>> = want.keys().cloned().collect();
+    ask.extend(
+        del_keys
+            .iter()
+            .map(|k| fold_key(k))
+            .filter(|k| !want.contains_key(k)),
+    );
+    ask.sort();
+    ask.dedup();
+    let mut query = Vec::new();
+    for k in &ask {
+        query.extend_from_slice(k);
+        query.push(b'\n');
+    }
+    let out = run_with_stdin(postfix, t, &["-q", "-"], staged, &query)?;
+    let mut got: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
+    for line in out.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        if let Some((k, v)) = parse_output_line(t.builder, line) {
+            got.insert(fold_key(k), crate::entries::norm_value(v));
+        }
+    }
+    for k in &ask {
+        let expected = want.get(k);
+        let found = got.get(k);
+        if expected != found {
+            let show = |v: Option<&Vec<u8>>| {
+                v.map(|v| format!("`{}`", String::from_utf8_lossy(v)))
+                    .unwrap_or_else(|| "no entry".into())
+            };
+            return Err(TableError::ContentDiffers {
+                detail: format!(
+                    "after the incremental update, key `{}` has {} instead of {}",
+                    String::from_utf8_lossy(k),
+                    show(found),
+                    show(expected)
+                ),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Runs the table's builder with `args` on the staged file, `stdin` fed from another thread;
+/// returns its stdout. Any stderr output or a failure status is an error.
+fn run_with_stdin(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    args: &[&str],
+    staged: &Staged,
+    stdin: &[u8],
+) -> Result<Vec<u8>, TableError> {
+    let program = match t.builder {
+        Builder::Postmap => &postfix.postmap,
+        Builder::Postalias => &postfix.postalias,
+    };
+    let what = format!("{} {}", t.builder.as_str(), args.join(" "));
+    let fail = |status: String, stderr: String| TableError::BuildFailed {
+        program: what.clone(),
+        status,
+        stderr,
+    };
+    let mut cmd = std::process::Command::new(program);
+    if let Some(dir) = &postfix.config_dir {
+        cmd.arg("-c").arg(dir);
+    }
+    cmd.args(args).arg(typed(t, &staged.source));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| fail("not started".into(), e.to_string()))?;
+    let mut input = child
+        .stdin
+        .take()
+        .ok_or_else(|| fail("no stdin".into(), String::new()))?;
+    let data = stdin.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let out = child
+        .wait_with_output()
+        .map_err(|e| fail("wait".into(), e.to_string()))?;
+    let _ = writer.join();
+    // `-q` exits 1 when no key at all was found: an answer, not a failure.
+    let nothing_found = args.first() == Some(&"-q") && out.status.code() == Some(1);
+    if !(out.status.success() || nothing_found) || !out.stderr.is_empty() {
+        return Err(fail(out.status.to_string(), clip(&out.stderr)));
+    }
+    Ok(out.stdout)
 }
 
 /// fsyncs a file given by path.

@@ -219,7 +219,7 @@ pub fn server_config(cfg: &Config) -> Result<quinn::ServerConfig, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(&cfg.cert)?, load_key(&cfg.key)?)
         .map_err(setup("server certificate"))?;
-    tls.alpn_protocols = vec![crate::proto::ALPN.to_vec()];
+    tls.alpn_protocols = crate::proto::alpn_protocols();
     tls.max_early_data_size = 0;
     let quic =
         quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(setup("QUIC server"))?;
@@ -236,7 +236,7 @@ pub fn client_config(cfg: &Config) -> Result<quinn::ClientConfig, TlsError> {
         .with_root_certificates(roots(&cfg.ca)?)
         .with_client_auth_cert(load_certs(&cfg.cert)?, load_key(&cfg.key)?)
         .map_err(setup("client certificate"))?;
-    tls.alpn_protocols = vec![crate::proto::ALPN.to_vec()];
+    tls.alpn_protocols = crate::proto::alpn_protocols();
     let quic =
         quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(setup("QUIC client"))?;
     let mut cc = quinn::ClientConfig::new(Arc::new(quic));

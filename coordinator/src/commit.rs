@@ -32,8 +32,8 @@ use txmap_common::decision::{DecisionLog, DecisionRecord, PendingRecord, Verdict
 use txmap_common::exit;
 use txmap_common::machine::{next_generation, Vote};
 use txmap_common::net;
-use txmap_common::proto::{Prepare, Request, Response, Sha256, TableStatus, TxId};
-use txmap_common::{now_ms, table};
+use txmap_common::proto::{Prepare, PrepareDelta, Request, Response, Sha256, TableStatus, TxId};
+use txmap_common::{delta, now_ms, table};
 
 /// What happened on one node.
 #[derive(Debug, Clone, Serialize)]
@@ -66,6 +66,10 @@ pub struct CommitReport {
     /// The content guard refused the new source (exit 2): why. Not retried.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refused_content: Option<String>,
+    /// Bytes of table content sent in prepares (whole tables and delta scripts), all attempts.
+    pub bytes_sent: u64,
+    /// Nodes sent a delta in the last attempt (the others got the whole table).
+    pub delta_nodes: usize,
 }
 
 impl CommitReport {
@@ -106,18 +110,31 @@ impl Deadline {
     }
 }
 
-async fn prepare_one(link: &Link, req: &Request, source: &Path, deadline: Duration) -> Vote {
+/// What a prepare carries after its frame.
+#[derive(Debug, Clone)]
+enum Body<'a> {
+    /// The whole source file.
+    Whole(&'a Path),
+    /// A delta script (see [`txmap_common::delta`]).
+    Delta(&'a [u8]),
+}
+
+async fn prepare_one(link: &Link, req: &Request, body: Body<'_>, deadline: Duration) -> Vote {
     let conn = match link {
         Ok(c) => c,
         Err(e) => return Vote::Unreachable(e.clone()),
     };
     let run = async {
-        let file = tokio::fs::File::open(source)
-            .await
-            .map_err(|e| format!("cannot read source: {e}"))?;
-        net::exchange(conn, req, Some(file))
-            .await
-            .map_err(|e| e.to_string())
+        match body {
+            Body::Whole(source) => {
+                let file = tokio::fs::File::open(source)
+                    .await
+                    .map_err(|e| format!("cannot read source: {e}"))?;
+                net::exchange(conn, req, Some(file)).await
+            }
+            Body::Delta(script) => net::exchange(conn, req, Some(script)).await,
+        }
+        .map_err(|e| e.to_string())
     };
     match tokio::time::timeout(deadline, run).await {
         Ok(Ok(Response::Prepared { .. })) => Vote::Prepared,
@@ -128,6 +145,29 @@ async fn prepare_one(link: &Link, req: &Request, source: &Path, deadline: Durati
             "no answer within the prepare deadline of {} ms",
             deadline.as_millis()
         )),
+    }
+}
+
+/// The delta script from this node's live copy of `table` to `source`, when delta commits are
+/// on and the change is small enough (see [`txmap_common::delta::plan`]).
+async fn plan_delta(cluster: &Cluster, table_name: &str, source: &Path, len: u64) -> Option<delta::Plan> {
+    let cfg = &cluster.cfg;
+    let t = cfg.table(table_name)?;
+    if cfg.delta_max_percent == 0 {
+        return None;
+    }
+    let limits = delta::Limits {
+        max_bytes: (len.saturating_mul(cfg.delta_max_percent) / 100).max(64 * 1024),
+        max_edits: 4096,
+    };
+    let (base, new) = (t.path.clone(), source.to_path_buf());
+    match tokio::task::spawn_blocking(move || delta::plan(&base, &new, limits)).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            debug!(error = %e, "no delta: cannot read this node's live copy");
+            None
+        }
+        Err(_) => None,
     }
 }
 
@@ -220,7 +260,6 @@ pub async fn commit_with(
 ) -> CommitReport {
     let started = Instant::now();
     let t = &cluster.cfg.timeouts;
-    let deadline = Deadline(started + t.total);
     let log = DecisionLog::new(&cluster.cfg.state_dir);
     let mut report = CommitReport {
         table: table_name.to_string(),
@@ -231,6 +270,8 @@ pub async fn commit_with(
         elapsed_ms: 0,
         nodes: Vec::new(),
         refused_content: None,
+        bytes_sent: 0,
+        delta_nodes: 0,
     };
     let local_failure = |report: &mut CommitReport, detail: String| {
         report.exit = exit::LOCAL;
@@ -256,9 +297,14 @@ pub async fn commit_with(
             return report;
         }
     };
+    // Deadlines fit the table: a big one needs longer to upload and build.
+    let prepare_limit = t.prepare_for(digest.len, true);
+    let deadline = Deadline(started + t.total + (prepare_limit - t.prepare));
     let busy_until = started + t.busy_retry.min(t.total);
     let nodes = cluster.cfg.active_nodes();
     let mut links: Vec<(NodeConfig, Link)> = Vec::new();
+    // Nodes that refused a delta (their copy differs): they get the whole table from now on.
+    let mut whole_only: std::collections::HashSet<String> = Default::default();
     loop {
         report.attempts += 1;
         let txid = TxId::random();
@@ -293,10 +339,14 @@ pub async fn commit_with(
         )
         .await;
         let mut known: Vec<TableStatus> = Vec::new();
+        let mut live_sha: Vec<Option<Sha256>> = vec![None; links.len()];
         let mut votes: Vec<Option<Vote>> = vec![None; links.len()];
         for (i, s) in statuses.into_iter().enumerate() {
             match s {
-                Ok(Response::Status(v)) => known.extend(v),
+                Ok(Response::Status(v)) => {
+                    live_sha[i] = v.iter().find(|s| s.table == table_name).and_then(|s| s.sha256);
+                    known.extend(v)
+                }
                 Ok(Response::Refused(r)) => votes[i] = Some(Vote::Refused(r)),
                 Ok(other) => {
                     votes[i] = Some(Vote::Unreachable(format!("unexpected answer {other:?}")))
@@ -366,7 +416,7 @@ pub async fn commit_with(
                 break;
             }
         };
-        let req = Request::Prepare(Prepare {
+        let prepare = Prepare {
             txid,
             table: table_name.to_string(),
             generation,
@@ -376,15 +426,65 @@ pub async fn commit_with(
             entries: digest.entries,
             nodes: names.clone(),
             requested_ms,
-        });
+        };
         let prepare_sent = votes.iter().all(|v| v.is_none());
         if prepare_sent {
+            // A node that serves the base of a delta, and speaks protocol 3, gets the delta.
+            let wants_delta = |i: usize, base: &[u8; 32]| {
+                let (n, l) = &links[i];
+                !whole_only.contains(&n.name)
+                    && l.as_ref().is_ok_and(net::speaks_delta)
+                    && live_sha[i].is_some_and(|s| &s.0 == base)
+            };
+            let plan = match (0..links.len()).any(|i| links[i].1.as_ref().is_ok_and(net::speaks_delta)) {
+                true => plan_delta(cluster, table_name, source, digest.len).await,
+                false => None,
+            };
+            let bodies: Vec<(Request, Body)> = (0..links.len())
+                .map(|i| match &plan {
+                    Some(p) if wants_delta(i, &p.base_sha256) => (
+                        Request::PrepareDelta(PrepareDelta {
+                            prepare: prepare.clone(),
+                            base_sha256: Sha256(p.base_sha256),
+                            delta_len: p.payload.len() as u64,
+                        }),
+                        Body::Delta(&p.payload),
+                    ),
+                    _ => (Request::Prepare(prepare.clone()), Body::Whole(source)),
+                })
+                .collect();
+            report.delta_nodes = bodies
+                .iter()
+                .filter(|(_, b)| matches!(b, Body::Delta(_)))
+                .count();
+            let whole = report.delta_nodes < links.len();
+            report.bytes_sent += bodies
+                .iter()
+                .zip(&links)
+                .filter(|(_, (_, l))| l.is_ok())
+                .map(|((_, b), _)| match b {
+                    Body::Whole(_) => digest.len,
+                    Body::Delta(d) => d.len() as u64,
+                })
+                .sum::<u64>();
             // Leave room in the overall deadline for the commit acknowledgements.
             let pd = deadline
-                .cap(t.prepare)
+                .cap(t.prepare_for(digest.len, whole))
                 .min(deadline.left().saturating_sub(t.commit));
             let t_status = Instant::now();
-            let fresh = join_all(links.iter().map(|(_, l)| prepare_one(l, &req, source, pd))).await;
+            let fresh = join_all(
+                links
+                    .iter()
+                    .zip(&bodies)
+                    .map(|((_, l), (req, body))| prepare_one(l, req, body.clone(), pd)),
+            )
+            .await;
+            for ((n, _), v) in links.iter().zip(&fresh) {
+                if matches!(v, Vote::Refused(txmap_common::proto::Refusal::DeltaBase { .. })) {
+                    info!(node = %n.name, "the node's copy differs from the delta's base; it gets the whole table");
+                    whole_only.insert(n.name.clone());
+                }
+            }
             debug!(
                 connect_ms = (t_connected - started).as_millis() as u64,
                 status_ms = (t_status - t_connected).as_millis() as u64,

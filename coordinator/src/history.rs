@@ -93,6 +93,8 @@ pub async fn rollback(cluster: &Cluster, table: &str, to: Option<u64>) -> Commit
             detail,
         }],
         refused_content: None,
+        bytes_sent: 0,
+        delta_nodes: 0,
     };
     let (gens, unreachable) = history(cluster, table, true).await;
     if !unreachable.is_empty() {

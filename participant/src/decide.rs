@@ -109,11 +109,14 @@ impl Node {
                         Some(a) => install_checked(t, a).map_err(Refusal::from),
                         None => Err(Refusal::UnknownTransaction { txid }),
                     };
+                    let mut installed_as = None;
                     let ev = match installed {
                         Ok(()) => {
                             fail::fail_point!("participant::after_commit_rename");
                             if let Some(a) = state.active.as_ref().filter(|a| a.txid == txid) {
                                 record_history(&self.cfg, t, a);
+                                // What the next incremental build may copy: this very file.
+                                installed_as = Some((table::live_stamp(t).ok(), a.incremental));
                             }
                             Event::InstallDone { txid }
                         }
@@ -123,6 +126,16 @@ impl Node {
                         }
                     };
                     queue.extend(state.step(ev, now_ms()));
+                    if let Some((stamp, incremental)) = installed_as {
+                        if state.last_txid == Some(txid) {
+                            // Persisted with the generation (the Persist action is queued).
+                            state.indexed_stamp = stamp;
+                            state.deltas_since_full = match incremental {
+                                true => state.deltas_since_full.saturating_add(1),
+                                false => 0,
+                            };
+                        }
+                    }
                 }
                 Action::Reply(r) => reply = r,
             }

@@ -3,17 +3,22 @@
 
 use crate::server::{Node, Slot};
 use tracing::{debug, info, warn};
+use txmap_common::delta;
 use txmap_common::history::History;
 use txmap_common::machine::{Action, Event};
 use txmap_common::now_ms;
-use txmap_common::proto::{Prepare, Refusal, Response};
+use txmap_common::proto::{Prepare, Refusal, Response, Sha256};
 use txmap_common::table;
+
+/// A delta prepare: the base it applies to and the bytes of script that follow.
+pub(crate) type DeltaHeader = Option<(Sha256, u64)>;
 
 impl Node {
     pub(crate) async fn prepare(
         &self,
         peer: &str,
         p: Prepare,
+        delta: DeltaHeader,
         recv: &mut quinn::RecvStream,
     ) -> Response {
         let slot = match self.slot(&p.table) {
@@ -65,8 +70,12 @@ impl Node {
         }
         let started = std::time::Instant::now();
         // A coordinator that stalls mid-upload must not hold the table forever.
-        let limit = self.cfg.timeouts.prepare * 3;
-        let staged = tokio::time::timeout(limit, self.stage(&slot, &p, recv))
+        let limit = self
+            .cfg
+            .timeouts
+            .prepare_for(p.source_len, delta.is_none())
+            * 3;
+        let staged = tokio::time::timeout(limit, self.stage(&slot, &p, delta, recv))
             .await
             .unwrap_or_else(|_| {
                 Err(Refusal::Protocol {
@@ -91,6 +100,7 @@ impl Node {
             info!(
                 generation = p.generation,
                 bytes = p.source_len,
+                delta = delta.map(|d| d.1),
                 entries = p.entries,
                 ms = started.elapsed().as_millis() as u64,
                 "prepared"
@@ -105,6 +115,7 @@ impl Node {
         &self,
         slot: &Slot,
         p: &Prepare,
+        delta: DeltaHeader,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), Refusal> {
         let t = &slot.table;
@@ -122,39 +133,41 @@ impl Node {
         let staged = table::staged_paths(t, p.txid);
         table::remove_staged(t, p.txid)?;
         let mut w = table::SourceWriter::create(t, &staged)?;
-        loop {
-            match recv.read_chunk(256 * 1024, true).await {
-                Ok(Some(chunk)) => {
-                    if w.len() + chunk.bytes.len() as u64 > p.source_len {
-                        return Err(Refusal::ContentMismatch {
-                            detail: format!("more than the announced {} bytes", p.source_len),
-                        });
-                    }
-                    w.write(&chunk.bytes)?;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    return Err(Refusal::ContentMismatch {
-                        detail: format!("upload broken after {} bytes: {e}", w.len()),
-                    })
-                }
+        let change = match delta {
+            None => {
+                receive_whole(&mut w, p, recv).await?;
+                None
             }
-        }
+            Some((base, len)) => {
+                let (back, applied) = self.receive_delta(slot, w, base, len, recv).await?;
+                w = back;
+                Some(applied)
+            }
+        };
         let t_upload = std::time::Instant::now();
-        let (got, sample) = w.finish()?;
+        let (got, check) = w.finish()?;
         if got.len != p.source_len || got.sha256 != p.sha256.0 {
-            return Err(Refusal::ContentMismatch {
-                detail: format!(
-                    "received {} bytes sha256 {}, announced {} bytes sha256 {}",
-                    got.len,
-                    table::hex(&got.sha256),
-                    p.source_len,
-                    p.sha256
-                ),
+            let detail = format!(
+                "received {} bytes sha256 {}, announced {} bytes sha256 {}",
+                got.len,
+                table::hex(&got.sha256),
+                p.source_len,
+                p.sha256
+            );
+            return Err(match delta {
+                // Rebuilt from this node's own copy: the coordinator sends the whole table.
+                Some(_) => Refusal::DeltaBase { detail },
+                None => Refusal::ContentMismatch { detail },
             });
         }
         let t_synced = std::time::Instant::now();
-        table::build(&self.cfg.postfix, t, &staged).await?;
+        let incremental = match change {
+            Some(applied) => self.build_incremental(slot, p, &staged, &applied).await,
+            None => false,
+        };
+        if !incremental {
+            table::build(&self.cfg.postfix, t, &staged).await?;
+        }
         #[cfg(feature = "failpoints")]
         if std::env::var("TXMAP_CHAOS_BROKEN").as_deref() == Ok("rename-before-durable") {
             // Deliberately broken build for the chaos tests (only with the `failpoints`
@@ -167,9 +180,8 @@ impl Node {
             })?;
         }
         let t_built = std::time::Instant::now();
-        match sample {
-            Some(keys) => table::verify_sample(&self.cfg.postfix, t, &staged, keys).await?,
-            None => table::verify(&self.cfg.postfix, t, &staged, got.entries).await?,
+        if !incremental {
+            table::verify(&self.cfg.postfix, t, &staged, got.entries, check).await?;
         }
         let t_verified = std::time::Instant::now();
         table::fsync_path(&staged.indexed)?;
@@ -188,5 +200,184 @@ impl Node {
         );
         fail::fail_point!("participant::after_stage");
         Ok(())
+    }
+
+    /// Reads a delta script and rebuilds the whole new source from this node's live copy into
+    /// `w`. A base other than the live content, or a script that does not fit it, is refused
+    /// with [`Refusal::DeltaBase`] (the coordinator then sends the whole table).
+    async fn receive_delta(
+        &self,
+        slot: &Slot,
+        mut writer: table::SourceWriter,
+        base: Sha256,
+        len: u64,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(table::SourceWriter, delta::Applied), Refusal> {
+        let t = &slot.table;
+        if len > self.cfg.max_table_bytes {
+            return Err(Refusal::TooLarge {
+                len,
+                max: self.cfg.max_table_bytes,
+            });
+        }
+        let mut script = Vec::with_capacity(len.min(1 << 20) as usize);
+        loop {
+            match recv.read_chunk(256 * 1024, true).await {
+                Ok(Some(chunk)) => {
+                    if script.len() as u64 + chunk.bytes.len() as u64 > len {
+                        return Err(Refusal::ContentMismatch {
+                            detail: format!("more than the announced {len} bytes of delta"),
+                        });
+                    }
+                    script.extend_from_slice(&chunk.bytes);
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(Refusal::ContentMismatch {
+                        detail: format!("delta upload broken after {} bytes: {e}", script.len()),
+                    })
+                }
+            }
+        }
+        if script.len() as u64 != len {
+            return Err(Refusal::ContentMismatch {
+                detail: format!("received {} of {len} bytes of delta", script.len()),
+            });
+        }
+        let live_sha = slot.state.lock().await.sha256;
+        if live_sha != Some(base) {
+            return Err(Refusal::DeltaBase {
+                detail: format!(
+                    "the delta applies to {base}, this node serves {}",
+                    live_sha.map(|s| s.to_string()).unwrap_or_else(|| "nothing".into())
+                ),
+            });
+        }
+        let (file, _) = table::open_untrusted(&t.path, self.cfg.max_table_bytes).map_err(|e| {
+            Refusal::DeltaBase {
+                detail: format!("live source: {e}"),
+            }
+        })?;
+        let reader = std::io::BufReader::with_capacity(256 * 1024, file);
+        // The rebuild is CPU and disk work: off the async threads.
+        let res = tokio::task::spawn_blocking(move || {
+            let r = delta::apply(reader, &script, |b| {
+                writer.write(b).map_err(|e| std::io::Error::other(e.to_string()))
+            });
+            (r, writer)
+        })
+        .await;
+        let (applied, writer) = res.map_err(|e| Refusal::Storage {
+            op: "delta".into(),
+            path: t.path.display().to_string(),
+            error: e.to_string(),
+        })?;
+        let applied = applied.map_err(|e| Refusal::DeltaBase {
+            detail: e.to_string(),
+        })?;
+        if applied.base_sha256 != base.0 {
+            return Err(Refusal::DeltaBase {
+                detail: format!(
+                    "the live source {} is not the recorded content (drifted)",
+                    t.path.display()
+                ),
+            });
+        }
+        Ok((writer, applied))
+    }
+
+    /// Tries the incremental build of a delta prepare; false when the full build must run
+    /// (not eligible, or the incremental build failed: it is never the only way).
+    async fn build_incremental(
+        &self,
+        slot: &Slot,
+        p: &Prepare,
+        staged: &table::Staged,
+        applied: &delta::Applied,
+    ) -> bool {
+        let t = &slot.table;
+        let (stamp, base_entries, deltas) = {
+            let s = slot.state.lock().await;
+            (s.indexed_stamp, s.entries, s.deltas_since_full)
+        };
+        let count = |b: &[u8]| {
+            let mut c = table::EntryCounter::default();
+            c.feed(b);
+            c.entries()
+        };
+        let (dropped, inserted) = (count(&applied.dropped), count(&applied.inserted));
+        let why_not = if !table::updatable(t.kind) {
+            Some(format!("{} tables cannot be updated in place", t.kind.as_str()))
+        } else if t.allow_warnings {
+            Some("the table allows builder warnings".into())
+        } else if stamp.is_none() {
+            Some("no record of the live indexed file".into())
+        } else if deltas >= self.cfg.delta_full_every {
+            Some(format!("{deltas} incremental builds in a row: a full one is due"))
+        } else if (dropped + inserted) * 100 > self.cfg.delta_max_percent * base_entries.max(1) {
+            Some(format!(
+                "the change ({dropped} removed, {inserted} added) is above delta_max_percent of {base_entries} entries"
+            ))
+        } else if base_entries + inserted != p.entries + dropped {
+            Some(format!(
+                "entry count: {base_entries} - {dropped} + {inserted} is not {}",
+                p.entries
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = why_not {
+            debug!(%why, "full build");
+            return false;
+        }
+        let Some(stamp) = stamp else { return false };
+        match table::build_incremental(
+            &self.cfg.postfix,
+            t,
+            staged,
+            stamp,
+            &applied.dropped,
+            &applied.inserted,
+        )
+        .await
+        {
+            Ok(()) => {
+                if let Some(a) = slot.state.lock().await.active.as_mut() {
+                    a.incremental = true;
+                }
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "incremental build not possible; building the whole table");
+                let _ = std::fs::remove_file(&staged.indexed);
+                false
+            }
+        }
+    }
+}
+
+/// Receives a whole table into `w`.
+async fn receive_whole(
+    w: &mut table::SourceWriter,
+    p: &Prepare,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), Refusal> {
+    loop {
+        match recv.read_chunk(256 * 1024, true).await {
+            Ok(Some(chunk)) => {
+                if w.len() + chunk.bytes.len() as u64 > p.source_len {
+                    return Err(Refusal::ContentMismatch {
+                        detail: format!("more than the announced {} bytes", p.source_len),
+                    });
+                }
+                w.write(&chunk.bytes)?;
+            }
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                return Err(Refusal::ContentMismatch {
+                    detail: format!("upload broken after {} bytes: {e}", w.len()),
+                })
+            }
+        }
     }
 }

@@ -67,7 +67,17 @@ impl Node {
             Request::Prepare(p) => {
                 let span =
                     info_span!("prepare", txid = %p.txid, table = %p.table, node = %self.cfg.node);
-                self.prepare(&peer, p, &mut recv).instrument(span).await
+                self.prepare(&peer, p, None, &mut recv)
+                    .instrument(span)
+                    .await
+            }
+            Request::PrepareDelta(d) => {
+                let p = d.prepare;
+                let span = info_span!("prepare", txid = %p.txid, table = %p.table, node = %self.cfg.node, delta = d.delta_len);
+                let delta = Some((d.base_sha256, d.delta_len));
+                self.prepare(&peer, p, delta, &mut recv)
+                    .instrument(span)
+                    .await
             }
             Request::Commit {
                 table,
