@@ -80,31 +80,8 @@ enum Edit {
     Insert(usize),
 }
 
-/// Record starts of `bytes` (a whole file, or a region starting at a record start).
-fn record_starts(bytes: &[u8]) -> Vec<usize> {
-    let mut v = Vec::new();
-    if !bytes.is_empty() {
-        v.push(0);
-    }
-    for (i, w) in bytes.windows(2).enumerate() {
-        if w[0] == b'\n' && starts_entry(w[1]) {
-            v.push(i + 1);
-        }
-    }
-    v
-}
-
-fn records(bytes: &[u8]) -> Vec<&[u8]> {
-    let starts = record_starts(bytes);
-    starts
-        .iter()
-        .enumerate()
-        .map(|(i, s)| &bytes[*s..starts.get(i + 1).copied().unwrap_or(bytes.len())])
-        .collect()
-}
-
 /// Myers' greedy diff of `a` into `b`, or `None` past `max_d` edits.
-fn myers(a: &[&[u8]], b: &[&[u8]], max_d: usize) -> Option<Vec<Edit>> {
+fn myers<T: PartialEq>(a: &[T], b: &[T], max_d: usize) -> Option<Vec<Edit>> {
     let (n, m) = (a.len() as isize, b.len() as isize);
     let dmax = (max_d as isize).min(n + m);
     let off = dmax + 1;
@@ -175,8 +152,13 @@ fn push_count(out: &mut Vec<u8>, tag: u8, n: u64) {
     }
 }
 
-/// Encodes `edits` of middle records (`b` the new side's) after `keep_prefix` kept records.
-fn encode(keep_prefix: u64, edits: &[Edit], b: &[&[u8]]) -> (Vec<u8>, u64, u64) {
+/// Encodes `edits` of middle records after `keep_prefix` kept records; `record(j)` gives the
+/// bytes of the new side's record `j`.
+fn encode(
+    keep_prefix: u64,
+    edits: &[Edit],
+    mut record: impl FnMut(usize) -> std::io::Result<Vec<u8>>,
+) -> std::io::Result<(Vec<u8>, u64, u64)> {
     let mut out = Vec::new();
     let (mut keep, mut drop) = (keep_prefix, 0u64);
     let mut ins: Vec<u8> = Vec::new();
@@ -209,14 +191,14 @@ fn encode(keep_prefix: u64, edits: &[Edit], b: &[&[u8]]) -> (Vec<u8>, u64, u64) 
                 if keep > 0 {
                     flush(&mut out, &mut keep, &mut 0, &mut Vec::new());
                 }
-                ins.extend_from_slice(b[*j]);
+                ins.extend_from_slice(&record(*j)?);
                 inserted += 1;
             }
         }
     }
     flush(&mut out, &mut keep, &mut drop, &mut ins);
     out.push(REST);
-    (out, dropped, inserted)
+    Ok((out, dropped, inserted))
 }
 
 fn read_at(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
@@ -292,21 +274,27 @@ fn plan_files(fb: &File, fnew: &File, limits: Limits) -> std::io::Result<Option<
     // inside the common suffix (its newline too), or the end.
     let cut = last_start_before(fb, p)?;
     let q = first_start_after(fb, lb - s, lb)?;
-    let (mid_b, mid_n) = (q - cut, (q + ln) - lb - cut);
-    if mid_b > limits.max_bytes || mid_n > limits.max_bytes {
-        return Ok(None);
-    }
-    let mut a_bytes = vec![0u8; mid_b as usize];
-    read_at(fb, &mut a_bytes, cut)?;
-    let mut b_bytes = vec![0u8; mid_n as usize];
-    read_at(fnew, &mut b_bytes, cut)?;
-    let (a, b) = (records(&a_bytes), records(&b_bytes));
+    let (end_b, end_n) = (q, q + ln - lb);
+    let hasher = std::collections::hash_map::RandomState::new();
+    let (a, _) = record_hashes(fb, cut, end_b, &hasher)?;
+    let (b, b_starts) = record_hashes(fnew, cut, end_n, &hasher)?;
     let Some(edits) = myers(&a, &b, limits.max_edits) else {
         return Ok(None);
     };
     let keep_prefix = count_starts(fb, cut)?;
-    let (payload, dropped, inserted) = encode(keep_prefix, &edits, &b);
-    if payload.len() as u64 > limits.max_bytes {
+    let mut budget = limits.max_bytes;
+    let (payload, dropped, inserted) = encode(keep_prefix, &edits, |j| {
+        let (from, to) = (b_starts[j], b_starts.get(j + 1).copied().unwrap_or(end_n));
+        if to - from > budget {
+            return Err(std::io::Error::other("delta over its byte limit"));
+        }
+        budget -= to - from;
+        let mut v = vec![0u8; (to - from) as usize];
+        read_at(fnew, &mut v, from)?;
+        Ok(v)
+    })
+    .map_or((Vec::new(), 0, 0), |r| r);
+    if payload.is_empty() || payload.len() as u64 > limits.max_bytes {
         return Ok(None);
     }
     Ok(Some(Plan {
@@ -315,6 +303,43 @@ fn plan_files(fb: &File, fnew: &File, limits: Limits) -> std::io::Result<Option<
         dropped,
         inserted,
     }))
+}
+
+/// A keyed hash and the start offset of every record in `[from, to)` of `f` (`from` is a
+/// record start), read in chunks: only 16 bytes per record are held.
+fn record_hashes(
+    f: &File,
+    from: u64,
+    to: u64,
+    hasher: &std::collections::hash_map::RandomState,
+) -> std::io::Result<(Vec<u64>, Vec<u64>)> {
+    use std::hash::BuildHasher;
+    let (mut hashes, mut starts) = (Vec::new(), Vec::new());
+    let mut rec: Vec<u8> = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = from;
+    let mut prev_newline = false;
+    while pos < to {
+        let want = ((to - pos) as usize).min(buf.len());
+        read_at(f, &mut buf[..want], pos)?;
+        for (i, b) in buf[..want].iter().enumerate() {
+            let at = pos + i as u64;
+            if at == from || (prev_newline && starts_entry(*b)) {
+                if at != from {
+                    hashes.push(hasher.hash_one(&rec));
+                }
+                rec.clear();
+                starts.push(at);
+            }
+            rec.push(*b);
+            prev_newline = *b == b'\n';
+        }
+        pos += want as u64;
+    }
+    if to > from {
+        hashes.push(hasher.hash_one(&rec));
+    }
+    Ok((hashes, starts))
 }
 
 fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {

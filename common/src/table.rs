@@ -634,8 +634,15 @@ impl SourceWriter {
             builder: t.builder,
             sampler: (t.verify == crate::config::VerifyMode::Sample)
                 .then(|| KeySampler::new(t.builder, ring_seed())),
-            content: (t.verify != crate::config::VerifyMode::Sample && !t.allow_warnings)
-                .then(|| (EntryHasher::default(), EntryDigest::default(), LogicalLines::default())),
+            content: (t.verify != crate::config::VerifyMode::Sample && !t.allow_warnings).then(
+                || {
+                    (
+                        EntryHasher::default(),
+                        EntryDigest::default(),
+                        LogicalLines::default(),
+                    )
+                },
+            ),
             len: 0,
         })
     }
@@ -820,6 +827,119 @@ pub async fn dump_built(
     Ok(())
 }
 
+/// Looks up every key of the staged source in the built table (`postmap -q -`), streaming
+/// both: each answer line goes to `each`. For map types that cannot be listed (`cdb`).
+pub async fn lookup_all(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    staged: &Staged,
+    each: &mut (impl FnMut(&[u8]) + Send),
+) -> Result<(), TableError> {
+    let (pf, tc, source) = (postfix.clone(), t.clone(), staged.source.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(64);
+    let task = tokio::task::spawn_blocking(move || {
+        lookup_lines(&pf, &tc, &source, |line| {
+            let _ = tx.blocking_send(line.to_vec());
+        })
+    });
+    while let Some(line) = rx.recv().await {
+        each(&line);
+    }
+    let fail = |e: String| TableError::BuildFailed {
+        program: format!("{} -q", t.builder.as_str()),
+        status: "lookup".into(),
+        stderr: e,
+    };
+    match task.await {
+        Ok(Ok(err)) if err.is_empty() => Ok(()),
+        Ok(Ok(err)) => Err(fail(clip(&err))),
+        Ok(Err(e)) => Err(fail(e)),
+        Err(e) => Err(fail(e.to_string())),
+    }
+}
+
+/// Feeds every key of the source at `path` to `postmap -q - TYPE:path`, and gives each output
+/// line to `each`; returns what the program wrote on stderr.
+fn lookup_lines(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    path: &Path,
+    mut each: impl FnMut(&[u8]),
+) -> Result<Vec<u8>, String> {
+    use std::io::BufRead;
+    let program = match t.builder {
+        Builder::Postmap => &postfix.postmap,
+        Builder::Postalias => &postfix.postalias,
+    };
+    let mut cmd = std::process::Command::new(program);
+    if let Some(dir) = &postfix.config_dir {
+        cmd.arg("-c").arg(dir);
+    }
+    cmd.arg("-q").arg("-").arg(typed(t, path));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
+    let (Some(mut stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return Err("cannot talk to the lookup process".into());
+    };
+    let (builder, source) = (t.builder, path.to_path_buf());
+    let feeder = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut f = std::io::BufReader::new(File::open(&source)?);
+        let mut ll = LogicalLines::default();
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut out = std::io::BufWriter::new(&mut stdin);
+        let mut err = Ok(());
+        let mut write_key = |l: &[u8]| {
+            let k = crate::entries::split_entry(builder, l).0;
+            if err.is_ok() {
+                err = out.write_all(k).and_then(|_| out.write_all(b"\n"));
+            }
+        };
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            ll.feed(&buf[..n], &mut write_key);
+        }
+        ll.finish(&mut write_key);
+        err?;
+        out.flush()
+    });
+    let errors = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(stderr, 64 * 1024), &mut v);
+        v
+    });
+    let mut r = std::io::BufReader::new(stdout);
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match r.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => each(&line),
+        }
+    }
+    let fed = feeder.join();
+    let status = child.wait().map_err(|e| e.to_string())?;
+    let err = errors.join().unwrap_or_default();
+    match fed {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(format!("feeding keys: {e}")),
+        Err(_) => return Err("feeding keys failed".into()),
+    }
+    // Exit 1: no key at all was found (an empty table): an answer, not a failure.
+    if !status.success() && status.code() != Some(1) {
+        return Err(format!("{status}: {}", clip(&err)));
+    }
+    Ok(err)
+}
+
 /// Counts the entries of a built table by dumping it (`postmap -s`); `postalias`'s own keys
 /// are not counted.
 pub async fn count_built(
@@ -850,6 +970,19 @@ pub async fn verify(
 ) -> Result<(), TableError> {
     let (hasher, want) = match check {
         Check::Sample(keys) => return verify_sample(postfix, t, staged, keys).await,
+        Check::Count if t.kind == TableType::Cdb => {
+            let mut found = 0u64;
+            lookup_all(postfix, t, staged, &mut |_| found += 1).await?;
+            let ok = match t.allow_warnings {
+                true => found <= expected && (found > 0 || expected == 0),
+                false => found == expected,
+            };
+            return if ok {
+                Ok(())
+            } else {
+                Err(TableError::VerifyFailed { expected, found })
+            };
+        }
         Check::Count => {
             let found = count_built(postfix, t, &staged.source).await?;
             let ok = if t.allow_warnings {
@@ -867,12 +1000,18 @@ pub async fn verify(
     };
     let mut got = EntryDigest::default();
     let b = t.builder;
-    dump_built(postfix, t, &staged.source, |line| {
+    let mut each = |line: &[u8]| {
         if let Some((k, v)) = crate::entries::parse_output_line(b, line) {
             hasher.add(&mut got, k, v);
         }
-    })
-    .await?;
+    };
+    if t.kind == TableType::Cdb {
+        // cdb cannot be listed (`postmap -s`: "sequence operation is not supported"): ask it
+        // for every key of the source instead.
+        lookup_all(postfix, t, staged, &mut each).await?;
+    } else {
+        dump_built(postfix, t, &staged.source, each).await?;
+    }
     if got.count != expected || want.count != expected {
         return Err(TableError::VerifyFailed {
             expected,
@@ -925,7 +1064,9 @@ impl FileStamp {
 pub fn live_stamp(t: &TableConfig) -> std::io::Result<FileStamp> {
     let m = std::fs::symlink_metadata(t.live_indexed())?;
     if !m.file_type().is_file() {
-        return Err(std::io::Error::other("the live indexed file is not a regular file"));
+        return Err(std::io::Error::other(
+            "the live indexed file is not a regular file",
+        ));
     }
     Ok(FileStamp::of(&m))
 }
@@ -966,7 +1107,11 @@ pub async fn build_incremental(
         incremental_blocking(&postfix, &t, &staged, stamp, &dropped, &inserted)
     })
     .await
-    .map_err(|e| IncrementalError::Failed(io("incremental build", Path::new(""))(std::io::Error::other(e.to_string()))))?
+    .map_err(|e| {
+        IncrementalError::Failed(io("incremental build", Path::new(""))(
+            std::io::Error::other(e.to_string()),
+        ))
+    })?
 }
 
 fn incremental_blocking(
@@ -1015,10 +1160,7 @@ fn incremental_blocking(
     for (k, v) in &added {
         if want.insert(k.clone(), v.clone()).is_some() {
             return Err(TableError::ContentDiffers {
-                detail: format!(
-                    "the change adds key `{}` twice",
-                    String::from_utf8_lossy(k)
-                ),
+                detail: format!("the change adds key `{}` twice", String::from_utf8_lossy(k)),
             }
             .into());
         }

@@ -150,15 +150,23 @@ async fn prepare_one(link: &Link, req: &Request, body: Body<'_>, deadline: Durat
 
 /// The delta script from this node's live copy of `table` to `source`, when delta commits are
 /// on and the change is small enough (see [`txmap_common::delta::plan`]).
-async fn plan_delta(cluster: &Cluster, table_name: &str, source: &Path, len: u64) -> Option<delta::Plan> {
+async fn plan_delta(
+    cluster: &Cluster,
+    table_name: &str,
+    source: &Path,
+    digest: &table::SourceDigest,
+) -> Option<delta::Plan> {
     let cfg = &cluster.cfg;
     let t = cfg.table(table_name)?;
     if cfg.delta_max_percent == 0 {
         return None;
     }
+    // The same share as the node's rule for an incremental build, in records and in bytes
+    // (a little slack for small tables).
+    let share = |x: u64| x.saturating_mul(cfg.delta_max_percent) / 100;
     let limits = delta::Limits {
-        max_bytes: (len.saturating_mul(cfg.delta_max_percent) / 100).max(64 * 1024),
-        max_edits: 4096,
+        max_bytes: share(digest.len).max(4096),
+        max_edits: share(digest.entries).clamp(4, 1 << 16) as usize,
     };
     let (base, new) = (t.path.clone(), source.to_path_buf());
     match tokio::task::spawn_blocking(move || delta::plan(&base, &new, limits)).await {
@@ -344,7 +352,10 @@ pub async fn commit_with(
         for (i, s) in statuses.into_iter().enumerate() {
             match s {
                 Ok(Response::Status(v)) => {
-                    live_sha[i] = v.iter().find(|s| s.table == table_name).and_then(|s| s.sha256);
+                    live_sha[i] = v
+                        .iter()
+                        .find(|s| s.table == table_name)
+                        .and_then(|s| s.sha256);
                     known.extend(v)
                 }
                 Ok(Response::Refused(r)) => votes[i] = Some(Vote::Refused(r)),
@@ -436,10 +447,11 @@ pub async fn commit_with(
                     && l.as_ref().is_ok_and(net::speaks_delta)
                     && live_sha[i].is_some_and(|s| &s.0 == base)
             };
-            let plan = match (0..links.len()).any(|i| links[i].1.as_ref().is_ok_and(net::speaks_delta)) {
-                true => plan_delta(cluster, table_name, source, digest.len).await,
-                false => None,
-            };
+            let plan =
+                match (0..links.len()).any(|i| links[i].1.as_ref().is_ok_and(net::speaks_delta)) {
+                    true => plan_delta(cluster, table_name, source, &digest).await,
+                    false => None,
+                };
             let bodies: Vec<(Request, Body)> = (0..links.len())
                 .map(|i| match &plan {
                     Some(p) if wants_delta(i, &p.base_sha256) => (
@@ -480,7 +492,10 @@ pub async fn commit_with(
             )
             .await;
             for ((n, _), v) in links.iter().zip(&fresh) {
-                if matches!(v, Vote::Refused(txmap_common::proto::Refusal::DeltaBase { .. })) {
+                if matches!(
+                    v,
+                    Vote::Refused(txmap_common::proto::Refusal::DeltaBase { .. })
+                ) {
                     info!(node = %n.name, "the node's copy differs from the delta's base; it gets the whole table");
                     whole_only.insert(n.name.clone());
                 }

@@ -70,11 +70,7 @@ impl Node {
         }
         let started = std::time::Instant::now();
         // A coordinator that stalls mid-upload must not hold the table forever.
-        let limit = self
-            .cfg
-            .timeouts
-            .prepare_for(p.source_len, delta.is_none())
-            * 3;
+        let limit = self.cfg.timeouts.prepare_for(p.source_len, delta.is_none()) * 3;
         let staged = tokio::time::timeout(limit, self.stage(&slot, &p, delta, recv))
             .await
             .unwrap_or_else(|_| {
@@ -249,7 +245,9 @@ impl Node {
             return Err(Refusal::DeltaBase {
                 detail: format!(
                     "the delta applies to {base}, this node serves {}",
-                    live_sha.map(|s| s.to_string()).unwrap_or_else(|| "nothing".into())
+                    live_sha
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "nothing".into())
                 ),
             });
         }
@@ -262,7 +260,9 @@ impl Node {
         // The rebuild is CPU and disk work: off the async threads.
         let res = tokio::task::spawn_blocking(move || {
             let r = delta::apply(reader, &script, |b| {
-                writer.write(b).map_err(|e| std::io::Error::other(e.to_string()))
+                writer
+                    .write(b)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
             });
             (r, writer)
         })
@@ -307,13 +307,18 @@ impl Node {
         };
         let (dropped, inserted) = (count(&applied.dropped), count(&applied.inserted));
         let why_not = if !table::updatable(t.kind) {
-            Some(format!("{} tables cannot be updated in place", t.kind.as_str()))
+            Some(format!(
+                "{} tables cannot be updated in place",
+                t.kind.as_str()
+            ))
         } else if t.allow_warnings {
             Some("the table allows builder warnings".into())
         } else if stamp.is_none() {
             Some("no record of the live indexed file".into())
         } else if deltas >= self.cfg.delta_full_every {
-            Some(format!("{deltas} incremental builds in a row: a full one is due"))
+            Some(format!(
+                "{deltas} incremental builds in a row: a full one is due"
+            ))
         } else if (dropped + inserted) * 100 > self.cfg.delta_max_percent * base_entries.max(1) {
             Some(format!(
                 "the change ({dropped} removed, {inserted} added) is above delta_max_percent of {base_entries} entries"
