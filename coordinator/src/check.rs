@@ -180,7 +180,7 @@ impl Verdict {
     /// The plugin line: `TXMAP STATE - reasons | perfdata`.
     pub fn line(&self) -> String {
         let mut reasons: Vec<&(State, String)> = self.reasons.iter().collect();
-        reasons.sort_by(|a, b| b.0.cmp(&a.0));
+        reasons.sort_by_key(|r| std::cmp::Reverse(r.0));
         let text: Vec<&str> = reasons.iter().map(|(_, r)| r.as_str()).collect();
         let perf: Vec<String> = self
             .perf
