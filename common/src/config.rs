@@ -91,7 +91,7 @@ pub enum VerifyMode {
 }
 
 /// One table this node serves.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableConfig {
     /// Cluster-wide name (`sympa_transport`); the only thing that crosses the wire.
     pub name: String,
@@ -133,7 +133,7 @@ pub struct NodeConfig {
 }
 
 /// Deadlines used by the coordinator.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     /// QUIC handshake to one node.
     pub connect: Duration,
@@ -177,7 +177,7 @@ impl Default for Timeouts {
 }
 
 /// Postfix programs and configuration directory of this node.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PostfixSettings {
     /// Passed as `-c DIR` to postmap/postalias when set.
     pub config_dir: Option<PathBuf>,
@@ -188,7 +188,7 @@ pub struct PostfixSettings {
 }
 
 /// The local socket `txmap-sympa` uses to ask this node's `txmapd` to distribute a table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookSettings {
     /// Unix socket path [default: `<state_dir>/txmapd.sock`].
     pub socket: PathBuf,
@@ -203,6 +203,15 @@ impl HookSettings {
     pub fn requests_dir(state_dir: &Path) -> PathBuf {
         state_dir.join("requests")
     }
+}
+
+/// The read-only probe socket `txmap check` asks for a health summary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSettings {
+    /// Unix socket path [default: `<state_dir>/txmapd-probe.sock`].
+    pub socket: PathBuf,
+    /// Permission bits [default: 0666: any local user, e.g. the monitoring agent's].
+    pub mode: u32,
 }
 
 /// A node's whole configuration.
@@ -226,6 +235,8 @@ pub struct Config {
     pub postfix: PostfixSettings,
     /// The Sympa hook's local socket.
     pub hook: HookSettings,
+    /// The monitoring probe's local socket.
+    pub probe: ProbeSettings,
     /// Deadlines.
     pub timeouts: Timeouts,
     /// Largest table source accepted, in bytes.
@@ -283,6 +294,7 @@ struct RawConfig {
     tls: Option<RawTls>,
     postfix: Option<RawPostfix>,
     hook: Option<RawHook>,
+    probe: Option<RawProbe>,
     timeouts: Option<RawTimeouts>,
     max_table_bytes: Option<u64>,
     history_keep: Option<usize>,
@@ -316,6 +328,13 @@ struct RawPostfix {
 struct RawHook {
     socket: Option<PathBuf>,
     group: Option<String>,
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    socket: Option<PathBuf>,
     mode: Option<String>,
 }
 
@@ -401,25 +420,46 @@ impl Config {
 
     /// Validates config text; `file` names it in errors and anchors relative paths.
     pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-        let err = |problems: Vec<String>| ConfigError {
-            file: file.to_path_buf(),
-            problems,
+        match Config::parse_partial(text, file) {
+            (Some(c), p) if p.is_empty() => Ok(c),
+            (_, p) => Err(ConfigError {
+                file: file.to_path_buf(),
+                problems: if p.is_empty() {
+                    vec!["incomplete configuration".into()]
+                } else {
+                    p
+                },
+            }),
+        }
+    }
+
+    /// Validates config text and returns every problem found, plus the config whenever its
+    /// required keys are usable (so that the filesystem checks of `check-config` can run in
+    /// the same pass). A TOML syntax or type error stops the parse: it is reported alone, with
+    /// its line and, when it concerns a value, its key.
+    pub fn parse_partial(text: &str, file: &Path) -> (Option<Config>, Vec<String>) {
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                let msg = e.message().to_string();
+                let at = e
+                    .span()
+                    .map(|s| {
+                        let start = s.start.min(text.len());
+                        let line = text.as_bytes()[..start]
+                            .iter()
+                            .filter(|b| **b == b'\n')
+                            .count()
+                            + 1;
+                        match key_at(text, start) {
+                            Some(k) => format!("line {line}: key `{k}`: "),
+                            None => format!("line {line}: "),
+                        }
+                    })
+                    .unwrap_or_default();
+                return (None, vec![format!("{at}{msg}")]);
+            }
         };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
-            let at = e
-                .span()
-                .map(|s| {
-                    let line = text.as_bytes()[..s.start.min(text.len())]
-                        .iter()
-                        .filter(|b| **b == b'\n')
-                        .count()
-                        + 1;
-                    format!("line {line}: ")
-                })
-                .unwrap_or_default();
-            err(vec![format!("{at}{msg}")])
-        })?;
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let mut problems = Vec::new();
@@ -678,13 +718,77 @@ impl Config {
             }
         }
 
-        if !problems.is_empty() {
-            return Err(err(problems));
+        for (i, t) in tables.iter().enumerate() {
+            let same = |a: &Path, b: &Path| {
+                a == b
+                    || matches!(
+                        (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+                        (Ok(x), Ok(y)) if x == y
+                    )
+            };
+            if let Some(src) = &t.source {
+                if same(src, &t.path) {
+                    problems.push(format!(
+                        "key `tables[{i}].source`: the same file as `tables[{i}].path` ({}): txmap renames its own copy over `path` at every commit; keep Sympa's file elsewhere",
+                        t.path.display()
+                    ));
+                }
+            }
         }
+        if let (Some(n), Some(l)) = (&node, listen) {
+            if let Some(me) = nodes.iter().find(|x| &x.name == n) {
+                let ip_ok = l.ip().is_unspecified() || l.ip() == me.address.ip();
+                if l.port() != me.address.port() || !ip_ok {
+                    problems.push(format!(
+                        "key `listen`: {l} does not match this node's own address {} (`nodes[].address` of `{n}`): peers would dial a port nobody listens on",
+                        me.address
+                    ));
+                }
+            }
+        }
+        for (key, v) in [
+            ("connect_ms", timeouts.connect),
+            ("prepare_ms", timeouts.prepare),
+        ] {
+            if v >= timeouts.total {
+                problems.push(format!(
+                    "keys `timeouts.{key}` ({}) and `timeouts.total_ms` ({}): {key} must be below total_ms (a commit is bounded by total_ms)",
+                    v.as_millis(),
+                    timeouts.total.as_millis()
+                ));
+            }
+        }
+        if timeouts.in_doubt < timeouts.commit * 2 {
+            problems.push(format!(
+                "keys `timeouts.in_doubt_ms` ({}) and `timeouts.commit_ms` ({}): in_doubt_ms must be at least twice commit_ms (a prepared node would ask its peers while the decision is still being delivered)",
+                timeouts.in_doubt.as_millis(),
+                timeouts.commit.as_millis()
+            ));
+        }
+        let probe_mode = match raw.probe.as_ref().and_then(|p| p.mode.as_deref()) {
+            None => 0o666,
+            Some(m) => match u32::from_str_radix(m.trim_start_matches("0o"), 8) {
+                Ok(v) if v <= 0o777 => v,
+                _ => {
+                    problems.push(format!(
+                        "key `probe.mode`: `{m}` is not an octal mode like \"0666\""
+                    ));
+                    0o666
+                }
+            },
+        };
         let (Some(node), Some(state_dir), Some(listen), Some(ca), Some(cert), Some(key)) =
             (node, state_dir, listen, ca, cert, key)
         else {
-            return Err(err(vec!["incomplete configuration".into()]));
+            return (None, problems);
+        };
+        let probe = ProbeSettings {
+            socket: raw
+                .probe
+                .and_then(|p| p.socket)
+                .map(&abs)
+                .unwrap_or_else(|| state_dir.join("txmapd-probe.sock")),
+            mode: probe_mode,
         };
         let hook = HookSettings {
             socket: raw_hook
@@ -694,9 +798,10 @@ impl Config {
             group: raw_hook.group,
             mode: hook_mode,
         };
-        Ok(Config {
+        let cfg = Config {
             file: file.to_path_buf(),
             hook,
+            probe,
             node,
             state_dir,
             listen,
@@ -712,7 +817,8 @@ impl Config {
             delta_full_every: raw.delta_full_every.unwrap_or(100),
             nodes,
             tables,
-        })
+        };
+        (Some(cfg), problems)
     }
 
     /// The table named `name`, if this node serves it.
@@ -748,58 +854,208 @@ impl Config {
         self.nodes.iter().find(|n| n.name == name)
     }
 
-    /// Problems that need the filesystem: unreadable TLS files, missing table directories,
-    /// missing builder programs. Empty when all is well.
-    pub fn check_files(&self) -> Vec<String> {
+    /// Problems that need the filesystem, all in one pass, each naming its key: the TLS files
+    /// (parse, chain to the CA, key matches, name matches `node`, expiry, key mode), the hook's
+    /// group, the state directory and the table directories (usable for writing), the builder
+    /// programs, the sources, `postfix.config_dir`. Empty when all is well.
+    ///
+    /// [`Problem::fatal`] ones make `txmapd` refuse to start; the others (a missing source or
+    /// builder, say) concern commits only and `txmapd` logs them as warnings.
+    pub fn check_files(&self) -> Vec<Problem> {
         let mut out = Vec::new();
-        for (key, p) in [
-            ("tls.ca", &self.ca),
-            ("tls.cert", &self.cert),
-            ("tls.key", &self.key),
-        ] {
-            if let Err(e) = std::fs::File::open(p) {
-                out.push(format!("key `{key}`: cannot open {}: {e}", p.display()));
+        let fatal = |text: String| Problem { text, fatal: true };
+        let advisory = |text: String| Problem { text, fatal: false };
+        for p in crate::certs::check_node_tls(
+            &self.ca,
+            &self.cert,
+            &self.key,
+            &self.node,
+            crate::now_ms(),
+        ) {
+            out.push(fatal(format!("key `{}`: {}", p.key, p.detail)));
+        }
+        if let Some(g) = &self.hook.group {
+            if group_id(g).is_none() {
+                out.push(fatal(format!(
+                    "key `hook.group`: group `{g}` not found in /etc/group (the hook socket could not be given to it)"
+                )));
             }
         }
-        for t in &self.tables {
-            if !t.dir().is_dir() {
-                out.push(format!(
-                    "table `{}`: directory {} does not exist",
-                    t.name,
-                    t.dir().display()
-                ));
+        if let Err(e) = usable_dir(&self.state_dir, true) {
+            out.push(fatal(format!("key `state_dir`: {e}")));
+        }
+        for (i, t) in self.tables.iter().enumerate() {
+            if let Err(e) = usable_dir(t.dir(), false) {
+                out.push(fatal(format!(
+                    "key `tables[{i}].path` (table {}): directory {e}",
+                    t.name
+                )));
             }
-            let prog = match t.builder {
-                Builder::Postmap => &self.postfix.postmap,
-                Builder::Postalias => &self.postfix.postalias,
+            let (key, prog) = match t.builder {
+                Builder::Postmap => ("postfix.postmap", &self.postfix.postmap),
+                Builder::Postalias => ("postfix.postalias", &self.postfix.postalias),
             };
             if !prog.is_file() {
-                out.push(format!(
-                    "table `{}`: builder {} not found (install Debian package postfix)",
+                out.push(advisory(format!(
+                    "key `{key}` (table {}): builder {} not found (install Debian package postfix)",
                     t.name,
                     prog.display()
-                ));
+                )));
             }
-            if let Some(s) = &t.source {
-                if !s.is_file() {
-                    out.push(format!(
-                        "table `{}`: source {} does not exist",
+            if let Some(src) = &t.source {
+                if !src.is_file() {
+                    out.push(advisory(format!(
+                        "key `tables[{i}].source` (table {}): {} does not exist",
                         t.name,
-                        s.display()
-                    ));
+                        src.display()
+                    )));
                 }
             }
         }
         if let Some(d) = &self.postfix.config_dir {
             if !d.join("main.cf").is_file() {
-                out.push(format!(
+                out.push(advisory(format!(
                     "key `postfix.config_dir`: {} has no main.cf",
                     d.display()
-                ));
+                )));
             }
         }
         out
     }
+
+    /// Everything `txmap check-config` checks, in one pass: the file's problems, then (when it
+    /// could be read far enough) the filesystem's. `None` config: unusable.
+    pub fn check(file: &Path) -> (Option<Config>, Vec<Problem>) {
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                return (
+                    None,
+                    vec![Problem {
+                        text: format!("cannot read: {e}"),
+                        fatal: true,
+                    }],
+                )
+            }
+        };
+        let (cfg, problems) = Config::parse_partial(&text, file);
+        let mut all: Vec<Problem> = problems
+            .into_iter()
+            .map(|text| Problem { text, fatal: true })
+            .collect();
+        if let Some(c) = &cfg {
+            all.extend(c.check_files());
+        }
+        let usable = all.iter().all(|p| !p.fatal);
+        (cfg.filter(|_| usable), all)
+    }
+}
+
+/// One problem found by [`Config::check`]: `key `K`: what is wrong`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The text, starting with the key it concerns.
+    pub text: String,
+    /// `txmapd` refuses to start on it.
+    pub fatal: bool,
+}
+
+/// Formats problems the one way `check-config` and `txmapd` print them.
+pub fn format_problems(file: &Path, problems: &[Problem]) -> String {
+    let mut s = format!("{}: {} problem(s)", file.display(), problems.len());
+    for p in problems {
+        s.push_str(&format!("\n  {}: {}", file.display(), p.text));
+    }
+    s
+}
+
+/// The id of group `g` in /etc/group.
+pub fn group_id(g: &str) -> Option<u32> {
+    std::fs::read_to_string("/etc/group")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            (f.next() == Some(g))
+                .then(|| f.nth(1).and_then(|x| x.parse::<u32>().ok()))
+                .flatten()
+        })
+}
+
+/// A directory txmap must write in: it is a directory (or, with `may_create`, its parent is
+/// one), and a file can be created in it (a read-only mount or a file in its place fails).
+fn usable_dir(dir: &Path, may_create: bool) -> Result<(), String> {
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("{} is not a directory", dir.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && may_create => {
+            let parent = dir.parent().unwrap_or_else(|| Path::new("/"));
+            return if parent.is_dir() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} does not exist, nor does its parent",
+                    dir.display()
+                ))
+            };
+        }
+        Err(e) => return Err(format!("{}: {e}", dir.display())),
+    }
+    let probe = dir.join(format!(".txmap-check-{}", crate::proto::TxId::random()));
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+    {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(e) => Err(format!("{} is not writable: {e}", dir.display())),
+    }
+}
+
+/// The dotted key of the value at byte `offset` of a TOML text (`tables[1].verify`), from the
+/// line's `key =` and the table header above it.
+fn key_at(text: &str, offset: usize) -> Option<String> {
+    let before = &text[..offset.min(text.len())];
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let line_end = text[line_start..]
+        .find('\n')
+        .map(|i| line_start + i)
+        .unwrap_or(text.len());
+    let line = &text[line_start..line_end];
+    let (k, _) = line.split_once('=')?;
+    let k = k.trim();
+    if k.is_empty() || k.starts_with('[') || k.starts_with('#') {
+        return None;
+    }
+    // The nearest header above, and its index among headers of the same array of tables.
+    let mut header: Option<(String, bool)> = None;
+    for l in text[..line_start].lines() {
+        let l = l.trim();
+        if let Some(h) = l.strip_prefix("[[").and_then(|r| r.split_once("]]")) {
+            header = Some((h.0.trim().to_string(), true));
+        } else if let Some(h) = l.strip_prefix('[').and_then(|r| r.split_once(']')) {
+            header = Some((h.0.trim().to_string(), false));
+        }
+    }
+    Some(match header {
+        None => k.to_string(),
+        Some((h, false)) => format!("{h}.{k}"),
+        Some((h, true)) => {
+            let n = text[..line_start]
+                .lines()
+                .filter(|l| {
+                    l.trim()
+                        .strip_prefix("[[")
+                        .and_then(|r| r.split_once("]]"))
+                        .is_some_and(|x| x.0.trim() == h)
+                })
+                .count();
+            format!("{h}[{}].{k}", n.saturating_sub(1))
+        }
+    })
 }
 
 #[cfg(test)]
@@ -874,5 +1130,43 @@ type = "hash"
         let e = Config::parse("node = \"a\"\nbogus = 1\n", Path::new("x.toml")).unwrap_err();
         assert!(e.problems[0].contains("line 2"), "{e}");
         assert!(e.problems[0].contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn a_type_error_names_its_key() {
+        let bad = GOOD.replace(
+            "type = \"hash\"",
+            "type = \"hash\"\nallow_warnings = \"yes\"",
+        );
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err();
+        assert!(
+            e.problems[0].contains("key `tables[0].allow_warnings`"),
+            "{e}"
+        );
+        let bad = GOOD.replace("[tls]", "max_table_bytes = \"big\"\n[tls]");
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err();
+        assert!(e.problems[0].contains("key `max_table_bytes`"), "{e}");
+    }
+
+    #[test]
+    fn path_equal_to_source_and_a_listen_port_not_the_nodes_own_are_refused() {
+        let bad = GOOD
+            .replace(
+                "source = \"/var/lib/sympa/sympa_transport\"",
+                "source = \"/etc/postfix/sympa_transport\"",
+            )
+            .replace("listen = \"127.0.0.1:7401\"", "listen = \"0.0.0.0:7409\"");
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err();
+        let all = e.problems.join("\n");
+        assert!(
+            all.contains("key `tables[0].source`: the same file"),
+            "{all}"
+        );
+        assert!(
+            all.contains("key `listen`: 0.0.0.0:7409 does not match"),
+            "{all}"
+        );
+        let ok = GOOD.replace("listen = \"127.0.0.1:7401\"", "listen = \"0.0.0.0:7401\"");
+        assert!(Config::parse(&ok, Path::new("x.toml")).is_ok());
     }
 }

@@ -115,6 +115,42 @@ pub struct PendingRecord {
     /// requested later (see `coordinator::superseded`).
     #[serde(default)]
     pub requested_ms: u64,
+    /// The last attempt's content was refused by a node's builder or verifier (content that
+    /// `postmap` rejects): it is not retried until the source changes, or until
+    /// `txmap pending retry`. Retrying the same bytes could only fail the same way.
+    #[serde(default)]
+    pub held: Option<HeldContent>,
+}
+
+/// The source as it was when its content was refused (see [`PendingRecord::held`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldContent {
+    /// Modification time of the source then (ns since the epoch).
+    pub mtime_ns: u128,
+    /// Its size then.
+    pub len: u64,
+}
+
+impl HeldContent {
+    /// How `source` is now (None: unreadable).
+    pub fn of(source: &Path) -> Option<HeldContent> {
+        let m = std::fs::metadata(source).ok()?;
+        let mtime_ns = m
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos();
+        Some(HeldContent {
+            mtime_ns,
+            len: m.len(),
+        })
+    }
+
+    /// True while `source` is unchanged since it was refused.
+    pub fn unchanged(&self, source: &Path) -> bool {
+        HeldContent::of(source).as_ref() == Some(self)
+    }
 }
 
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8], replace: bool) -> std::io::Result<bool> {
@@ -435,6 +471,45 @@ impl DecisionLog {
     /// Clears the pending change of `table` from `source`.
     pub fn clear_pending(&self, table: &str, source: &Path) {
         let _ = std::fs::remove_file(self.pending_file(table, source));
+    }
+
+    /// `txmap pending cancel`: drops every pending change of `table` (whatever its source).
+    /// Refused while a live process works on one (a `txmap commit` or a hook request running):
+    /// it is then the owner's to finish. Returns the records dropped.
+    pub fn cancel_pending(&self, table: &str) -> Result<Vec<PendingRecord>, String> {
+        let Some(_owner) = self
+            .own_pending(table)
+            .map_err(|e| format!("{}: {e}", self.pending.display()))?
+        else {
+            return Err(format!(
+                "a commit of `{table}` is running right now (a `txmap commit` or a hook request); wait for it, then cancel"
+            ));
+        };
+        let mine: Vec<PendingRecord> = self
+            .list_pending()
+            .into_iter()
+            .filter(|p| p.table == table)
+            .collect();
+        for p in &mine {
+            self.clear_pending(&p.table, &p.source);
+        }
+        Ok(mine)
+    }
+
+    /// `txmap pending retry`: makes every pending change of `table` due now, including one
+    /// held for its content. Returns how many there are.
+    pub fn retry_pending(&self, table: &str) -> std::io::Result<usize> {
+        let mut n = 0;
+        for p in self.list_pending().into_iter().filter(|p| p.table == table) {
+            let rec = PendingRecord {
+                next_ms: 0,
+                held: None,
+                ..p
+            };
+            self.set_pending(&rec)?;
+            n += 1;
+        }
+        Ok(n)
     }
 }
 

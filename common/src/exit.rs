@@ -22,3 +22,7 @@ pub const LOCAL: u8 = 6;
 /// `recover`: the requested resolution was refused because it would contradict a decision (or
 /// nobody can know the decision yet). Nothing was changed.
 pub const REFUSED: u8 = 7;
+/// `status`/`verify`: every in-service node is reachable and they agree, but work is stuck: a
+/// pending change has failed at least once, or a transaction has been in progress longer than
+/// `timeouts.in_doubt_ms`.
+pub const STUCK: u8 = 8;

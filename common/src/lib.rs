@@ -13,11 +13,13 @@
 //! - [`decision`]: the coordinator's decision log (no-replace, so fencing works) and pending
 //!   commits.
 //! - [`history`]: the last K generations of each table, kept as copies.
+//! - [`certs`]: inspecting the TLS files (chain, key, name, expiry) for `check-config`.
 //! - [`tls`]: the cluster CA, node certificates, and mutual-TLS QUIC endpoints.
 //! - [`net`]: one request/response exchange over a QUIC stream.
 //! - [`exit`]: the documented exit codes of the CLI.
 //! - [`defects`]: test-only switches that put back the defects of issue 9 (model checker).
 
+pub mod certs;
 pub mod codec;
 pub mod config;
 pub mod coordinator;

@@ -5,16 +5,24 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 pub const EXIT_CODES: &str = "\
-Exit codes:
-  0  done: every node committed (status: every node reachable and on one generation)
+Exit codes (stable; Sympa and scripts read them):
+  0  done: every node committed (status/verify: every in-service node reachable, agreeing,
+     nothing stuck)
   1  aborted: nothing changed anywhere; one line per node says why
-  2  usage or configuration error; commit: content refused by the guard (empty source, or more
-     than max_shrink_percent of the entries removed; --force to commit it anyway)
+  2  usage or configuration error (unknown table, bad config, no such generation, a no-op
+     rollback); commit: content refused by the guard (empty source, or more than
+     max_shrink_percent of the entries removed; --force to commit it anyway); txmap-sympa:
+     the source is missing or refused (nothing queued)
   3  commit decided but not yet acknowledged by every node (it completes on its own)
   4  busy: other transactions held the table past the retry deadline; nothing changed
-  5  status: some node unreachable, or nodes disagree
-  6  local error (source unreadable, state directory, certificates)
-  7  recover: the requested resolution was refused (it would contradict a decision)";
+  5  status/verify/history/recover: some in-service node unreachable, disagreeing, or drifted
+  6  local error (source unreadable, state directory, certificates); txmap-sympa: txmapd
+     unreachable, the request is queued and distributed when txmapd runs
+  7  recover: the requested resolution was refused (it would contradict a decision)
+  8  status/verify: nodes agree but work is stuck (a pending change failed, or a transaction
+     has been in progress longer than in_doubt_ms)
+`txmap check` uses the monitoring-plugin codes instead: 0 OK, 1 WARNING, 2 CRITICAL,
+3 UNKNOWN.";
 
 /// txmap: update a Postfix lookup table on every node of a cluster as one transaction.
 #[derive(Debug, Parser)]
@@ -41,6 +49,51 @@ pub enum Cmd {
         #[arg(long)]
         force: bool,
         /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Only say what would happen (the nodes asked, the guard applied); change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show what a commit of TABLE would change: added, removed and changed keys.
+    Diff {
+        /// Table name from the config.
+        table: String,
+        /// Compare FILE instead of the table's configured `source`.
+        #[arg(long)]
+        source: Option<PathBuf>,
+        /// Show at most N lines of each kind.
+        #[arg(long, default_value_t = 20)]
+        lines: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Monitoring probe (Nagios/Icinga plugin): asks the local txmapd, needs no key or root.
+    /// Exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    Check {
+        /// Print Prometheus text (for node_exporter's textfile collector) instead; exit 0
+        /// whenever it printed (txmap_up 0 when txmapd did not answer).
+        #[arg(long)]
+        prometheus: bool,
+        /// The probe socket [default: `[probe] socket` of the config].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// A certificate expiring within DAYS is a WARNING.
+        #[arg(long, default_value_t = 30, value_name = "DAYS")]
+        cert_warn_days: u64,
+        /// A certificate expiring within DAYS is CRITICAL.
+        #[arg(long, default_value_t = 7, value_name = "DAYS")]
+        cert_crit_days: u64,
+        /// A pending change failing for more than SECS is CRITICAL (a WARNING before).
+        #[arg(long, default_value_t = 3600, value_name = "SECS")]
+        pending_crit: u64,
+    },
+    /// List the changes this node still has to distribute; cancel or retry one.
+    Pending {
+        #[command(subcommand)]
+        cmd: Option<PendingCmd>,
+        /// Print JSON (listing only).
         #[arg(long)]
         json: bool,
     },
@@ -112,6 +165,22 @@ pub enum Cmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum PendingCmd {
+    /// Drop TABLE's pending change(s): txmapd stops retrying them (the cluster keeps what it
+    /// serves).
+    Cancel {
+        /// Table name.
+        table: String,
+    },
+    /// Retry TABLE's pending change(s) now, including one held because a node rejected its
+    /// content.
+    Retry {
+        /// Table name.
+        table: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum CertCmd {
     /// Create DIR/ca.pem and DIR/ca.key.
     InitCa {
@@ -131,10 +200,15 @@ pub enum CertCmd {
     },
 }
 
+pub const TXMAPD_EXIT_CODES: &str = "\
+Exit codes: 0 stopped by SIGTERM/SIGINT; 2 configuration problem (every one listed, as by
+txmap check-config); 6 runtime error (another txmapd on the same state_dir, cannot listen,
+corrupt journal, table lock held by another process). SIGHUP reloads the config.";
+
 /// txmap participant daemon: stages, builds, verifies and installs Postfix tables on this node
 /// when the coordinator says so.
 #[derive(Debug, Parser)]
-#[command(name = "txmapd", version)]
+#[command(name = "txmapd", version, after_help = TXMAPD_EXIT_CODES)]
 pub struct TxmapdArgs {
     /// Config file [default: $TXMAP_CONFIG, else /etc/txmap/txmap.toml].
     #[arg(long, short)]

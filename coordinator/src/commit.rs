@@ -70,6 +70,10 @@ pub struct CommitReport {
     pub bytes_sent: u64,
     /// Nodes sent a delta in the last attempt (the others got the whole table).
     pub delta_nodes: usize,
+    /// Aborted because a node's builder or verifier rejected the content (not the node): a
+    /// pending retry of the same bytes waits until the source changes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub content_rejected: bool,
 }
 
 impl CommitReport {
@@ -280,6 +284,7 @@ pub async fn commit_with(
         refused_content: None,
         bytes_sent: 0,
         delta_nodes: 0,
+        content_rejected: false,
     };
     let local_failure = |report: &mut CommitReport, detail: String| {
         report.exit = exit::LOCAL;
@@ -661,6 +666,15 @@ pub async fn commit_with(
                     tokio::time::sleep(wait).await;
                     continue;
                 }
+                report.content_rejected = votes.iter().any(|v| {
+                    matches!(
+                        v,
+                        Vote::Refused(
+                            txmap_common::proto::Refusal::BuildFailed { .. }
+                                | txmap_common::proto::Refusal::VerifyFailed { .. }
+                        )
+                    )
+                });
                 report.exit = if retry { exit::BUSY } else { exit::ABORTED };
                 break;
             }
@@ -758,6 +772,7 @@ pub async fn commit_tracked_with(
         owner_pid: Some(std::process::id()),
         force: force || prev.as_ref().is_some_and(|p| p.force),
         requested_ms,
+        held: None,
     };
     if let Err(e) = log.set_pending(&intent) {
         warn!(error = %e, "cannot record the commit's intent as pending");
@@ -781,7 +796,17 @@ pub async fn commit_tracked_with(
     }
     let attempts = attempts + 1;
     let wait = (1000u64 << attempts.min(6)).min(cluster.cfg.timeouts.retry_max.as_millis() as u64);
+    // Content a node's builder rejected waits for the source to change (or an operator's
+    // `txmap pending retry`): the same bytes would only fail the same way.
+    let held = report
+        .content_rejected
+        .then(|| txmap_common::decision::HeldContent::of(source))
+        .flatten();
+    if held.is_some() {
+        warn!(table = %table_name, "content rejected by a node's builder; not retried until the source changes (or `txmap pending retry`)");
+    }
     let rec = PendingRecord {
+        held,
         attempts,
         last_error: report.failures(),
         next_ms: now_ms() + wait,

@@ -95,6 +95,7 @@ pub async fn rollback(cluster: &Cluster, table: &str, to: Option<u64>) -> Commit
         refused_content: None,
         bytes_sent: 0,
         delta_nodes: 0,
+        content_rejected: false,
     };
     let (gens, unreachable) = history(cluster, table, true).await;
     if !unreachable.is_empty() {
@@ -107,10 +108,41 @@ pub async fn rollback(cluster: &Cluster, table: &str, to: Option<u64>) -> Commit
         );
     }
     let live = gens.iter().map(|g| g.entry.generation).max().unwrap_or(0);
+    let live_sha = gens
+        .iter()
+        .find(|g| g.entry.generation == live)
+        .map(|g| g.entry.sha256);
+    // Without `--to`: the newest earlier generation whose content differs from the live one
+    // (a generation that restored the same bytes is no step back).
     let target = match to {
         Some(g) => gens.iter().find(|x| x.entry.generation == g),
-        None => gens.iter().rev().find(|x| x.entry.generation < live),
+        None => gens
+            .iter()
+            .rev()
+            .find(|x| x.entry.generation < live && Some(x.entry.sha256) != live_sha),
     };
+    if let Some(t) = target {
+        if Some(t.entry.sha256) == live_sha {
+            return fail(
+                exit::USAGE,
+                format!(
+                    "refused: generation {} has exactly the content live now (generation {live}, sha256 {}): a rollback to it would change nothing",
+                    t.entry.generation,
+                    &t.entry.sha256.to_string()[..16]
+                ),
+            );
+        }
+        let when = humantime::format_rfc3339_seconds(
+            std::time::UNIX_EPOCH + std::time::Duration::from_millis(t.entry.committed_at_ms),
+        );
+        eprintln!(
+            "txmap: rollback {table}: restoring the content of generation {} (committed {when} by {}, {} entries, sha256 {}) as a new generation above {live}",
+            t.entry.generation,
+            t.entry.coordinator,
+            t.entry.entries,
+            &t.entry.sha256.to_string()[..16]
+        );
+    }
     let Some(target) = target.cloned() else {
         let held: Vec<String> = gens
             .iter()
@@ -118,7 +150,7 @@ pub async fn rollback(cluster: &Cluster, table: &str, to: Option<u64>) -> Commit
             .collect();
         let what = to
             .map(|g| format!("generation {g}"))
-            .unwrap_or_else(|| "an earlier generation".into());
+            .unwrap_or_else(|| "an earlier generation with other content than the live one".into());
         return fail(
             exit::USAGE,
             format!(

@@ -2,18 +2,23 @@
 //! re-drives unfinished decisions and retries pending commits of its node.
 //!
 //! # Layout
+//! - [`check`]: `txmap check`: the health summary `txmapd` serves on its probe socket, and
+//!   its verdict as a Nagios/Icinga plugin line or Prometheus text.
 //! - [`cli`]: the command-line definitions of `txmap` and `txmapd`.
 //! - [`cluster`]: QUIC client endpoint, connections and one exchange per node with deadlines.
 //! - [`commit`]: the two phases of one commit, with retry on conflicts, and pending tracking.
+//! - [`diff`]: `txmap diff` and `commit --dry-run`: added, removed and changed keys.
 //! - [`history`]: `txmap history`, `rollback` (a normal commit of an earlier generation) and
 //!   `verify`.
 //! - [`redrive`]: finishing decisions a dead coordinator left behind.
 //! - [`recover`]: `txmap recover`, listing and resolving in-doubt transactions by hand.
 //! - [`sandbox`]: `txmap sandbox`, a ready local cluster.
 
+pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod commit;
+pub mod diff;
 pub mod history;
 pub mod recover;
 pub mod redrive;

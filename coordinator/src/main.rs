@@ -1,8 +1,8 @@
 //! `txmap`: the coordinator and admin CLI. Exit codes are listed in `txmap --help` and in
 //! `docs/operations.md`; they come from [`txmap_common::exit`] and never change meaning.
 
-use txmap_coordinator::cli::{CertCmd, Cli, Cmd};
-use txmap_coordinator::{cluster, commit, history, recover, sandbox};
+use txmap_coordinator::cli::{CertCmd, Cli, Cmd, PendingCmd};
+use txmap_coordinator::{check, cluster, commit, diff, history, recover, sandbox};
 
 use clap::Parser;
 use std::path::{Path, PathBuf};
@@ -16,10 +16,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
+            // A monitoring plugin's usage error is UNKNOWN (3), never CRITICAL (2).
+            let probe = std::env::args().skip(1).any(|a| a == "check");
+            return ExitCode::from(match (e.use_stderr(), probe) {
+                (false, _) => exit::OK,
+                (true, true) => check::State::Unknown.code(),
+                (true, false) => exit::USAGE,
             });
         }
     };
@@ -52,10 +54,41 @@ fn run(cli: Cli) -> u8 {
             table,
             source,
             force,
+            json: _,
+            dry_run: true,
+        } => cmd_dry_run(cli.config.as_deref(), &table, source, force),
+        Cmd::Commit {
+            table,
+            source,
+            force,
             json,
+            dry_run: false,
         } => cmd_commit(cli.config.as_deref(), &table, source, force, json),
+        Cmd::Diff {
+            table,
+            source,
+            lines,
+            json,
+        } => cmd_diff(cli.config.as_deref(), &table, source, lines, json),
+        Cmd::Check {
+            prometheus,
+            socket,
+            cert_warn_days,
+            cert_crit_days,
+            pending_crit,
+        } => Ok(cmd_probe(
+            cli.config.as_deref(),
+            prometheus,
+            socket,
+            check::Thresholds {
+                cert_warn_days,
+                cert_crit_days,
+                pending_crit_s: pending_crit,
+            },
+        )),
+        Cmd::Pending { cmd, json } => cmd_pending(cli.config.as_deref(), cmd, json),
         Cmd::Status { table, json } => cmd_status(cli.config.as_deref(), table, json),
-        Cmd::CheckConfig => cmd_check(cli.config.as_deref()),
+        Cmd::CheckConfig => cmd_check_config(cli.config.as_deref()),
         Cmd::History { table, json } => cmd_history(cli.config.as_deref(), &table, json),
         Cmd::Rollback { table, to, json } => cmd_rollback(cli.config.as_deref(), &table, to, json),
         Cmd::Verify { table, json } => cmd_verify(cli.config.as_deref(), table, json),
@@ -108,11 +141,307 @@ fn cmd_commit(
             return Err(exit::LOCAL);
         }
     };
-    let report = with_cluster(cfg, async |c| {
-        commit::commit_tracked_with(c, table, &source, force, None).await
+    let started_ms = txmap_common::now_ms();
+    let state_dir = cfg.state_dir.clone();
+    let interrupted = with_cluster(cfg, async |c| {
+        let run = commit::commit_tracked_with(c, table, &source, force, None);
+        tokio::pin!(run);
+        tokio::select! {
+            r = &mut run => Ok(r),
+            _ = tokio::signal::ctrl_c() => {
+                // Cancel the change before this process lets go of it: its pending record
+                // goes first (txmapd would otherwise take it over and commit it), then the
+                // transaction is dropped, which releases its locks: txmapd fences an
+                // undecided transaction (abort) and delivers a decided commit.
+                txmap_common::decision::DecisionLog::new(&c.cfg.state_dir)
+                    .clear_pending(table, &source);
+                Err(())
+            }
+        }
     })?;
+    let report = match interrupted {
+        Ok(r) => r,
+        Err(()) => {
+            let log = txmap_common::decision::DecisionLog::new(&state_dir);
+            let decided = log.list().into_iter().find(|d| {
+                d.table == table
+                    && d.at_ms >= started_ms
+                    && d.verdict == txmap_common::decision::Verdict::Commit
+            });
+            match decided {
+                Some(d) => eprintln!(
+                    "txmap: interrupted after the commit decision: {table} generation {} is committed (txid {}); txmapd delivers it to every node",
+                    d.generation, d.txid
+                ),
+                None => eprintln!(
+                    "txmap: interrupted before any decision: the change is cancelled, nothing is committed (txmapd aborts the transaction on every node within seconds) and it is not retried; run `txmap commit {table}` again to distribute it"
+                ),
+            }
+            return Ok(130);
+        }
+    };
     print_report(&report, json, "commit");
     Ok(report.exit)
+}
+
+/// `commit --dry-run`: asks the in-service nodes what they serve, applies the content guard,
+/// shows the difference with this node's live table, changes nothing.
+fn cmd_dry_run(
+    config: Option<&Path>,
+    table: &str,
+    source: Option<PathBuf>,
+    force: bool,
+) -> Result<u8, u8> {
+    let cfg = load_with_table(config, Some(table))?;
+    let tcfg = cfg.table(table).cloned().ok_or(exit::USAGE)?;
+    let Some(source) = source.or(tcfg.source.clone()) else {
+        eprintln!("txmap: table `{table}` has no `source`; pass --source FILE");
+        return Err(exit::USAGE);
+    };
+    let digest = txmap_common::table::digest_file(&source).map_err(|e| {
+        eprintln!("txmap: cannot read source {}: {e}", source.display());
+        exit::LOCAL
+    })?;
+    let pct = cfg.max_shrink_percent;
+    let (known, failed, asked) = with_cluster(cfg, async |c| {
+        let nodes = c.cfg.active_nodes();
+        let req = Request::Status {
+            table: Some(table.to_string()),
+        };
+        let answers = cluster::join_all(nodes.iter().map(|n| async {
+            let l = c.connect(n).await;
+            cluster::ask(&l, &req, c.cfg.timeouts.connect).await
+        }))
+        .await;
+        let mut known = Vec::new();
+        let mut failed = Vec::new();
+        for (n, a) in nodes.iter().zip(answers) {
+            match a {
+                Ok(Response::Status(v)) => known.extend(v),
+                Ok(other) => failed.push(format!("{}: {other:?}", n.name)),
+                Err(e) => failed.push(format!("{}: {e}", n.name)),
+            }
+        }
+        (known, failed, nodes.len())
+    })?;
+    if let Ok(live) = std::fs::read_to_string(&tcfg.path) {
+        if let Ok(new) = std::fs::read_to_string(&source) {
+            print!("{}", diff::Diff::of(&live, &new, tcfg.builder).render(10));
+        }
+    }
+    if !failed.is_empty() {
+        eprintln!(
+            "txmap: dry run: the commit would abort now: {}",
+            failed.join("; ")
+        );
+        return Ok(exit::ABORTED);
+    }
+    let sha = txmap_common::proto::Sha256(digest.sha256);
+    if let Some(g) = txmap_common::coordinator::already_served(&known, asked, &sha) {
+        eprintln!("txmap: dry run: every in-service node already serves this content (generation {g}); a commit would do nothing");
+        return Ok(exit::OK);
+    }
+    if !force {
+        if let Err(why) = txmap_common::coordinator::content_guard(&known, digest.entries, pct) {
+            eprintln!("txmap: dry run: the commit would be refused: {why}");
+            return Ok(exit::USAGE);
+        }
+    }
+    eprintln!(
+        "txmap: dry run: would commit {} ({} entries) to {asked} in-service node(s) as generation {}; nothing changed",
+        source.display(),
+        digest.entries,
+        txmap_common::machine::next_generation(&known)
+    );
+    Ok(exit::OK)
+}
+
+/// `txmap diff`: the configured source (or FILE) against this node's live table.
+fn cmd_diff(
+    config: Option<&Path>,
+    table: &str,
+    source: Option<PathBuf>,
+    lines: usize,
+    json: bool,
+) -> Result<u8, u8> {
+    let cfg = load_with_table(config, Some(table))?;
+    let tcfg = cfg.table(table).cloned().ok_or(exit::USAGE)?;
+    let Some(source) = source.or(tcfg.source.clone()) else {
+        eprintln!("txmap: table `{table}` has no `source`; pass --source FILE");
+        return Err(exit::USAGE);
+    };
+    let read = |p: &Path| {
+        txmap_common::table::open_untrusted(p, cfg.max_table_bytes)
+            .and_then(|(f, _)| txmap_common::table::read_bounded(f, cfg.max_table_bytes))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .map_err(|e| {
+                eprintln!("txmap: cannot read {}: {e}", p.display());
+                exit::LOCAL
+            })
+    };
+    let new = read(&source)?;
+    let live = match std::fs::symlink_metadata(&tcfg.path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        _ => read(&tcfg.path)?,
+    };
+    let generation = txmap_common::journal::Journal::open(&cfg.state_dir)
+        .ok()
+        .and_then(|j| j.load(table).ok())
+        .map(|st| st.generation);
+    let d = diff::Diff::of(&live, &new, tcfg.builder);
+    if json {
+        #[derive(serde::Serialize)]
+        struct Out<'a> {
+            table: &'a str,
+            source: &'a Path,
+            live: &'a Path,
+            live_generation: Option<u64>,
+            #[serde(flatten)]
+            diff: &'a diff::Diff,
+        }
+        let out = Out {
+            table,
+            source: &source,
+            live: &tcfg.path,
+            live_generation: generation,
+            diff: &d,
+        };
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        println!(
+            "{table}: {} against the live table {}{}",
+            source.display(),
+            tcfg.path.display(),
+            generation
+                .map(|g| format!(" (generation {g} on {})", cfg.node))
+                .unwrap_or_default()
+        );
+        print!("{}", d.render(lines));
+    }
+    Ok(exit::OK)
+}
+
+/// `txmap check`: the local txmapd's health summary as a plugin line or Prometheus text.
+fn cmd_probe(
+    config: Option<&Path>,
+    prometheus: bool,
+    socket: Option<PathBuf>,
+    t: check::Thresholds,
+) -> u8 {
+    let now = txmap_common::now_ms();
+    let socket = match socket {
+        Some(s) => Ok(s),
+        None => Config::load(&Config::resolve_path(config))
+            .map(|c| c.probe.socket)
+            .map_err(|e| e.to_string().replace('\n', " ")),
+    };
+    let (health, verdict) = match socket {
+        Err(e) => (
+            None,
+            check::Verdict::failed(check::State::Unknown, format!("config: {e}")),
+        ),
+        Ok(sock) => match check::ask(&sock) {
+            Ok(h) => {
+                let v = check::evaluate(&h, &t, now);
+                (Some(h), v)
+            }
+            Err(e) => (None, check::Verdict::failed(check::State::Critical, e)),
+        },
+    };
+    if prometheus {
+        print!("{}", check::prometheus(health.as_ref(), &verdict, now));
+        return exit::OK;
+    }
+    println!("{}", verdict.line());
+    verdict.state.code()
+}
+
+/// `txmap pending [cancel|retry TABLE]`.
+fn cmd_pending(config: Option<&Path>, cmd: Option<PendingCmd>, json: bool) -> Result<u8, u8> {
+    let table = match &cmd {
+        Some(PendingCmd::Cancel { table } | PendingCmd::Retry { table }) => Some(table.as_str()),
+        None => None,
+    };
+    let cfg = load_with_table(config, table)?;
+    let log = txmap_common::decision::DecisionLog::new(&cfg.state_dir);
+    match cmd {
+        None => {
+            let list = log.list_pending();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).unwrap_or_default()
+                );
+                return Ok(exit::OK);
+            }
+            if list.is_empty() {
+                println!("no pending change on {}", cfg.node);
+                return Ok(exit::OK);
+            }
+            let now = txmap_common::now_ms();
+            println!(
+                "{:<18} {:>8} {:>8} {:<24} LAST ERROR",
+                "TABLE", "AGE", "ATTEMPTS", "NEXT"
+            );
+            for p in &list {
+                let age = humantime::format_duration(std::time::Duration::from_secs(
+                    now.saturating_sub(p.since_ms) / 1000,
+                ));
+                let next = if p.held.is_some() {
+                    "held: source unchanged".to_string()
+                } else if log.pending_owner_alive(&p.table) && p.owner_pid.is_some() {
+                    "running now".to_string()
+                } else if p.next_ms <= now {
+                    "due".to_string()
+                } else {
+                    format!("in {} s", (p.next_ms - now).div_ceil(1000))
+                };
+                println!(
+                    "{:<18} {:>8} {:>8} {:<24} {}",
+                    p.table,
+                    age.to_string(),
+                    p.attempts,
+                    next,
+                    p.last_error
+                );
+            }
+            Ok(exit::OK)
+        }
+        Some(PendingCmd::Cancel { table }) => match log.cancel_pending(&table) {
+            Ok(v) if v.is_empty() => {
+                eprintln!("txmap: no pending change of `{table}` on {}", cfg.node);
+                Ok(exit::USAGE)
+            }
+            Ok(v) => {
+                let queued =
+                    txmap_common::config::HookSettings::requests_dir(&cfg.state_dir).join(&table);
+                let _ = std::fs::remove_file(queued);
+                println!(
+                    "cancelled {} pending change(s) of {table}: txmapd no longer retries them; the nodes keep what they serve",
+                    v.len()
+                );
+                Ok(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("txmap: pending cancel: {e}");
+                Ok(exit::BUSY)
+            }
+        },
+        Some(PendingCmd::Retry { table }) => match log.retry_pending(&table) {
+            Ok(0) => {
+                eprintln!("txmap: no pending change of `{table}` on {}", cfg.node);
+                Ok(exit::USAGE)
+            }
+            Ok(n) => {
+                println!("{n} pending change(s) of {table} due now: txmapd retries within a second (see `txmap pending`)");
+                Ok(exit::OK)
+            }
+            Err(e) => {
+                eprintln!("txmap: pending retry: {e}");
+                Ok(exit::LOCAL)
+            }
+        },
+    }
 }
 
 #[derive(serde::Serialize)]
@@ -126,6 +455,7 @@ struct NodeStatus {
 
 fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Result<u8, u8> {
     let cfg = load_with_table(config, table.as_deref())?;
+    let in_doubt_ms = cfg.timeouts.in_doubt.as_millis() as u64;
     let in_service: std::collections::HashMap<String, bool> = cfg
         .nodes
         .iter()
@@ -251,11 +581,53 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
             }
         }
     }
-    Ok(if all_reachable && agree {
-        exit::OK
-    } else {
+    let stuck = stuck_work(&serving, in_doubt_ms);
+    for w in &stuck {
+        eprintln!("txmap: stuck: {w}");
+    }
+    Ok(if !(all_reachable && agree) {
         exit::DISAGREE
+    } else if !stuck.is_empty() {
+        exit::STUCK
+    } else {
+        exit::OK
     })
+}
+
+/// Work that should have finished: a pending change that failed at least once, a transaction
+/// older than `in_doubt_ms`.
+fn stuck_work(nodes: &[&NodeStatus], in_doubt_ms: u64) -> Vec<String> {
+    let now = txmap_common::now_ms();
+    let mut out = Vec::new();
+    for n in nodes {
+        for t in &n.tables {
+            if let Some(p) = &t.pending {
+                if p.attempts > 0 {
+                    out.push(format!(
+                        "{}: {} change pending for {} s, {} failed attempt(s): {}",
+                        n.node,
+                        t.table,
+                        now.saturating_sub(p.since_ms) / 1000,
+                        p.attempts,
+                        p.last_error
+                    ));
+                }
+            }
+            if let Some(p) = &t.prepared {
+                let age = now.saturating_sub(p.since_ms);
+                if age > in_doubt_ms {
+                    out.push(format!(
+                        "{}: {} transaction {} in progress for {} s",
+                        n.node,
+                        t.table,
+                        p.txid,
+                        age / 1000
+                    ));
+                }
+            }
+        }
+    }
+    out
 }
 
 fn cmd_recover(
@@ -437,13 +809,47 @@ fn cmd_rollback(config: Option<&Path>, table: &str, to: Option<u64>, json: bool)
 }
 
 fn cmd_verify(config: Option<&Path>, table: Option<String>, json: bool) -> Result<u8, u8> {
-    let results = with_cluster(load_with_table(config, table.as_deref())?, async |c| {
+    let cfg = load_with_table(config, table.as_deref())?;
+    let in_doubt_ms = cfg.timeouts.in_doubt.as_millis() as u64;
+    let out_of_service: Vec<String> = cfg
+        .nodes
+        .iter()
+        .filter(|n| !n.in_service)
+        .map(|n| n.name.clone())
+        .collect();
+    let (results, statuses) = with_cluster(cfg, async |c| {
         let tables: Vec<String> = match &table {
             Some(t) => vec![t.clone()],
             None => c.cfg.tables.iter().map(|t| t.name.clone()).collect(),
         };
-        history::verify(c, &tables).await
+        let v = history::verify(c, &tables).await;
+        // Stuck work is found in the same places `status` looks.
+        let req = Request::Status {
+            table: table.clone(),
+        };
+        let nodes = c.cfg.active_nodes();
+        let answers = cluster::join_all(nodes.iter().map(|n| async {
+            let l = c.connect(n).await;
+            cluster::ask(&l, &req, c.cfg.timeouts.connect).await
+        }))
+        .await;
+        let st: Vec<NodeStatus> = nodes
+            .iter()
+            .zip(answers)
+            .filter_map(|(n, a)| match a {
+                Ok(Response::Status(t)) => Some(NodeStatus {
+                    node: n.name.clone(),
+                    in_service: true,
+                    reachable: true,
+                    error: None,
+                    tables: t,
+                }),
+                _ => None,
+            })
+            .collect();
+        (v, st)
     })?;
+    let counted = |v: &history::Verification| !out_of_service.contains(&v.node);
     if json {
         println!(
             "{}",
@@ -455,8 +861,17 @@ fn cmd_verify(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
                 .generation
                 .map(|g| format!("generation {g}"))
                 .unwrap_or_else(|| "-".into());
+            let note = if counted(v) {
+                ""
+            } else {
+                " (out of service, not counted)"
+            };
             if v.problems.is_empty() {
-                println!("{}: {} {gen}: ok", v.node, v.table);
+                println!("{}: {} {gen}: ok{note}", v.node, v.table);
+            } else if !counted(v) {
+                for p in &v.problems {
+                    println!("{}: {} {gen}: {p}{note}", v.node, v.table);
+                }
             } else {
                 for p in &v.problems {
                     println!("{}: {} {gen}: DRIFT: {p}", v.node, v.table);
@@ -464,38 +879,48 @@ fn cmd_verify(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
             }
         }
     }
-    Ok(if results.iter().all(|v| v.problems.is_empty()) {
-        exit::OK
-    } else {
-        exit::DISAGREE
-    })
+    let refs: Vec<&NodeStatus> = statuses.iter().collect();
+    let stuck = stuck_work(&refs, in_doubt_ms);
+    for w in &stuck {
+        eprintln!("txmap: stuck: {w}");
+    }
+    Ok(
+        if !results
+            .iter()
+            .filter(|v| counted(v))
+            .all(|v| v.problems.is_empty())
+        {
+            exit::DISAGREE
+        } else if !stuck.is_empty() {
+            exit::STUCK
+        } else {
+            exit::OK
+        },
+    )
 }
 
-fn cmd_check(config: Option<&Path>) -> Result<u8, u8> {
+fn cmd_check_config(config: Option<&Path>) -> Result<u8, u8> {
     let path = Config::resolve_path(config);
-    match Config::load(&path) {
-        Err(e) => {
-            eprintln!("{e}");
-            Ok(exit::USAGE)
+    let (cfg, problems) = Config::check(&path);
+    if !problems.is_empty() {
+        eprintln!(
+            "{}",
+            txmap_common::config::format_problems(&path, &problems)
+        );
+        return Ok(exit::USAGE);
+    }
+    match cfg {
+        Some(cfg) => {
+            println!(
+                "{}: ok (node {}, {} node(s), {} table(s))",
+                path.display(),
+                cfg.node,
+                cfg.nodes.len(),
+                cfg.tables.len()
+            );
+            Ok(exit::OK)
         }
-        Ok(cfg) => {
-            let problems = cfg.check_files();
-            for p in &problems {
-                eprintln!("{}: {p}", path.display());
-            }
-            if problems.is_empty() {
-                println!(
-                    "{}: ok (node {}, {} node(s), {} table(s))",
-                    path.display(),
-                    cfg.node,
-                    cfg.nodes.len(),
-                    cfg.tables.len()
-                );
-                Ok(exit::OK)
-            } else {
-                Ok(exit::USAGE)
-            }
-        }
+        None => Ok(exit::USAGE),
     }
 }
 

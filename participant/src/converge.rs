@@ -1,21 +1,21 @@
 //! Convergence: re-driving decisions a dead coordinator on this node left, and retrying pending
 //! changes until the cluster serves the newest content.
 
-use crate::server::Node;
+use crate::server::{Live, Node};
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::info;
 use txmap_common::decision::DecisionLog;
 use txmap_common::now_ms;
-use txmap_coordinator::cluster::Cluster;
 
 impl Node {
     /// Re-drives decisions that a dead coordinator on this node did not finish delivering.
-    pub(crate) async fn redrive_loop(self: Arc<Self>, cluster: Arc<Cluster>) {
+    pub(crate) async fn redrive_loop(live: Arc<Live>) {
         let mut tick = tokio::time::interval(Duration::from_millis(1000));
         loop {
             tick.tick().await;
-            let log = DecisionLog::new(&self.cfg.state_dir);
+            let (this, cluster) = live.both();
+            let log = DecisionLog::new(&this.cfg.state_dir);
             if log.list().is_empty() && log.list_open().is_empty() {
                 continue;
             }
@@ -24,19 +24,24 @@ impl Node {
     }
 
     /// Retries pending commits of this node (convergence), each when its backoff has passed.
-    pub(crate) async fn pending_loop(self: Arc<Self>, cluster: Arc<Cluster>) {
+    pub(crate) async fn pending_loop(live: Arc<Live>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             tick.tick().await;
-            self.adopt_queued_requests();
-            let log = DecisionLog::new(&self.cfg.state_dir);
+            let (this, cluster) = live.both();
+            this.adopt_queued_requests();
+            let log = DecisionLog::new(&this.cfg.state_dir);
             for p in log.list_pending() {
-                let Some(slot) = self.slots.get(&p.table) else {
+                let Some(slot) = this.slots.get(&p.table) else {
                     continue;
                 };
                 // A transaction still holds the table here: let it resolve first (a dead
                 // coordinator's commit may be finishing; retrying now would only be refused).
                 if slot.state.lock().await.active.is_some() {
+                    continue;
+                }
+                // Content a node's builder rejected waits until its source changes.
+                if p.held.as_ref().is_some_and(|h| h.unchanged(&p.source)) {
                     continue;
                 }
                 // A live owner (a `txmap commit` or a hook request at work) keeps it until its

@@ -38,6 +38,38 @@ pub(crate) const MAX_CONNECTIONS: usize = 64;
 /// Serializes snapshot installs between socket requests and adopted queued requests.
 static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Tables with a hook request being served through the socket right now: their queued copy
+/// (`requests/<table>`) is that request's, removed when it is done, never adopted meanwhile.
+static SERVING: std::sync::Mutex<Option<HashMap<String, usize>>> = std::sync::Mutex::new(None);
+
+/// Marks a table as served through the socket for as long as it lives.
+struct Serving(String);
+
+impl Serving {
+    fn start(table: &str) -> Serving {
+        let mut m = SERVING.lock().unwrap_or_else(|e| e.into_inner());
+        *m.get_or_insert_with(HashMap::new)
+            .entry(table.to_string())
+            .or_default() += 1;
+        Serving(table.to_string())
+    }
+    fn active(table: &str) -> bool {
+        let m = SERVING.lock().unwrap_or_else(|e| e.into_inner());
+        m.as_ref()
+            .and_then(|m| m.get(table))
+            .is_some_and(|n| *n > 0)
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let mut m = SERVING.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.as_mut().and_then(|m| m.get_mut(&self.0)) {
+            *n = n.saturating_sub(1);
+        }
+    }
+}
+
 /// Per-table coalescing of hook requests.
 #[derive(Debug, Default)]
 struct HookState {
@@ -88,14 +120,15 @@ impl Read for Deadlined<'_> {
 impl Node {
     /// Serves `txmap-sympa` on the local Unix socket: each request carries the content of one
     /// configured table, read by the hook with its caller's rights.
-    pub(crate) async fn hook_loop(self: Arc<Self>, cluster: Arc<Cluster>) {
-        let h = &self.cfg.hook;
-        let snaps = Snapshots::new(&self.cfg.state_dir);
+    pub(crate) async fn hook_loop(live: Arc<crate::server::Live>) {
+        let first = live.node();
+        let h = &first.cfg.hook;
+        let snaps = Snapshots::new(&first.cfg.state_dir);
         if let Err(e) = snaps.ensure() {
             warn!(dir = %snaps.dir().display(), error = %e, "cannot create the private snapshot directory");
         }
         snaps.remove_temps();
-        if let Err(e) = prepare_socket_dir(&self.cfg) {
+        if let Err(e) = prepare_socket_dir(&first.cfg) {
             warn!(error = %e, "cannot set up the hook's request directory");
         }
         let listener = match bind_socket(&h.socket, h.mode, h.group.as_deref()) {
@@ -115,8 +148,8 @@ impl Node {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     backoff = Duration::from_millis(10);
-                    let node = self.clone();
-                    let cluster = cluster.clone();
+                    // The node current when the request arrives (a reload may swap it).
+                    let (node, cluster) = live.both();
                     let state = state.clone();
                     tokio::spawn(async move {
                         node.hook_request(stream, &cluster, &state).await;
@@ -160,6 +193,7 @@ impl Node {
             }
             Ok((table, source, temp)) => {
                 info!(%table, %source, ?uid, "distribution requested by the Sympa hook");
+                let _serving = Serving::start(&table);
                 self.distribute(cluster, state, &table, temp).await
             }
         };
@@ -326,7 +360,7 @@ impl Node {
                 continue;
             }
             // A fresh request is being served through the socket right now.
-            if age < Some(Duration::from_secs(3)) {
+            if age < Some(Duration::from_secs(3)) || Serving::active(&name) {
                 continue;
             }
             if snaps.ensure().is_err() {
@@ -404,13 +438,13 @@ fn adopt_one(cfg: &Config, table_name: &str, taken: &Path, queued_at: SystemTime
     };
     let log = DecisionLog::new(&cfg.state_dir);
     if log.pending_for(table_name, &source).is_none() {
-        info!(table = %table_name, "adopting a distribution request queued while txmapd was down");
+        info!(table = %table_name, "adopting a distribution request txmap-sympa queued (txmapd was down, or the hook gave up waiting for it)");
         let rec = txmap_common::decision::PendingRecord {
             table: table_name.to_string(),
             source,
             since_ms: now_ms(),
             attempts: 0,
-            last_error: "queued by txmap-sympa while txmapd was down".into(),
+            last_error: "queued by txmap-sympa, not yet distributed".into(),
             next_ms: 0,
             owner_pid: None,
             force: false,
@@ -418,6 +452,7 @@ fn adopt_one(cfg: &Config, table_name: &str, taken: &Path, queued_at: SystemTime
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
                 .unwrap_or(0),
+            held: None,
         };
         if let Err(e) = log.set_pending(&rec) {
             warn!(error = %e, "cannot record the queued request");
@@ -429,7 +464,7 @@ fn adopt_one(cfg: &Config, table_name: &str, taken: &Path, queued_at: SystemTime
 /// private directory (0700) beside its final path, given its group and mode there (nobody else
 /// can reach it), then renamed over the final path, which replaces whatever was there (a stale
 /// socket, or a link someone planted) instead of following it.
-fn bind_socket(
+pub(crate) fn bind_socket(
     path: &Path,
     mode: u32,
     group: Option<&str>,

@@ -7,6 +7,8 @@ mod converge;
 mod decide;
 mod hook;
 mod prepare;
+mod probe;
+mod reload;
 mod resolve;
 mod serve;
 mod server;
@@ -19,17 +21,33 @@ fn main() -> ExitCode {
     txmap_coordinator::init_process("info");
     let _failpoints = fail::FailScenario::setup();
     let path = txmap_common::config::Config::resolve_path(args.config.as_deref());
-    let cfg = match txmap_common::config::Config::load(&path) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("txmapd: {e}");
-            return ExitCode::from(txmap_common::exit::USAGE);
-        }
+    // The same checks as `txmap check-config`: txmapd refuses to start on any problem that
+    // would make it misbehave (certificates, key mode, hook group, listen, directories...).
+    let (cfg, problems) = txmap_common::config::Config::check(&path);
+    let fatal: Vec<_> = problems.iter().filter(|p| p.fatal).cloned().collect();
+    let Some(cfg) = cfg.filter(|_| fatal.is_empty()) else {
+        eprintln!(
+            "txmapd: refusing to start: {}",
+            txmap_common::config::format_problems(&path, &fatal)
+        );
+        return ExitCode::from(txmap_common::exit::USAGE);
     };
+    for p in problems.iter().filter(|p| !p.fatal) {
+        tracing::warn!("{}: {}", path.display(), p.text);
+    }
     if let Err(e) = check_dirs(&cfg) {
         eprintln!("txmapd: refusing to start: {e}");
         return ExitCode::from(txmap_common::exit::USAGE);
     }
+    // One txmapd per state directory: a second one would steal the hook socket and race the
+    // first on every journal. Held until the process exits.
+    let _state_lock = match lock_state_dir(&cfg.state_dir) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("txmapd: refusing to start: {e}");
+            return ExitCode::from(txmap_common::exit::LOCAL);
+        }
+    };
     if let Some(w) = prepare_state_dirs(&cfg.state_dir) {
         tracing::warn!("{w}");
     }
@@ -43,13 +61,57 @@ fn main() -> ExitCode {
             return ExitCode::from(txmap_common::exit::LOCAL);
         }
     };
-    match rt.block_on(server::run(cfg, shutdown_signal())) {
+    let r = rt.block_on(async {
+        let (reload_tx, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+        server::run(cfg, shutdown_signal(reload_tx), reload_rx).await
+    });
+    match r {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("txmapd: {e:#}");
             ExitCode::from(txmap_common::exit::LOCAL)
         }
     }
+}
+
+/// Takes `state_dir/txmapd.lock` (an exclusive `flock`, dropped by the kernel with the
+/// process) and writes this process's id in it. Fails, naming the holder, when another txmapd
+/// runs on the same state directory.
+fn lock_state_dir(state_dir: &std::path::Path) -> Result<std::fs::File, String> {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    // state_dir is changeable only by its owner (checked above): no link can be planted here.
+    txmap_common::table::create_dir_durable(state_dir, 0o755)
+        .map_err(|e| format!("cannot create state_dir {}: {e}", state_dir.display()))?;
+    let path = state_dir.join("txmapd.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o644)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    match fs4::FileExt::try_lock(&f) {
+        Ok(()) => {}
+        Err(fs4::TryLockError::WouldBlock) => {
+            let mut pid = String::new();
+            let _ = f.read_to_string(&mut pid);
+            return Err(format!(
+                "another txmapd (pid {}) already runs on state_dir {} (it holds {})",
+                pid.trim(),
+                state_dir.display(),
+                path.display()
+            ));
+        }
+        Err(fs4::TryLockError::Error(e)) => {
+            return Err(format!("cannot lock {}: {e}", path.display()))
+        }
+    }
+    let _ = f.set_len(0);
+    let _ = f.rewind();
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
 }
 
 /// Every directory txmapd writes in (each table's, the state directory, the hook socket's) must
@@ -105,7 +167,8 @@ fn prepare_state_dirs(state_dir: &std::path::Path) -> Option<String> {
     ))
 }
 
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT; forwards each SIGHUP to `reload`.
+async fn shutdown_signal(reload: tokio::sync::mpsc::UnboundedSender<()>) {
     use tokio::signal::unix::{signal, SignalKind};
     match (
         signal(SignalKind::terminate()),
@@ -115,9 +178,10 @@ async fn shutdown_signal() {
             tokio::select! {
                 _ = term.recv() => return,
                 _ = tokio::signal::ctrl_c() => return,
-                _ = hup.recv() => tracing::warn!(
-                    "SIGHUP ignored: txmapd does not reload its config; restart it to apply changes"
-                ),
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    let _ = reload.send(());
+                }
             }
         },
         _ => {

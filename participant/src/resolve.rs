@@ -96,12 +96,14 @@ impl Node {
     /// reached for half the in-doubt bound, asks the transaction's other nodes (cooperative
     /// termination); concludes only what [`resolve`] allows. Also retries the renames of
     /// transactions decided commit whose install failed (a storage error), with backoff.
-    pub(crate) async fn resolve_loop(self: Arc<Self>, cluster: Arc<Cluster>) {
+    pub(crate) async fn resolve_loop(live: Arc<crate::server::Live>) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         let mut install_retry: HashMap<String, (u64, u32)> = HashMap::new();
         loop {
             tick.tick().await;
-            for slot in self.slots.values() {
+            // The current node and client, each tick (a reload may have swapped them).
+            let (this, cluster) = live.both();
+            for slot in this.slots.values() {
                 let active = slot.state.lock().await.active.clone();
                 let table = slot.table.name.clone();
                 match active {
@@ -110,7 +112,7 @@ impl Node {
                         if now_ms() < next {
                             continue;
                         }
-                        let resp = self
+                        let resp = this
                             .decide(
                                 &table,
                                 Event::Commit {
@@ -131,7 +133,7 @@ impl Node {
                     }
                     Some(a) if a.phase == Phase::Prepared => {
                         install_retry.remove(&table);
-                        self.resolve_one(&cluster, &table, &a).await;
+                        this.resolve_one(&cluster, &table, &a).await;
                     }
                     _ => {
                         install_retry.remove(&table);

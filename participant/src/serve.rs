@@ -12,7 +12,7 @@ use txmap_common::proto::{PendingInfo, Refusal, Request, Response, Sha256};
 use txmap_common::table;
 
 impl Node {
-    pub(crate) async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+    pub(crate) async fn connection(live: Arc<crate::server::Live>, incoming: quinn::Incoming) {
         let remote = incoming.remote_address();
         let conn = match incoming.await {
             Ok(c) => c,
@@ -21,14 +21,15 @@ impl Node {
                 return;
             }
         };
-        let Some(peer) = txmap_common::tls::peer_node(&conn, &self.cfg) else {
+        let Some(peer) = txmap_common::tls::peer_node(&conn, &live.node().cfg) else {
             warn!(%remote, "refused connection: certificate names no configured node");
             conn.close(quinn::VarInt::from_u32(1), b"not a configured node");
             return;
         };
         debug!(%remote, %peer, "connection");
         while let Ok((send, recv)) = conn.accept_bi().await {
-            let node = self.clone();
+            // The node current when the request arrives (a reload may have swapped it).
+            let node = live.node();
             let peer = peer.clone();
             tokio::spawn(async move { node.stream(peer, send, recv).await });
         }

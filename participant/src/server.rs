@@ -8,6 +8,15 @@
 //! - `resolve`: outcome answers, in-doubt resolution, install retries.
 //! - `converge`: redrive of this node's decisions, pending retries.
 //! - `hook`: the Sympa hook's Unix socket, snapshots, queued requests.
+//! - `probe`: the read-only monitoring socket (`txmap check`) and the health loop.
+//! - `reload`: `SIGHUP`: re-reading the config into a new [`Node`].
+//!
+//! # Reload
+//! Every task reaches the node through [`Live`]: a new connection, stream, hook request or
+//! background tick takes the current [`Node`] (and its [`Cluster`] client) from it. A reload
+//! builds a new `Node` from the new config, sharing the [`Slot`]s of the tables it keeps (a
+//! table has exactly one state machine, whatever the config), and swaps it in; requests in
+//! flight finish with the node they started with.
 //!
 //! Each table has a [`Slot`]: its [`TableState`] machine behind an async mutex, and the `flock`
 //! file held while a transaction owns the table. A request steps the machine and executes the
@@ -52,29 +61,81 @@ pub(crate) struct Node {
     pub(crate) slots: HashMap<String, Arc<Slot>>,
 }
 
-/// Runs the daemon until `shutdown` completes.
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// The current node and its coordinator client; swapped by a reload.
+pub(crate) struct Live {
+    node: std::sync::RwLock<Arc<Node>>,
+    cluster: std::sync::RwLock<Arc<Cluster>>,
+    /// The last health summary (see `probe`).
+    pub(crate) health: std::sync::Mutex<Option<Arc<txmap_coordinator::check::Health>>>,
+    /// When the daemon started (ms since the epoch).
+    pub(crate) started_ms: u64,
+    /// When the config in use was loaded (ms since the epoch).
+    pub(crate) loaded_ms: std::sync::atomic::AtomicU64,
+}
+
+impl Live {
+    /// The current node.
+    pub(crate) fn node(&self) -> Arc<Node> {
+        self.node.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    /// The current coordinator client.
+    pub(crate) fn cluster(&self) -> Arc<Cluster> {
+        self.cluster
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    /// Both, for one tick of a background loop.
+    pub(crate) fn both(&self) -> (Arc<Node>, Arc<Cluster>) {
+        (self.node(), self.cluster())
+    }
+    /// Swaps in a reloaded node and its client.
+    pub(crate) fn swap(&self, node: Arc<Node>, cluster: Arc<Cluster>) {
+        *self.node.write().unwrap_or_else(|e| e.into_inner()) = node;
+        *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = cluster;
+        self.loaded_ms
+            .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Runs the daemon until `shutdown` completes; each message on `reload` re-reads the config.
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+    mut reload: tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> anyhow::Result<()> {
     let node = Arc::new(Node::open(cfg)?);
     let server = txmap_common::tls::server_config(&node.cfg).context("TLS setup")?;
     let endpoint = quinn::Endpoint::server(server, node.cfg.listen)
         .with_context(|| format!("cannot listen on {}", node.cfg.listen))?;
     let cluster = Arc::new(Cluster::new(node.cfg.clone()).context("QUIC client setup")?);
+    let live = Arc::new(Live {
+        node: std::sync::RwLock::new(node.clone()),
+        cluster: std::sync::RwLock::new(cluster),
+        health: std::sync::Mutex::new(None),
+        started_ms: now_ms(),
+        loaded_ms: std::sync::atomic::AtomicU64::new(now_ms()),
+    });
     let background = [
-        tokio::spawn(node.clone().resolve_loop(cluster.clone())),
-        tokio::spawn(node.clone().redrive_loop(cluster.clone())),
-        tokio::spawn(node.clone().pending_loop(cluster.clone())),
-        tokio::spawn(node.clone().hook_loop(cluster.clone())),
+        tokio::spawn(Node::resolve_loop(live.clone())),
+        tokio::spawn(Node::redrive_loop(live.clone())),
+        tokio::spawn(Node::pending_loop(live.clone())),
+        tokio::spawn(Node::hook_loop(live.clone())),
+        tokio::spawn(crate::probe::health_loop(live.clone())),
+        tokio::spawn(crate::probe::probe_loop(live.clone())),
     ];
     info!(node = %node.cfg.node, listen = %node.cfg.listen, tables = node.slots.len(), "txmapd ready");
+    drop(node);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
+            Some(()) = reload.recv() => crate::reload::reload(&live).await,
             incoming = endpoint.accept() => match incoming {
                 None => break,
                 Some(inc) => {
-                    let node = node.clone();
-                    tokio::spawn(async move { node.connection(inc).await });
+                    let live = live.clone();
+                    tokio::spawn(async move { Node::connection(live, inc).await });
                 }
             }
         }
@@ -96,57 +157,7 @@ impl Node {
         let journal = Journal::open(&cfg.state_dir)?;
         let mut slots = HashMap::new();
         for t in &cfg.tables {
-            let mut state = journal.load(&t.name)?;
-            let mut lock = None;
-            let keep = state.active.as_ref().map(|a| a.txid);
-            History::new(&cfg.state_dir, &t.name).drop_staged_except(keep);
-            for (txid, path) in table::list_staged(t) {
-                if Some(txid) != keep {
-                    info!(table = %t.name, %txid, path = %path.display(), "removing staged file of an unfinished transaction");
-                    let _ = std::fs::remove_file(&path);
-                }
-            }
-            if let Some(a) = state.active.clone() {
-                lock = Some(
-                    table::try_lock(&table::lock_path(&cfg.state_dir, &t.name))?.with_context(
-                        || {
-                            format!(
-                                "table {}: lock held by another process (another txmapd?)",
-                                t.name
-                            )
-                        },
-                    )?,
-                );
-                if a.phase == Phase::Installing {
-                    // The decision was commit and is journaled: finish the renames. If they
-                    // still fail, the table stays installing and the retry loop keeps at it;
-                    // the daemon (and every other table) serves on.
-                    info!(table = %t.name, txid = %a.txid, "finishing an interrupted commit");
-                    match install_checked(t, &a) {
-                        Ok(()) => {
-                            record_history(&cfg, t, &a);
-                            let actions = state.step(Event::InstallDone { txid: a.txid }, now_ms());
-                            debug!(?actions, "recovered");
-                            journal.store(&t.name, &state)?;
-                            lock = None;
-                        }
-                        Err(e) => {
-                            error!(table = %t.name, txid = %a.txid, error = %e, "cannot finish the commit yet; the table stays installing and it is retried");
-                        }
-                    }
-                } else {
-                    info!(table = %t.name, txid = %a.txid, generation = a.generation, "transaction still prepared; holding its lock until the decision arrives");
-                }
-            }
-            slots.insert(
-                t.name.clone(),
-                Arc::new(Slot {
-                    table: t.clone(),
-                    state: Mutex::new(state),
-                    lock: std::sync::Mutex::new(lock),
-                    dirty: std::sync::atomic::AtomicBool::new(false),
-                }),
-            );
+            slots.insert(t.name.clone(), open_slot(&cfg, &journal, t)?);
         }
         Ok(Node {
             cfg,
@@ -162,4 +173,60 @@ impl Node {
             })
         })
     }
+}
+
+/// Loads one table's journal into a new [`Slot`] and recovers what a crash left behind: staged
+/// files of unfinished transactions go, a prepared transaction keeps its lock, an interrupted
+/// commit is finished.
+pub(crate) fn open_slot(
+    cfg: &Config,
+    journal: &Journal,
+    t: &TableConfig,
+) -> anyhow::Result<Arc<Slot>> {
+    let mut state = journal.load(&t.name)?;
+    let mut lock = None;
+    let keep = state.active.as_ref().map(|a| a.txid);
+    History::new(&cfg.state_dir, &t.name).drop_staged_except(keep);
+    for (txid, path) in table::list_staged(t) {
+        if Some(txid) != keep {
+            info!(table = %t.name, %txid, path = %path.display(), "removing staged file of an unfinished transaction");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    if let Some(a) = state.active.clone() {
+        lock = Some(
+            table::try_lock(&table::lock_path(&cfg.state_dir, &t.name))?.with_context(|| {
+                format!(
+                    "table {}: lock held by another process (another txmapd?)",
+                    t.name
+                )
+            })?,
+        );
+        if a.phase == Phase::Installing {
+            // The decision was commit and is journaled: finish the renames. If they still
+            // fail, the table stays installing and the retry loop keeps at it; the daemon
+            // (and every other table) serves on.
+            info!(table = %t.name, txid = %a.txid, "finishing an interrupted commit");
+            match install_checked(t, &a) {
+                Ok(()) => {
+                    record_history(cfg, t, &a);
+                    let actions = state.step(Event::InstallDone { txid: a.txid }, now_ms());
+                    debug!(?actions, "recovered");
+                    journal.store(&t.name, &state)?;
+                    lock = None;
+                }
+                Err(e) => {
+                    error!(table = %t.name, txid = %a.txid, error = %e, "cannot finish the commit yet; the table stays installing and it is retried");
+                }
+            }
+        } else {
+            info!(table = %t.name, txid = %a.txid, generation = a.generation, "transaction still prepared; holding its lock until the decision arrives");
+        }
+    }
+    Ok(Arc::new(Slot {
+        table: t.clone(),
+        state: Mutex::new(state),
+        lock: std::sync::Mutex::new(lock),
+        dirty: std::sync::atomic::AtomicBool::new(false),
+    }))
 }
