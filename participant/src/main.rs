@@ -6,6 +6,7 @@
 mod converge;
 mod decide;
 mod hook;
+mod notify;
 mod prepare;
 mod resolve;
 mod serve;
@@ -115,9 +116,13 @@ async fn shutdown_signal() {
             tokio::select! {
                 _ = term.recv() => return,
                 _ = tokio::signal::ctrl_c() => return,
-                _ = hup.recv() => tracing::warn!(
-                    "SIGHUP ignored: txmapd does not reload its config; restart it to apply changes"
-                ),
+                _ = hup.recv() => {
+                    notify::reloading();
+                    tracing::warn!(
+                        "SIGHUP ignored: txmapd does not reload its config; restart it to apply changes"
+                    );
+                    notify::ready("serving (configuration unchanged)");
+                }
             }
         },
         _ => {

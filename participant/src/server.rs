@@ -66,6 +66,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tokio::spawn(node.clone().hook_loop(cluster.clone())),
     ];
     info!(node = %node.cfg.node, listen = %node.cfg.listen, tables = node.slots.len(), "txmapd ready");
+    crate::notify::ready(&format!(
+        "serving {} table(s) on {}",
+        node.slots.len(),
+        node.cfg.listen
+    ));
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -80,6 +85,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         }
     }
     info!("shutting down");
+    crate::notify::stopping();
     for b in background {
         b.abort();
     }
