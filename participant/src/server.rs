@@ -65,14 +65,20 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         tokio::spawn(node.clone().pending_loop(cluster.clone())),
         tokio::spawn(node.clone().hook_loop(cluster.clone())),
     ];
+    tokio::pin!(shutdown);
+    // Poll the shutdown future once before announcing readiness: that installs the signal
+    // handlers, so a SIGTERM sent right after READY=1 (`systemctl start` then `stop`) is a
+    // clean stop rather than the default action.
+    let stop_now =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(shutdown.as_mut().poll(cx).is_ready()))
+            .await;
     info!(node = %node.cfg.node, listen = %node.cfg.listen, tables = node.slots.len(), "txmapd ready");
     crate::notify::ready(&format!(
         "serving {} table(s) on {}",
         node.slots.len(),
         node.cfg.listen
     ));
-    tokio::pin!(shutdown);
-    loop {
+    while !stop_now {
         tokio::select! {
             _ = &mut shutdown => break,
             incoming = endpoint.accept() => match incoming {
