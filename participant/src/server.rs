@@ -78,14 +78,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>) -> anyhow::Res
         node.slots.len(),
         node.cfg.listen
     ));
-    while !stop_now {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            incoming = endpoint.accept() => match incoming {
-                None => break,
-                Some(inc) => {
-                    let node = node.clone();
-                    tokio::spawn(async move { node.connection(inc).await });
+    if !stop_now {
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                incoming = endpoint.accept() => match incoming {
+                    None => break,
+                    Some(inc) => {
+                        let node = node.clone();
+                        tokio::spawn(async move { node.connection(inc).await });
+                    }
                 }
             }
         }
