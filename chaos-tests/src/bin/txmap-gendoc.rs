@@ -357,7 +357,7 @@ fn config_page(operations_md: &str) -> Result<Vec<u8>> {
     roff.control("TH", ["TXMAP.TOML", "5", "", SOURCE, "File Formats Manual"]);
     roff.control("SH", ["NAME"]);
     roff.text([roman(
-        "txmap.toml \\- configuration of txmap, txmapd and txmap-sympa",
+        "txmap.toml - configuration of txmap, txmapd and txmap-sympa",
     )]);
     roff.control("SH", ["SYNOPSIS"]);
     roff.text([italic("/etc/txmap/txmap.toml")]);
