@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Makes (once) and caches a clean Debian root with Postfix installed, for the package test
-# (chaos-tests/tests/package.rs): `debootstrap --variant=minbase --include=postfix` of the
-# host's release from the host's Debian mirror, packed as a tarball. Later runs reuse the
-# tarball. Needs root and debootstrap (scripts/setup.sh installs it).
+# Makes (once) and caches a clean Debian root for the package test
+# (chaos-tests/tests/package.rs): `debootstrap --variant=minbase --include=postfix,systemd,procps`
+# (a mail node: Postfix for postmap, systemd and procps for `systemd-analyze verify --root` of
+# the unit) of the host's release from the host's Debian mirror, packed as a tarball. Later
+# runs reuse the tarball. Needs root and debootstrap (scripts/setup.sh installs it).
 #
 #   scripts/package/debian-root.sh TARBALL
 #
@@ -29,9 +30,9 @@ fi
 work=$(mktemp -d "$(dirname "$out")/.debian-root.XXXXXX")
 trap 'rm -rf --one-file-system "$work"' EXIT
 root="$work/root"
-echo "debian-root: debootstrap --variant=minbase --include=postfix $suite from $mirror (once; cached in $out)" >&2
+echo "debian-root: debootstrap --variant=minbase --include=postfix,systemd,procps $suite from $mirror (once; cached in $out)" >&2
 # Postfix's postinst asks debconf: "No configuration" leaves main.cf alone and starts nothing.
-if ! DEBIAN_FRONTEND=noninteractive debootstrap --variant=minbase --include=postfix \
+if ! DEBIAN_FRONTEND=noninteractive debootstrap --variant=minbase --include=postfix,systemd,procps \
   "$suite" "$root" "$mirror" >"$work/debootstrap.log" 2>&1 </dev/null; then
   tail -n 20 "$work/debootstrap.log" >&2
   [ -f "$root/debootstrap/debootstrap.log" ] && tail -n 20 "$root/debootstrap/debootstrap.log" >&2
