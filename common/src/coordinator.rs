@@ -195,7 +195,7 @@ pub fn delivery(verdict: Verdict, answer: Option<&Response>) -> Delivery {
         // Not the transaction's business of this node (unknown table, not authorized) will not
         // change by itself, but neither is it an outcome: keep it visible and keep trying.
         (_, Some(Response::Refused(r))) => Delivery::Retry(r.to_string()),
-        (_, Some(other)) => Delivery::Retry(format!("unexpected answer {other:?}")),
+        (_, Some(other)) => Delivery::Retry(format!("unexpected answer: {other}")),
     }
 }
 

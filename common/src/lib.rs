@@ -17,6 +17,7 @@
 //! - [`tls`]: the cluster CA, node certificates, and mutual-TLS QUIC endpoints.
 //! - [`net`]: one request/response exchange over a QUIC stream.
 //! - [`exit`]: the documented exit codes of the CLI.
+//! - [`describe`]: operator-facing `Display` text of answers, outcomes, verdicts, events.
 //! - [`defects`]: test-only switches that put back the defects of issue 9 (model checker).
 
 pub mod certs;
@@ -26,6 +27,7 @@ pub mod coordinator;
 pub mod decision;
 pub mod defects;
 pub mod delta;
+pub mod describe;
 pub mod entries;
 pub mod exit;
 pub mod history;

@@ -260,3 +260,147 @@ pub fn peer_node(conn: &quinn::Connection, cfg: &Config) -> Option<String> {
             .map(|_| n.name.clone())
     })
 }
+
+/// Why a QUIC handshake with a peer did not give a usable connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// This side's TLS refused the peer (no certificate, not from the cluster CA, wrong name):
+    /// a security event, worth a warning.
+    Refused(String),
+    /// The peer's TLS refused this side's certificate (another CA, another name).
+    RefusedByPeer(String),
+    /// The peer went away or was too slow (it gave up, a timeout, a reset): not a refusal. A
+    /// node that resumes after a pause finds many of these, from clients that gave up long ago.
+    GaveUp(String),
+}
+
+impl std::fmt::Display for HandshakeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            HandshakeFailure::Refused(r) => write!(f, "{r}"),
+            HandshakeFailure::RefusedByPeer(r) => {
+                write!(f, "the peer refused this node's certificate: {r}")
+            }
+            HandshakeFailure::GaveUp(r) => write!(f, "handshake not completed: {r}"),
+        }
+    }
+}
+
+/// QUIC reserves transport error codes 0x100..0x1ff for TLS alerts.
+fn is_tls_alert(code: u64) -> bool {
+    (0x100..0x200).contains(&code)
+}
+
+/// Classifies a failed handshake (on either side), with the reason in words.
+pub fn classify_handshake(e: &quinn::ConnectionError) -> HandshakeFailure {
+    use quinn::ConnectionError as E;
+    match e {
+        E::TransportError(t) if is_tls_alert(u64::from(t.code)) => {
+            HandshakeFailure::Refused(tls_reason(&t.reason, u64::from(t.code)))
+        }
+        E::ConnectionClosed(c) if is_tls_alert(u64::from(c.error_code)) => {
+            let reason = String::from_utf8_lossy(&c.reason).into_owned();
+            HandshakeFailure::RefusedByPeer(tls_reason(&reason, u64::from(c.error_code)))
+        }
+        E::TransportError(t) => HandshakeFailure::Refused(format!("protocol error: {t}")),
+        other => HandshakeFailure::GaveUp(other.to_string()),
+    }
+}
+
+/// The reason rustls gives, in an operator's words where it is a known case.
+fn tls_reason(reason: &str, code: u64) -> String {
+    let alert = code & 0xff;
+    let plain = if reason.contains("UnknownIssuer") || reason.contains("BadSignature") {
+        "the certificate is not from the cluster CA"
+    } else if reason.contains("NotValidForName") {
+        "the certificate does not name the node dialled"
+    } else if reason.contains("Expired") {
+        "the certificate has expired"
+    } else if reason.contains("NotValidYet") {
+        "the certificate is not valid yet (clock?)"
+    } else if reason.contains("no certificates") || reason.contains("NoCertificatesPresented") {
+        "no client certificate was presented"
+    } else if reason.is_empty() {
+        return format!("TLS alert {alert}");
+    } else {
+        return format!("TLS alert {alert}: {reason}");
+    };
+    format!("{plain} (TLS alert {alert})")
+}
+
+/// Remembers refusals already logged, so that a peer that keeps trying is logged once (and
+/// then once an hour, with the number of attempts since), not once per attempt.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    seen: std::sync::Mutex<std::collections::HashMap<(String, String), (std::time::Instant, u64)>>,
+}
+
+impl RefusalLog {
+    /// How long a logged refusal stays quiet.
+    pub const QUIET: std::time::Duration = std::time::Duration::from_secs(3600);
+    /// At most this many distinct refusals are remembered (older ones are forgotten).
+    const MAX: usize = 1024;
+
+    /// Notes a refusal of `who` (an address or a node name) for `reason`. `Some(n)`: log it
+    /// now, `n` similar refusals having been kept quiet since the last line; `None`: already
+    /// logged within [`RefusalLog::QUIET`].
+    pub fn note(&self, who: &str, reason: &str) -> Option<u64> {
+        self.note_at(who, reason, std::time::Instant::now())
+    }
+
+    fn note_at(&self, who: &str, reason: &str, now: std::time::Instant) -> Option<u64> {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (who.to_string(), reason.to_string());
+        if let Some((at, quiet)) = seen.get_mut(&key) {
+            if now.duration_since(*at) < Self::QUIET {
+                *quiet += 1;
+                return None;
+            }
+            let n = *quiet;
+            *at = now;
+            *quiet = 0;
+            return Some(n);
+        }
+        if seen.len() >= Self::MAX {
+            seen.retain(|_, (at, _)| now.duration_since(*at) < Self::QUIET);
+            if seen.len() >= Self::MAX {
+                seen.clear();
+            }
+        }
+        seen.insert(key, (now, 0));
+        Some(0)
+    }
+}
+
+#[cfg(test)]
+mod refusal_tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_logged_once_then_once_per_quiet_period_with_a_count() {
+        let log = RefusalLog::default();
+        let t0 = std::time::Instant::now();
+        assert_eq!(log.note_at("192.0.2.9", "not from the CA", t0), Some(0));
+        for _ in 0..26 {
+            assert_eq!(log.note_at("192.0.2.9", "not from the CA", t0), None);
+        }
+        // Another peer, or another reason, is logged at once.
+        assert_eq!(log.note_at("192.0.2.10", "not from the CA", t0), Some(0));
+        assert_eq!(log.note_at("192.0.2.9", "no certificate", t0), Some(0));
+        let later = t0 + RefusalLog::QUIET;
+        assert_eq!(log.note_at("192.0.2.9", "not from the CA", later), Some(26));
+    }
+
+    #[test]
+    fn tls_reasons_are_put_in_words() {
+        assert_eq!(
+            tls_reason("invalid peer certificate: UnknownIssuer", 0x12a),
+            "the certificate is not from the cluster CA (TLS alert 42)"
+        );
+        assert_eq!(
+            tls_reason("peer sent no certificates", 0x174),
+            "no client certificate was presented (TLS alert 116)"
+        );
+        assert_eq!(tls_reason("", 0x128), "TLS alert 40");
+    }
+}

@@ -214,3 +214,78 @@ pub struct TxmapdArgs {
     #[arg(long, short)]
     pub config: Option<PathBuf>,
 }
+
+/// Exit codes of `txmap-sympa` (a subset of `txmap`'s).
+pub const TXMAP_SYMPA_EXIT_CODES: &str = "\
+Exit codes:
+  0  every in-service node serves the new table
+  1  aborted: nothing changed anywhere (txmapd retries it until it is distributed)
+  2  usage or configuration error, no table has this source, the source was refused (a link,
+     a FIFO, too large), or the content guard refused it (txmap commit --force decides)
+  3  commit decided, not yet acknowledged by every node (it completes on its own)
+  4  busy: other transactions held the table; txmapd retries it
+  6  txmapd not reachable: the request stays queued in state_dir/requests/ and is distributed
+     when txmapd runs";
+
+/// The command line of `txmap-sympa`, for its man page and shell completions. The hook parses
+/// its arguments by hand (`src/bin/txmap-sympa.rs`: Sympa runs it with one path and a cleared
+/// environment, and it must start fast); this describes the same arguments without changing
+/// how they are parsed.
+pub fn txmap_sympa_command() -> clap::Command {
+    use clap::{Arg, ArgAction, Command, ValueHint};
+    Command::new("txmap-sympa")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("Sympa's aliases_program: distribute the table Sympa just rewrote to every node")
+        .long_about(
+            "Sympa's aliases_program: distribute the table Sympa just rewrote to every node.\n\n\
+             Set `aliases_program /usr/bin/txmap-sympa` in sympa.conf. Sympa runs it as user \
+             sympa with one argument, the path of the table it rewrote (TYPE:PATH is accepted \
+             too, as postmap takes it). The hook finds the configured table whose `source` is \
+             that path, reads the file with its caller's rights (never through a symbolic link, \
+             never from a FIFO or device, at most max_table_bytes), queues the content in \
+             state_dir/requests/ and asks the local txmapd over the hook socket to commit it \
+             to every node, waiting at most timeouts.total_ms + timeouts.commit_ms + 1 s. A \
+             change that could not be distributed stays pending and txmapd retries it.",
+        )
+        .after_help(TXMAP_SYMPA_EXIT_CODES)
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .short('c')
+                .value_name("PATH")
+                .value_hint(ValueHint::FilePath)
+                .action(ArgAction::Set)
+                .help("Config file [default: $TXMAP_CONFIG, else /etc/txmap/txmap.toml]"),
+        )
+        .arg(
+            Arg::new("table_path")
+                .value_name("TABLE_PATH")
+                .required(true)
+                .value_hint(ValueHint::FilePath)
+                .help("The table source Sympa rewrote, as PATH or TYPE:PATH"),
+        )
+}
+
+#[cfg(test)]
+mod txmap_sympa_tests {
+    #[test]
+    fn the_txmap_sympa_description_accepts_what_the_hook_accepts() {
+        let cmd = super::txmap_sympa_command();
+        cmd.clone().debug_assert();
+        for argv in [
+            vec!["txmap-sympa", "/etc/sympa/sympa_transport"],
+            vec!["txmap-sympa", "--config", "/x.toml", "hash:/etc/sympa/t"],
+            vec!["txmap-sympa", "-c", "/x.toml", "/t"],
+            vec!["txmap-sympa", "--config=/x.toml", "/t"],
+        ] {
+            assert!(cmd.clone().try_get_matches_from(&argv).is_ok(), "{argv:?}");
+        }
+        for argv in [
+            vec!["txmap-sympa"],
+            vec!["txmap-sympa", "/a", "/b"],
+            vec!["txmap-sympa", "--bogus", "/a"],
+        ] {
+            assert!(cmd.clone().try_get_matches_from(&argv).is_err(), "{argv:?}");
+        }
+    }
+}

@@ -5,6 +5,7 @@ use std::time::Duration;
 use txmap_common::config::{Config, NodeConfig};
 use txmap_common::net;
 use txmap_common::proto::{Request, Response};
+use txmap_common::tls::HandshakeFailure;
 
 /// A QUIC client endpoint with this node's identity.
 pub struct Cluster {
@@ -53,7 +54,16 @@ impl Cluster {
             .map_err(|e| format!("cannot connect to {}: {e}", node.address))?;
         match tokio::time::timeout(limit, connecting).await {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(format!("unreachable at {}: {e}", node.address)),
+            Ok(Err(e)) => Err(match txmap_common::tls::classify_handshake(&e) {
+                HandshakeFailure::Refused(why) => format!(
+                    "TLS refused at {}: this node refused its certificate: {why}",
+                    node.address
+                ),
+                f @ HandshakeFailure::RefusedByPeer(_) => {
+                    format!("TLS refused at {}: {f}", node.address)
+                }
+                HandshakeFailure::GaveUp(_) => format!("unreachable at {}: {e}", node.address),
+            }),
             Err(_) => Err(format!(
                 "unreachable at {}: no answer within {} ms",
                 node.address,

@@ -143,7 +143,7 @@ async fn prepare_one(link: &Link, req: &Request, body: Body<'_>, deadline: Durat
     match tokio::time::timeout(deadline, run).await {
         Ok(Ok(Response::Prepared { .. })) => Vote::Prepared,
         Ok(Ok(Response::Refused(r))) => Vote::Refused(r),
-        Ok(Ok(other)) => Vote::Unreachable(format!("unexpected answer {other:?}")),
+        Ok(Ok(other)) => Vote::Unreachable(format!("unexpected answer: {other}")),
         Ok(Err(e)) => Vote::Unreachable(e),
         Err(_) => Vote::Unreachable(format!(
             "no answer within the prepare deadline of {} ms",
@@ -365,7 +365,7 @@ pub async fn commit_with(
                 }
                 Ok(Response::Refused(r)) => votes[i] = Some(Vote::Refused(r)),
                 Ok(other) => {
-                    votes[i] = Some(Vote::Unreachable(format!("unexpected answer {other:?}")))
+                    votes[i] = Some(Vote::Unreachable(format!("unexpected answer: {other}")))
                 }
                 Err(e) => votes[i] = Some(Vote::Unreachable(e)),
             }
@@ -709,7 +709,7 @@ async fn abort_all(
             Ok(Response::Aborted { .. }) => {}
             other => {
                 all = false;
-                info!(node = %n.name, %txid, result = ?other, "abort not acknowledged; the node resolves it by itself")
+                info!(node = %n.name, %txid, result = %other.as_ref().map_or_else(|e| e.clone(), |r| r.to_string()), "abort not acknowledged; the node resolves it by itself")
             }
         }
     }

@@ -71,7 +71,7 @@ pub async fn history(
                 }
             }
             Ok(Response::Refused(r)) => unreachable.push(format!("{}: {r}", n.name)),
-            Ok(other) => unreachable.push(format!("{}: unexpected answer {other:?}", n.name)),
+            Ok(other) => unreachable.push(format!("{}: unexpected answer: {other}", n.name)),
             Err(e) => unreachable.push(format!("{}: {e}", n.name)),
         }
     }
@@ -200,7 +200,7 @@ pub async fn rollback(cluster: &Cluster, table: &str, to: Option<u64>) -> Commit
                 }
                 Err(e) => bad.push(format!("{name}: {e}")),
             },
-            Ok(other) => bad.push(format!("{name}: {other:?}")),
+            Ok(other) => bad.push(format!("{name}: {other}")),
             Err(e) => bad.push(format!("{name}: {e}")),
         }
     }
@@ -257,7 +257,7 @@ pub async fn verify(cluster: &Cluster, tables: &[String]) -> Vec<Verification> {
                     problems,
                 }) => (Some(generation), problems),
                 Ok(Response::Refused(r)) => (None, vec![r.to_string()]),
-                Ok(other) => (None, vec![format!("unexpected answer {other:?}")]),
+                Ok(other) => (None, vec![format!("unexpected answer: {other}")]),
                 Err(e) => (None, vec![format!("unreachable: {e}")]),
             };
             out.push(Verification {

@@ -10,6 +10,7 @@
 //! - [`diff`]: `txmap diff` and `commit --dry-run`: added, removed and changed keys.
 //! - [`history`]: `txmap history`, `rollback` (a normal commit of an earlier generation) and
 //!   `verify`.
+//! - [`logging`]: log output: stderr, the journal (priority prefixes) or syslog (facility mail).
 //! - [`redrive`]: finishing decisions a dead coordinator left behind.
 //! - [`recover`]: `txmap recover`, listing and resolving in-doubt transactions by hand.
 //! - [`sandbox`]: `txmap sandbox`, a ready local cluster.
@@ -20,26 +21,53 @@ pub mod cluster;
 pub mod commit;
 pub mod diff;
 pub mod history;
+pub mod logging;
 pub mod recover;
 pub mod redrive;
 pub mod sandbox;
 
-/// Process set-up shared by `txmap` and `txmapd`: logs to stderr filtered by `TXMAP_LOG`
-/// (default `default_log`), colours only on a terminal and never with `NO_COLOR`; and
-/// crash-only panics: a panic anywhere (a `panic` failpoint included) aborts the whole process,
-/// and journal-driven recovery takes over.
+/// Process set-up shared by `txmap` and `txmapd`: logs filtered by `TXMAP_LOG` (default
+/// `default_log`) to stderr, to the journal (priority prefixes, no timestamps) or to syslog
+/// (`TXMAP_LOG_SYSLOG`), as [`logging`] describes; and crash-only panics: a panic anywhere (a
+/// `panic` failpoint included) aborts the whole process, and journal-driven recovery takes over.
 pub fn init_process(default_log: &str) {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("TXMAP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log)),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(
-            std::io::IsTerminal::is_terminal(&std::io::stderr())
-                && std::env::var_os("NO_COLOR").is_none(),
-        )
-        .init();
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("TXMAP_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_log))
+    };
+    let (target, warning) = logging::from_env();
+    let ident = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "txmap".into());
+    match target {
+        logging::Target::Stderr { ansi } => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .init(),
+        logging::Target::Journal => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(logging::Sink::journal())
+            .with_ansi(false)
+            .without_time()
+            .with_level(false)
+            .init(),
+        logging::Target::Syslog { socket, facility } => tracing_subscriber::fmt()
+            .with_env_filter(filter())
+            .with_writer(logging::Sink::syslog(socket, facility, &ident))
+            .with_ansi(false)
+            .without_time()
+            .with_level(false)
+            .init(),
+    }
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
+    }
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);

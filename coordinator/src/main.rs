@@ -479,7 +479,7 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
                 let (reachable, error, tables) = match a {
                     Ok(Response::Status(t)) => (true, None, t),
                     Ok(Response::Refused(r)) => (true, Some(r.to_string()), vec![]),
-                    Ok(other) => (true, Some(format!("unexpected answer {other:?}")), vec![]),
+                    Ok(other) => (true, Some(format!("unexpected answer: {other}")), vec![]),
                     Err(e) => (false, Some(e), vec![]),
                 };
                 let in_service = in_service.get(&n.name).copied().unwrap_or(true);

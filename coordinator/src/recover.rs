@@ -52,7 +52,7 @@ pub async fn list(cluster: &Cluster) -> (Vec<InDoubt>, Vec<String>) {
                     }
                 }
             }
-            Ok(other) => unreachable.push(format!("{}: unexpected answer {other:?}", n.name)),
+            Ok(other) => unreachable.push(format!("{}: unexpected answer: {other}", n.name)),
             Err(e) => unreachable.push(format!("{}: {e}", n.name)),
         }
     }
@@ -108,9 +108,9 @@ pub async fn resolve(cluster: &Cluster, txid_text: &str, commit: bool) -> Result
                     coordinator: n.name == p.coordinator,
                     answer: *x,
                 });
-                lines.push(format!("{}: {x:?}", n.name));
+                lines.push(format!("{}: {x}", n.name));
             }
-            Ok(other) => lines.push(format!("{}: {other:?}", n.name)),
+            Ok(other) => lines.push(format!("{}: {other}", n.name)),
             Err(e) => lines.push(format!("{}: unreachable: {e}", n.name)),
         }
     }

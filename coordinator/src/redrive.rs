@@ -30,7 +30,7 @@ pub async fn redrive(cluster: &Cluster) -> Vec<String> {
         let rec = DecisionRecord::fence(open.txid, &open.table, open.generation, open.nodes);
         match log.decide(&rec) {
             Ok(d) => {
-                info!(txid = %open.txid, verdict = ?d.verdict, "coordinator gone: its transaction's decision stands");
+                info!(txid = %open.txid, verdict = %d.verdict, "coordinator gone: its transaction's decision stands");
                 log.close(open.txid);
             }
             // Keep the open record: the next pass tries again (the disk decides, never us).
@@ -113,17 +113,17 @@ async fn redrive_one(
         .iter()
         .any(|r| matches!(r, Err(DeliverError::NotYet(_))));
     if again {
-        info!(txid = %rec.txid, verdict = ?rec.verdict, failed = %failed.join("; "), "decision not yet acknowledged by every node; will send it again");
+        info!(txid = %rec.txid, verdict = %rec.verdict, failed = %failed.join("; "), "decision not yet acknowledged by every node; will send it again");
         return None;
     }
     if !failed.is_empty() {
-        error!(txid = %rec.txid, verdict = ?rec.verdict, nodes = %failed.join("; "), "a node holds the opposite outcome of a recorded decision");
+        error!(txid = %rec.txid, verdict = %rec.verdict, nodes = %failed.join("; "), "a node holds the opposite outcome of a recorded decision");
     } else {
-        info!(txid = %rec.txid, table = %rec.table, verdict = ?rec.verdict, "decision delivered to every node");
+        info!(txid = %rec.txid, table = %rec.table, verdict = %rec.verdict, "decision delivered to every node");
     }
     match rec.verdict {
         Verdict::Commit => log.finish(rec.txid),
         Verdict::Abort => log.delivered(rec.txid),
     }
-    Some(format!("{} {:?}", rec.txid, rec.verdict))
+    Some(format!("{} {}", rec.txid, rec.verdict))
 }

@@ -64,7 +64,7 @@ impl Node {
                 )
                 .await;
                 if r.exit == txmap_common::exit::OK {
-                    info!(table = %p.table, attempts = p.attempts + 1, generation = ?r.generation, "pending commit done: the cluster serves the newest source");
+                    info!(table = %p.table, attempts = p.attempts + 1, generation = r.generation.unwrap_or_default(), "pending commit done: the cluster serves the newest source");
                 } else {
                     info!(table = %p.table, attempts = p.attempts + 1, error = %r.failures(), "pending commit failed again; will retry");
                 }

@@ -37,9 +37,11 @@ impl Node {
                 .filter(|a| Some(a.txid) == txid)
                 .is_none_or(|a| a.coordinator == peer || a.nodes.iter().any(|n| n == peer));
             if !in_service || !member {
-                warn!(%peer, ?event, "decision refused: the peer is not the transaction's coordinator or one of its in-service nodes");
+                // Logged once, with the peer and the reason, where the reply is sent (serve.rs).
                 return Response::Refused(Refusal::NotAuthorized {
-                    detail: format!("{peer} may not decide this transaction here"),
+                    detail: format!(
+                        "{peer} is not the coordinator or an in-service node of this transaction"
+                    ),
                 });
             }
         }

@@ -188,11 +188,11 @@ impl Node {
         };
         let resp = match received {
             Err(detail) => {
-                warn!(?uid, %detail, "hook request refused");
+                warn!(uid = %uid_text(uid), %detail, "hook request refused");
                 LocalResponse::Refused { detail }
             }
             Ok((table, source, temp)) => {
-                info!(%table, %source, ?uid, "distribution requested by the Sympa hook");
+                info!(%table, %source, uid = %uid_text(uid), "distribution requested by the Sympa hook");
                 let _serving = Serving::start(&table);
                 self.distribute(cluster, state, &table, temp).await
             }
@@ -535,4 +535,9 @@ fn set_mode_and_group(path: &Path, mode: u32, group: Option<&str>) -> std::io::R
         std::os::unix::fs::lchown(path, None, Some(group_id(g)?))?;
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// The hook caller's uid for logs (`unknown` when the kernel did not tell).
+fn uid_text(uid: Option<u32>) -> String {
+    uid.map_or_else(|| "unknown".to_string(), |u| u.to_string())
 }

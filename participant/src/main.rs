@@ -6,6 +6,7 @@
 mod converge;
 mod decide;
 mod hook;
+mod notify;
 mod prepare;
 mod probe;
 mod reload;
@@ -179,8 +180,10 @@ async fn shutdown_signal(reload: tokio::sync::mpsc::UnboundedSender<()>) {
                 _ = term.recv() => return,
                 _ = tokio::signal::ctrl_c() => return,
                 _ = hup.recv() => {
+                    notify::reloading();
                     tracing::info!("SIGHUP: reloading the config");
                     let _ = reload.send(());
+                    notify::ready("serving (configuration reloaded)");
                 }
             }
         },

@@ -71,7 +71,7 @@ impl Node {
                 let d = log
                     .decide(&DecisionRecord::fence(txid, table, generation, nodes))
                     .map_err(storage)?;
-                info!(%txid, verdict = ?d.verdict, "in-doubt query about a transaction whose coordinator is gone: its decision stands");
+                info!(%txid, verdict = %d.verdict, "in-doubt query about a transaction whose coordinator is gone: its decision stands");
                 Ok(answer(&d))
             }
             LogAnswer::AskParticipant => {
@@ -127,7 +127,7 @@ impl Node {
                             install_retry.remove(&table);
                         } else {
                             let wait = (1000u64 << tries.min(5)).min(30_000);
-                            warn!(%table, txid = %a.txid, answer = ?resp, retry_ms = wait, "commit decided but not installed yet; retrying");
+                            warn!(%table, txid = %a.txid, answer = %resp, retry_ms = wait, "commit decided but not installed yet; retrying");
                             install_retry.insert(table, (now_ms() + wait, tries + 1));
                         }
                     }
@@ -201,7 +201,7 @@ impl Node {
                     });
                     verdict = resolve(&heard);
                     if verdict.is_some() {
-                        info!(txid = %a.txid, peer = %n.name, answer = ?x, "cooperative termination");
+                        info!(txid = %a.txid, peer = %n.name, answer = %x, "cooperative termination");
                         break;
                     }
                 }
@@ -218,8 +218,8 @@ impl Node {
             },
             None => return,
         };
-        info!(%table, txid = %a.txid, ?event, age_ms = age, "resolving an in-doubt transaction");
+        info!(%table, txid = %a.txid, %event, age_ms = age, "resolving an in-doubt transaction");
         let resp = self.decide(table, event, None).await;
-        debug!(?resp, "resolved");
+        debug!(%resp, "resolved");
     }
 }

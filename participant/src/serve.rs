@@ -11,18 +11,67 @@ use txmap_common::machine::Event;
 use txmap_common::proto::{PendingInfo, Refusal, Request, Response, Sha256};
 use txmap_common::table;
 
+/// Refusals already logged: a peer that keeps trying is logged once an hour, not per attempt.
+static REFUSALS: std::sync::LazyLock<txmap_common::tls::RefusalLog> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Logs a refusal once (then once per quiet period, with how many were not logged).
+fn log_refusal(who: &str, peer: &str, what: &str, reason: &str) {
+    match REFUSALS.note(who, reason) {
+        None => {}
+        Some(0) => warn!(%peer, "{what}: {reason}"),
+        Some(n) => warn!(%peer, "{what}: {reason} ({n} more since the last report)"),
+    }
+}
+
+/// The request's name, for logs.
+fn request_kind(req: &Request) -> &'static str {
+    match req {
+        Request::Status { .. } => "status",
+        Request::Prepare(_) => "prepare",
+        Request::PrepareDelta(_) => "delta prepare",
+        Request::Commit { .. } => "commit",
+        Request::Abort { .. } => "abort",
+        Request::History { .. } => "history",
+        Request::Fetch { .. } => "fetch",
+        Request::Verify { .. } => "verify",
+        Request::Outcome { .. } => "outcome",
+    }
+}
+
 impl Node {
     pub(crate) async fn connection(live: Arc<crate::server::Live>, incoming: quinn::Incoming) {
+        use txmap_common::tls::{classify_handshake, HandshakeFailure};
         let remote = incoming.remote_address();
         let conn = match incoming.await {
             Ok(c) => c,
             Err(e) => {
-                warn!(%remote, error = %e, "refused connection (handshake failed: no or foreign certificate?)");
+                match classify_handshake(&e) {
+                    // A client that gave up (a node resuming after a pause finds many): no alarm.
+                    HandshakeFailure::GaveUp(why) => {
+                        debug!(%remote, reason = %why, "handshake not completed")
+                    }
+                    HandshakeFailure::Refused(why) => {
+                        let who = remote.ip().to_string();
+                        log_refusal(&who, &remote.to_string(), "refused connection", &why);
+                    }
+                    f @ HandshakeFailure::RefusedByPeer(_) => {
+                        let who = remote.ip().to_string();
+                        log_refusal(
+                            &who,
+                            &remote.to_string(),
+                            "connection failed",
+                            &f.to_string(),
+                        );
+                    }
+                }
                 return;
             }
         };
         let Some(peer) = txmap_common::tls::peer_node(&conn, &live.node().cfg) else {
-            warn!(%remote, "refused connection: certificate names no configured node");
+            let who = remote.ip().to_string();
+            let why = "its certificate names no configured node";
+            log_refusal(&who, &remote.to_string(), "refused connection", why);
             conn.close(quinn::VarInt::from_u32(1), b"not a configured node");
             return;
         };
@@ -63,6 +112,7 @@ impl Node {
                     return;
                 }
             };
+        let what = request_kind(&req);
         let resp = match req {
             Request::Status { table } => self.status(table.as_deref()).await,
             Request::Prepare(p) => {
@@ -126,6 +176,14 @@ impl Node {
                 }
             }
         };
+        if let Response::Refused(Refusal::NotAuthorized { detail }) = &resp {
+            log_refusal(
+                &peer,
+                &peer,
+                &format!("refused {what}: not authorized"),
+                detail,
+            );
+        }
         self.reply(&mut send, resp).await;
     }
 

@@ -124,23 +124,37 @@ pub async fn run(
         tokio::spawn(crate::probe::health_loop(live.clone())),
         tokio::spawn(crate::probe::probe_loop(live.clone())),
     ];
-    info!(node = %node.cfg.node, listen = %node.cfg.listen, tables = node.slots.len(), "txmapd ready");
-    drop(node);
     tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            Some(()) = reload.recv() => crate::reload::reload(&live).await,
-            incoming = endpoint.accept() => match incoming {
-                None => break,
-                Some(inc) => {
-                    let live = live.clone();
-                    tokio::spawn(async move { Node::connection(live, inc).await });
+    // Poll the shutdown future once before announcing readiness: that installs the signal
+    // handlers, so a SIGTERM sent right after READY=1 (`systemctl start` then `stop`) is a
+    // clean stop rather than the default action.
+    let stop_now =
+        std::future::poll_fn(|cx| std::task::Poll::Ready(shutdown.as_mut().poll(cx).is_ready()))
+            .await;
+    info!(node = %node.cfg.node, listen = %node.cfg.listen, tables = node.slots.len(), "txmapd ready");
+    crate::notify::ready(&format!(
+        "serving {} table(s) on {}",
+        node.slots.len(),
+        node.cfg.listen
+    ));
+    drop(node);
+    if !stop_now {
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                Some(()) = reload.recv() => crate::reload::reload(&live).await,
+                incoming = endpoint.accept() => match incoming {
+                    None => break,
+                    Some(inc) => {
+                        let live = live.clone();
+                        tokio::spawn(async move { Node::connection(live, inc).await });
+                    }
                 }
             }
         }
     }
     info!("shutting down");
+    crate::notify::stopping();
     for b in background {
         b.abort();
     }
