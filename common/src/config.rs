@@ -886,7 +886,9 @@ impl Config {
         }
         for (i, t) in self.tables.iter().enumerate() {
             if let Err(e) = usable_dir(t.dir(), false) {
-                out.push(fatal(format!(
+                // Not fatal: txmapd must start and serve every other table while one table's
+                // directory is unusable (an install that keeps failing is retried; issue 9).
+                out.push(advisory(format!(
                     "key `tables[{i}].path` (table {}): directory {e}",
                     t.name
                 )));

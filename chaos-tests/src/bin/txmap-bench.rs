@@ -45,13 +45,23 @@ fn one_list(lines: &[String], with: bool) -> String {
     let mut v = lines.to_vec();
     if with {
         let at = v.len() / 2;
-        for (k, suffix) in ["", "-request", "-editor", "-owner", "-subscribe", "-unsubscribe"]
-            .iter()
-            .enumerate()
+        for (k, suffix) in [
+            "",
+            "-request",
+            "-editor",
+            "-owner",
+            "-subscribe",
+            "-unsubscribe",
+        ]
+        .iter()
+        .enumerate()
         {
             v.insert(
                 at + k,
-                format!("list{:07}x{suffix}@lists.example.org\tsympa:newlist{suffix}@lists.example.org", v.len() / 2),
+                format!(
+                    "list{:07}x{suffix}@lists.example.org\tsympa:newlist{suffix}@lists.example.org",
+                    v.len() / 2
+                ),
             );
         }
     }
@@ -166,7 +176,11 @@ fn bench(lines: usize, rounds: usize) -> Result<Row> {
             .arg(c.source())
             .output()?;
         t_hook.push(t.elapsed());
-        ensure!(o.status.success(), "hook failed: {}", String::from_utf8_lossy(&o.stderr));
+        ensure!(
+            o.status.success(),
+            "hook failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     let rss_kb = (1..=3)
         .filter_map(|i| {
@@ -194,10 +208,7 @@ fn bench(lines: usize, rounds: usize) -> Result<Row> {
 fn chart(rows: &[Row]) -> String {
     let (w, h, pad) = (640.0, 400.0, 60.0);
     let max_x = rows.iter().map(|r| r.lines).max().unwrap_or(1) as f64;
-    let max_y = rows
-        .iter()
-        .map(|r| r.full.max(r.local))
-        .fold(1.0, f64::max);
+    let max_y = rows.iter().map(|r| r.full.max(r.local)).fold(1.0, f64::max);
     let x = |l: usize| pad + (l as f64 / max_x) * (w - 2.0 * pad);
     let y = |v: f64| h - pad - (v / max_y) * (h - 2.0 * pad);
     let line = |f: &dyn Fn(&Row) -> f64, color: &str, name: &str, k: usize| {
@@ -227,7 +238,12 @@ fn chart(rows: &[Row]) -> String {
     );
     s += &line(&|r| r.full, "#c0392b", "txmap full (3 nodes)", 1);
     s += &line(&|r| r.local, "#7f8c8d", "local postmap (1 node)", 2);
-    s += &line(&|r| r.delta, "#27ae60", "txmap delta, one list (3 nodes)", 3);
+    s += &line(
+        &|r| r.delta,
+        "#27ae60",
+        "txmap delta, one list (3 nodes)",
+        3,
+    );
     for r in rows {
         s += &format!(
             "<text x=\"{:.1}\" y=\"{}\" font-size=\"11\" text-anchor=\"middle\">{}</text>\n",
