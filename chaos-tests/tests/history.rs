@@ -187,7 +187,11 @@ fn retention_keeps_k_generations_and_never_the_live_one_out() {
         assert_eq!(held, vec!["4", "5", "6"], "node{i}");
         // Copies, never links to the live files.
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(std::fs::metadata(dir.join("6/indexed")).unwrap().nlink(), 1);
+        assert_eq!(std::fs::metadata(dir.join("6/source")).unwrap().nlink(), 1);
+        assert!(
+            !dir.join("6/indexed").exists(),
+            "history keeps sources only"
+        );
         assert_eq!(
             std::fs::metadata(c.table_dir(i).join(format!("{TABLE}.db")))
                 .unwrap()

@@ -47,6 +47,13 @@ fn impostor_config(
     text = text.replace(&key_line, &format!("key = \"{}\"", key.display()));
     if let Some(n) = name {
         text = text.replace("node = \"node1\"", &format!("node = \"{n}\""));
+        // Its own address (check-config refuses a `listen` that is not the node's address).
+        let listen_line = text
+            .lines()
+            .find(|l| l.starts_with("listen = "))
+            .unwrap()
+            .to_string();
+        text = text.replace(&listen_line, "listen = \"127.0.0.1:9\"");
         text.push_str(&format!(
             "\n[[nodes]]\nname = \"{n}\"\naddress = \"127.0.0.1:9\"\n"
         ));

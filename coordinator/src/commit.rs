@@ -666,7 +666,9 @@ pub async fn commit_with(
                     tokio::time::sleep(wait).await;
                     continue;
                 }
-                report.content_rejected = votes.iter().any(|v| {
+                // Held only when every node rejected the content itself: one node's failing
+                // builder or full disk is that node's problem and is retried.
+                report.content_rejected = votes.iter().all(|v| {
                     matches!(
                         v,
                         Vote::Refused(
