@@ -482,3 +482,97 @@ fn a_lying_builder_is_caught_on_both_paths() -> Result<()> {
     assert_served(&c, TABLE, "postmap", "hash", &served)?;
     Ok(())
 }
+
+#[test]
+fn hook_requests_during_a_commit_are_served_by_one_next_transaction() -> Result<()> {
+    // Node1's prepare takes 700 ms more than it needs: requests arriving meanwhile queue up.
+    let mut c = TestCluster::create("delta-group", 3)?;
+    c.start_node_with(1, &[("FAILPOINTS", "participant::after_stage=sleep(700)")])?;
+    c.start_node(2)?;
+    c.start_node(3)?;
+    let mut src = transport_table("lists.example.org", 0..500);
+    c.write_source(&src);
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    let g0 = c.journal_generation(1);
+    let hook = |c: &TestCluster| {
+        Command::new(&txmap_chaos_tests::cluster::bins().txmap_sympa)
+            .env("TXMAP_CONFIG", c.config(1))
+            .arg(c.source())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+    };
+    let mut calls = Vec::new();
+    for k in 0..6 {
+        src.push_str(&format!("group{k}@lists.example.org\tsympa:group{k}@x\n"));
+        c.write_source(&src);
+        calls.push(hook(&c)?);
+        std::thread::sleep(std::time::Duration::from_millis(120));
+    }
+    for (k, call) in calls.into_iter().enumerate() {
+        let out = call.wait_with_output()?;
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "hook call {k}: {}",
+            describe(&out)
+        );
+    }
+    assert_served(&c, TABLE, "postmap", "hash", &src)?;
+    let made = c.journal_generation(1) - g0;
+    assert!(
+        (1..=3).contains(&made),
+        "6 hook calls during slow commits made {made} generations: they must be grouped"
+    );
+    Ok(())
+}
+
+#[test]
+fn unusual_but_valid_syntax_commits_on_both_paths() -> Result<()> {
+    // Content the reviewers found a naive check would refuse: postalias drops backslashes and
+    // quotes, Postfix folds non-ASCII keys with full case folding (Straße is stored strasse).
+    let c = TestCluster::start("delta-syntax", 3)?;
+    let mut aliases = String::from(
+        "# aliases\nbs: \\root\nlist: \"|/usr/lib/sympa/bin/queue list@lists.example.org\"\n\
+         inc: :include: /etc/mail/inc\n\"sp key\": someone@example.org\nmulti: a@x,\n  b@y\n",
+    );
+    for i in 0..300 {
+        aliases.push_str(&format!("l{i}: \"|/usr/lib/sympa/bin/queue l{i}@x\"\n"));
+    }
+    let mut transport = String::from("Straße@example.org\tsmtp:a\nΣΑΣ@example.org\tsmtp:b\n");
+    transport.push_str(&transport_table("lists.example.org", 0..300));
+    for (table, builder, src) in [
+        ("sympa_aliases", "postalias", &mut aliases),
+        (TABLE, "postmap", &mut transport),
+    ] {
+        std::fs::write(shared(&c, table), &*src)?;
+        let (code, r) = commit_table(&c, 1, table);
+        assert_eq!(code, Some(0), "{table} full: {r}");
+        assert_served(&c, table, builder, "hash", src)?;
+        // A small change: the delta and the incremental build.
+        src.push_str(if builder == "postalias" {
+            "bs2: \\other\n"
+        } else {
+            "Ärger@example.org\tsmtp:c\n"
+        });
+        std::fs::write(shared(&c, table), &*src)?;
+        let (code, r) = commit_table(&c, 2, table);
+        assert_eq!(code, Some(0), "{table} delta: {r}");
+        assert_eq!(r["delta_nodes"], 3, "{table}: {r}");
+        assert_served(&c, table, builder, "hash", src)?;
+        for i in 1..=3 {
+            assert_eq!(
+                deltas_since_full(&c, i, table),
+                1,
+                "node{i} {table}: built in place: {}",
+                std::fs::read_to_string(c.log(i))
+                    .unwrap_or_default()
+                    .lines()
+                    .filter(|l| l.contains("WARN") || l.contains("full build"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+    }
+    Ok(())
+}

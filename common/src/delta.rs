@@ -537,9 +537,12 @@ fn take_u64(p: &mut &[u8], what: &str) -> Result<u64, DeltaError> {
 
 /// Applies `script` to `base`, writing the new source to `out`. Fails, having written a prefix
 /// only, when the script is malformed or does not cover the base exactly.
+/// At most `max_changed` bytes of records may be dropped and inserted in all (they are held for
+/// the incremental build): a script beyond that is refused.
 pub fn apply<R: BufRead>(
     base: R,
     script: &[u8],
+    max_changed: u64,
     mut out: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> Result<Applied, DeltaError> {
     let mut recs = Records::new(base);
@@ -562,12 +565,24 @@ pub fn apply<R: BufRead>(
                         out(&rec)?;
                     } else {
                         applied.dropped.extend_from_slice(&rec);
+                        if (applied.dropped.len() + applied.inserted.len()) as u64 > max_changed {
+                            return Err(DeltaError::Base(format!(
+                                "the delta changes more than {max_changed} bytes"
+                            )));
+                        }
                     }
                 }
             }
             INSERT => {
                 let len = take_u64(&mut p, "length")?;
                 let bytes = take(&mut p, usize::try_from(len).unwrap_or(usize::MAX), "insert")?;
+                if (applied.dropped.len() + applied.inserted.len() + bytes.len()) as u64
+                    > max_changed
+                {
+                    return Err(DeltaError::Base(format!(
+                        "the delta changes more than {max_changed} bytes"
+                    )));
+                }
                 out(bytes)?;
                 applied.inserted.extend_from_slice(bytes);
             }
@@ -619,7 +634,7 @@ mod tests {
         let plan = plan(&pb, &pn, LIMITS).unwrap();
         if let Some(plan) = &plan {
             let mut out = Vec::new();
-            let applied = apply(base, &plan.payload, |b| {
+            let applied = apply(base, &plan.payload, u64::MAX, |b| {
                 out.extend_from_slice(b);
                 Ok(())
             })
@@ -732,10 +747,10 @@ mod tests {
     fn a_script_for_another_base_is_refused_or_detected() {
         let plan = roundtrip(b"a 1\nb 2\nc 3\n", b"a 1\nc 3\n").unwrap();
         // One record fewer: the script runs out of base.
-        let err = apply(&b"a 1\n"[..], &plan.payload, |_| Ok(())).unwrap_err();
+        let err = apply(&b"a 1\n"[..], &plan.payload, u64::MAX, |_| Ok(())).unwrap_err();
         assert!(matches!(err, DeltaError::Base(_)), "{err}");
         // Same shape, other content: applies, but the base's sha256 tells.
-        let other = apply(&b"a 9\nb 2\nc 3\n"[..], &plan.payload, |_| Ok(())).unwrap();
+        let other = apply(&b"a 9\nb 2\nc 3\n"[..], &plan.payload, u64::MAX, |_| Ok(())).unwrap();
         assert_ne!(other.base_sha256, plan.base_sha256);
         // Garbage never panics.
         for bad in [
@@ -744,9 +759,18 @@ mod tests {
             b"I\xff\xff\xff\xff\xff\xff\xff\xff",
             b"R R",
         ] {
-            assert!(apply(&b"a 1\n"[..], bad, |_| Ok(())).is_err());
+            assert!(apply(&b"a 1\n"[..], bad, u64::MAX, |_| Ok(())).is_err());
         }
         // A script without `R` must cover the whole base.
-        assert!(apply(&b"a 1\nb 2\n"[..], b"K\x01\0\0\0\0\0\0\0", |_| Ok(())).is_err());
+        assert!(apply(
+            &b"a 1\nb 2\n"[..],
+            b"K\x01\0\0\0\0\0\0\0",
+            u64::MAX,
+            |_| Ok(())
+        )
+        .is_err());
+        // A script that drops (or inserts) more than allowed is refused.
+        assert!(apply(&b"a 1\nb 2\n"[..], b"D\x02\0\0\0\0\0\0\0R", 4, |_| Ok(())).is_err());
+        assert!(apply(&b""[..], b"I\x05\0\0\0\0\0\0\0x y\n\nR", 4, |_| Ok(())).is_err());
     }
 }

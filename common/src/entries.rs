@@ -37,8 +37,19 @@ fn ignored(line: &[u8]) -> bool {
     }
 }
 
-/// Splits a logical line into its key and value (both as written; see [`fold_key`]).
+/// Splits a logical line into its key and value (both as written; see [`fold_key`]). An alias
+/// name in double quotes (`"sp key": x`) is the text between them, as `postalias` stores it.
 pub fn split_entry(builder: Builder, logical: &[u8]) -> (&[u8], &[u8]) {
+    if builder == Builder::Postalias && logical.first() == Some(&b'"') {
+        if let Some(close) = logical[1..].iter().position(|b| *b == b'"') {
+            let key = &logical[1..1 + close];
+            let mut rest = trim_start(&logical[close + 2..]);
+            if let Some(r) = rest.strip_prefix(b":") {
+                rest = trim_start(r);
+            }
+            return (key, rest);
+        }
+    }
     let end = logical
         .iter()
         .position(|b| is_space(*b) || (builder == Builder::Postalias && *b == b':'))
@@ -71,9 +82,14 @@ pub fn fold_key(key: &[u8]) -> Vec<u8> {
     }
 }
 
-/// A value as compared: without any whitespace byte.
+/// A value as compared: without any whitespace byte or backslash (`postalias` drops the
+/// backslash of `\\root`).
 pub fn norm_value(value: &[u8]) -> Vec<u8> {
-    value.iter().copied().filter(|b| !is_space(*b)).collect()
+    value
+        .iter()
+        .copied()
+        .filter(|b| !is_space(*b) && *b != b'\\')
+        .collect()
 }
 
 /// Assembles logical lines from a source streamed in chunks of any size.
@@ -133,8 +149,26 @@ impl LogicalLines {
 pub struct EntryDigest {
     /// Entries.
     pub count: u64,
-    /// Wrapping sum of their hashes.
+    /// Wrapping sum of their hashes (key and value).
     pub sum: u64,
+    /// Wrapping sum of the hashes of their values alone.
+    pub values: u64,
+    /// Some key is not ASCII.
+    pub non_ascii: bool,
+}
+
+impl EntryDigest {
+    /// Whether a built table's digest (`built`) matches this source digest. When the source has
+    /// a key that is not ASCII, keys are compared by count only: Postfix folds with full
+    /// Unicode case folding (`Straße` is stored `strasse`), which differs from Rust's lower
+    /// case; the values are still compared.
+    pub fn matches(&self, built: &EntryDigest) -> bool {
+        self.count == built.count
+            && match self.non_ascii {
+                false => self.sum == built.sum,
+                true => self.values == built.values,
+            }
+    }
 }
 
 /// The keyed hash behind [`EntryDigest`]; make one and use it on both sides of a comparison.
@@ -150,9 +184,11 @@ impl Default for EntryHasher {
 impl EntryHasher {
     /// Adds one entry, key and value as written (folded and normalized here).
     pub fn add(&self, d: &mut EntryDigest, key: &[u8], value: &[u8]) {
-        let h = self.0.hash_one((fold_key(key), norm_value(value)));
+        let v = norm_value(value);
+        d.values = d.values.wrapping_add(self.0.hash_one(&v));
+        d.sum = d.sum.wrapping_add(self.0.hash_one((fold_key(key), v)));
         d.count += 1;
-        d.sum = d.sum.wrapping_add(h);
+        d.non_ascii |= !key.is_ascii();
     }
 
     /// The digest of a logical line of a source.
@@ -237,6 +273,11 @@ mod tests {
         assert_eq!(fold_key("ÄÖü@X.org".as_bytes()), "äöü@x.org".as_bytes());
         assert_eq!(fold_key(b"A\xff"), b"a\xff");
         assert_eq!(norm_value(b"a@b, c@d"), b"a@b,c@d");
+        assert_eq!(norm_value(b"root, \\root"), b"root,root");
+        assert_eq!(
+            split_entry(Builder::Postalias, b"\"sp key\" : x"),
+            (&b"sp key"[..], &b"x"[..])
+        );
     }
 
     #[test]
@@ -249,8 +290,16 @@ mod tests {
         h.add(&mut b, b"k1", b"v1");
         h.add(&mut c, b"k1", b"v1");
         h.add(&mut c, b"k2", b"v3");
-        assert_eq!(a, b);
-        assert_ne!(a, c);
+        assert!(a.matches(&b));
+        assert!(!a.matches(&c));
+        // Non-ASCII keys: compared by value (Postfix folds `Straße` to `strasse`).
+        let (mut d, mut e) = (EntryDigest::default(), EntryDigest::default());
+        h.add(&mut d, "Straße".as_bytes(), b"v");
+        h.add(&mut e, b"strasse", b"v");
+        assert!(d.matches(&e));
+        h.add(&mut d, b"k", b"1");
+        h.add(&mut e, b"k", b"2");
+        assert!(!d.matches(&e));
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub struct Cluster {
     /// This node's config.
     pub cfg: Config,
     endpoint: quinn::Endpoint,
+    /// Connections kept open between commits (see [`Cluster::connect_warm`]).
+    warm: std::sync::Mutex<std::collections::HashMap<String, quinn::Connection>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -37,7 +39,11 @@ impl Cluster {
         .parse()?;
         let mut endpoint = quinn::Endpoint::client(any)?;
         endpoint.set_default_client_config(client);
-        Ok(Cluster { cfg, endpoint })
+        Ok(Cluster {
+            cfg,
+            endpoint,
+            warm: Default::default(),
+        })
     }
 
     /// Connects to one node within the connect deadline.
@@ -73,6 +79,30 @@ impl Cluster {
     }
 
     /// Connects to every node in parallel.
+    /// A connection to `node` kept open between commits: the open one from an earlier call, or
+    /// a new one (then kept). `txmapd` coordinates the Sympa hook's commits through one
+    /// long-lived [`Cluster`], so a hook call pays no handshake; QUIC keep-alives hold the
+    /// connections open, and a peer that went away closes them (idle timeout, or a stateless
+    /// reset when it restarted), which makes the next call dial again.
+    pub async fn connect_warm(&self, node: &NodeConfig, limit: Duration) -> Link {
+        let open = |m: &std::collections::HashMap<String, quinn::Connection>| {
+            m.get(&node.name)
+                .filter(|c| c.close_reason().is_none())
+                .cloned()
+        };
+        if let Some(c) = open(&self.warm.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(c);
+        }
+        let link = self.connect_within(node, limit).await;
+        if let Ok(c) = &link {
+            self.warm
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(node.name.clone(), c.clone());
+        }
+        link
+    }
+
     pub async fn connect_all(&self) -> Vec<(NodeConfig, Link)> {
         let nodes = self.cfg.nodes.clone();
         let links = join_all(nodes.iter().map(|n| self.connect(n))).await;

@@ -107,6 +107,7 @@ impl Node {
                 }
                 Action::Install { txid } => {
                     fail::fail_point!("participant::before_commit_rename");
+                    let held = table::hold_staged(&table::staged_paths(t, txid));
                     let installed = match state.active.as_ref().filter(|a| a.txid == txid) {
                         Some(a) => install_checked(t, a).map_err(Refusal::from),
                         None => Err(Refusal::UnknownTransaction { txid }),
@@ -118,7 +119,8 @@ impl Node {
                             if let Some(a) = state.active.as_ref().filter(|a| a.txid == txid) {
                                 record_history(&self.cfg, t, a);
                                 // What the next incremental build may copy: this very file.
-                                installed_as = Some((table::live_stamp(t).ok(), a.incremental));
+                                installed_as =
+                                    Some((table::stamp_installed(held, t), a.incremental));
                             }
                             Event::InstallDone { txid }
                         }

@@ -70,7 +70,8 @@ impl Node {
         }
         let started = std::time::Instant::now();
         // A coordinator that stalls mid-upload must not hold the table forever.
-        let limit = self.cfg.timeouts.prepare_for(p.source_len, delta.is_none()) * 3;
+        // A node sent a delta may still build the whole table: the whole table's budget.
+        let limit = self.cfg.timeouts.prepare_for(p.source_len, true) * 3;
         let staged = tokio::time::timeout(limit, self.stage(&slot, &p, delta, recv))
             .await
             .unwrap_or_else(|_| {
@@ -135,7 +136,9 @@ impl Node {
                 None
             }
             Some((base, len)) => {
-                let (back, applied) = self.receive_delta(slot, w, base, len, recv).await?;
+                let (back, applied) = self
+                    .receive_delta(slot, w, base, len, p.source_len, recv)
+                    .await?;
                 w = back;
                 Some(applied)
             }
@@ -207,13 +210,19 @@ impl Node {
         mut writer: table::SourceWriter,
         base: Sha256,
         len: u64,
+        new_len: u64,
         recv: &mut quinn::RecvStream,
     ) -> Result<(table::SourceWriter, delta::Applied), Refusal> {
         let t = &slot.table;
-        if len > self.cfg.max_table_bytes {
-            return Err(Refusal::TooLarge {
-                len,
-                max: self.cfg.max_table_bytes,
+        // A delta is small by definition: beyond this node's own share of the table it is
+        // refused before it is read (the coordinator then sends the whole table), so a peer
+        // cannot make this node hold a table-sized script, or table-sized change sets.
+        let max_change = 64 * 1024 + new_len.saturating_mul(self.cfg.delta_max_percent) / 100;
+        if len > max_change {
+            return Err(Refusal::DeltaBase {
+                detail: format!(
+                    "a delta of {len} bytes is above this node's limit of {max_change}"
+                ),
             });
         }
         let mut script = Vec::with_capacity(len.min(1 << 20) as usize);
@@ -259,7 +268,7 @@ impl Node {
         let reader = std::io::BufReader::with_capacity(256 * 1024, file);
         // The rebuild is CPU and disk work: off the async threads.
         let res = tokio::task::spawn_blocking(move || {
-            let r = delta::apply(reader, &script, |b| {
+            let r = delta::apply(reader, &script, 2 * max_change, |b| {
                 writer
                     .write(b)
                     .map_err(|e| std::io::Error::other(e.to_string()))
