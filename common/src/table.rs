@@ -616,6 +616,17 @@ impl SourceWriter {
     /// [`install`] gives it the live file's permission bits. It gets the live source's owner
     /// when there is one: postmap run as root drops to the source owner's privileges.
     pub fn create(t: &TableConfig, staged: &Staged) -> Result<SourceWriter, TableError> {
+        Self::create_with(t, staged, true)
+    }
+
+    /// [`SourceWriter::create`], without preparing the build's check when `checks` is false
+    /// (a delta that is built in place needs none; a fallback to the full build computes it
+    /// with [`check_of`]). `finish` then returns [`Check::Count`].
+    pub fn create_with(
+        t: &TableConfig,
+        staged: &Staged,
+        checks: bool,
+    ) -> Result<SourceWriter, TableError> {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let live = std::fs::symlink_metadata(&t.path)
             .ok()
@@ -632,17 +643,18 @@ impl SourceWriter {
             ctx: ring::digest::Context::new(&ring::digest::SHA256),
             counter: EntryCounter::default(),
             builder: t.builder,
-            sampler: (t.verify == crate::config::VerifyMode::Sample)
+            sampler: (checks && t.verify == crate::config::VerifyMode::Sample)
                 .then(|| KeySampler::new(t.builder, ring_seed())),
-            content: (t.verify != crate::config::VerifyMode::Sample && !t.allow_warnings).then(
-                || {
+            content: (checks
+                && t.verify != crate::config::VerifyMode::Sample
+                && !t.allow_warnings)
+                .then(|| {
                     (
                         EntryHasher::default(),
                         EntryDigest::default(),
                         LogicalLines::default(),
                     )
-                },
-            ),
+                }),
             len: 0,
         })
     }
@@ -698,6 +710,37 @@ impl SourceWriter {
         };
         Ok((digest, check))
     }
+}
+
+/// The check of a full build of the staged source at `path`, read once more (the fallback of
+/// an incremental build, whose writer prepared none).
+pub fn check_of(t: &TableConfig, path: &Path) -> Result<Check, TableError> {
+    let mut f = File::open(path).map_err(io("open", path))?;
+    let mut sampler = (t.verify == crate::config::VerifyMode::Sample)
+        .then(|| KeySampler::new(t.builder, ring_seed()));
+    let mut content = (t.verify != crate::config::VerifyMode::Sample && !t.allow_warnings)
+        .then(|| (EntryHasher::default(), EntryDigest::default(), LogicalLines::default()));
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(io("read", path))?;
+        if n == 0 {
+            break;
+        }
+        if let Some(s) = sampler.as_mut() {
+            s.feed(&buf[..n]);
+        }
+        if let Some((h, d, ll)) = content.as_mut() {
+            ll.feed(&buf[..n], &mut |l| h.add_logical(d, t.builder, l));
+        }
+    }
+    Ok(match (sampler, content) {
+        (Some(s), _) => Check::Sample(s.finish()),
+        (None, Some((h, mut d, ll))) => {
+            ll.finish(&mut |l| h.add_logical(&mut d, t.builder, l));
+            Check::Content(h, d)
+        }
+        (None, None) => Check::Count,
+    })
 }
 
 fn ring_seed() -> u64 {

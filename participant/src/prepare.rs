@@ -129,7 +129,9 @@ impl Node {
         }
         let staged = table::staged_paths(t, p.txid);
         table::remove_staged(t, p.txid)?;
-        let mut w = table::SourceWriter::create(t, &staged)?;
+        // A delta's source is checked by sha256 and usually built in place: the full build's
+        // check is only computed if that build is needed.
+        let mut w = table::SourceWriter::create_with(t, &staged, delta.is_none())?;
         let change = match delta {
             None => {
                 receive_whole(&mut w, p, recv).await?;
@@ -180,6 +182,10 @@ impl Node {
         }
         let t_built = std::time::Instant::now();
         if !incremental {
+            let check = match delta {
+                Some(_) => table::check_of(t, &staged.source)?,
+                None => check,
+            };
             table::verify(&self.cfg.postfix, t, &staged, got.entries, check).await?;
         }
         let t_verified = std::time::Instant::now();
