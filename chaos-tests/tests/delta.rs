@@ -576,3 +576,37 @@ fn unusual_but_valid_syntax_commits_on_both_paths() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn a_crash_in_the_middle_of_an_incremental_build_aborts_and_heals() -> Result<()> {
+    let mut c = TestCluster::start("delta-crash", 3)?;
+    let mut src = transport_table("lists.example.org", 0..500);
+    c.write_source(&src);
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    let served = src.clone();
+    c.kill_node(2);
+    c.start_node_with(
+        2,
+        &[("FAILPOINTS", "participant::mid_incremental_build=panic")],
+    )?;
+    src.push_str("crash@lists.example.org\tsympa:crash@x\n");
+    c.write_source(&src);
+    let (code, r) = c.commit_json(1);
+    assert_eq!(code, Some(1), "node2 died preparing: aborted ({r})");
+    assert!(
+        c.wait_exit(2, std::time::Duration::from_secs(10)).is_some(),
+        "node2 crashed at the failpoint"
+    );
+    assert_served(&c, TABLE, "postmap", "hash", &served)?;
+    c.start_node(2)?;
+    let (code, r) = c.commit_json(1);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["delta_nodes"], 3, "{r}");
+    assert_served(&c, TABLE, "postmap", "hash", &src)?;
+    assert!(
+        c.staged_files(2).is_empty(),
+        "node2 removed the half-built copy: {:?}",
+        c.staged_files(2)
+    );
+    Ok(())
+}

@@ -645,9 +645,7 @@ impl SourceWriter {
             builder: t.builder,
             sampler: (checks && t.verify == crate::config::VerifyMode::Sample)
                 .then(|| KeySampler::new(t.builder, ring_seed())),
-            content: (checks
-                && t.verify != crate::config::VerifyMode::Sample
-                && !t.allow_warnings)
+            content: (checks && t.verify != crate::config::VerifyMode::Sample && !t.allow_warnings)
                 .then(|| {
                     (
                         EntryHasher::default(),
@@ -718,8 +716,14 @@ pub fn check_of(t: &TableConfig, path: &Path) -> Result<Check, TableError> {
     let mut f = File::open(path).map_err(io("open", path))?;
     let mut sampler = (t.verify == crate::config::VerifyMode::Sample)
         .then(|| KeySampler::new(t.builder, ring_seed()));
-    let mut content = (t.verify != crate::config::VerifyMode::Sample && !t.allow_warnings)
-        .then(|| (EntryHasher::default(), EntryDigest::default(), LogicalLines::default()));
+    let mut content =
+        (t.verify != crate::config::VerifyMode::Sample && !t.allow_warnings).then(|| {
+            (
+                EntryHasher::default(),
+                EntryDigest::default(),
+                LogicalLines::default(),
+            )
+        });
     let mut buf = vec![0u8; 256 * 1024];
     loop {
         let n = f.read(&mut buf).map_err(io("read", path))?;
@@ -1241,6 +1245,8 @@ fn incremental_blocking(
         }
         run_with_stdin(postfix, t, &["-d", "-"], staged, &stdin)?;
     }
+    // Crash point: the copy is half updated (keys deleted, none added yet).
+    fail::fail_point!("participant::mid_incremental_build");
     if !inserted.is_empty() {
         run_with_stdin(postfix, t, &["-i"], staged, inserted)?;
     }

@@ -106,6 +106,9 @@ pub struct Report {
     pub invariants: Vec<(&'static str, Tally)>,
     /// `txmap commit` runs by exit code (`killed` for those killed on purpose).
     pub exits: BTreeMap<String, u64>,
+    /// Commits that sent a delta to some node, and commits that sent only whole tables (of those
+    /// that prepared).
+    pub delta_commits: (u64, u64),
     /// `txmap recover --abort/--commit` runs by exit code.
     pub recover_exits: BTreeMap<String, u64>,
     /// Nodes taking part: in service, then out of service.
@@ -169,8 +172,10 @@ impl Report {
             .collect();
         let total: u64 = self.exits.values().sum();
         s.push_str(&format!(
-            "txmap commit runs: {total} ({})\n",
-            exits.join(", ")
+            "txmap commit runs: {total} ({}); with a delta: {}, whole tables only: {}\n",
+            exits.join(", "),
+            self.delta_commits.0,
+            self.delta_commits.1
         ));
         if !self.recover_exits.is_empty() {
             let r: Vec<String> = self
@@ -788,6 +793,10 @@ impl<'a> Runner<'a> {
             members: None,
             storage_fault: false,
             out_of_service: false,
+            delta_nodes: json
+                .get("delta_nodes")
+                .and_then(|d| d.as_u64())
+                .unwrap_or(0),
         };
         self.runs.push(run.clone());
         run
@@ -1435,7 +1444,14 @@ impl<'a> Runner<'a> {
             .max()
             .unwrap_or(0);
         let faults = self.fault_rows(&schedule);
+        let with_delta = self.runs.iter().filter(|r| r.delta_nodes > 0).count() as u64;
+        let prepared = self
+            .runs
+            .iter()
+            .filter(|r| r.txid.is_some() && r.generation.is_some())
+            .count() as u64;
         Ok(Report {
+            delta_commits: (with_delta, prepared.saturating_sub(with_delta)),
             broken: self.opts.broken,
             faults,
             invariants,

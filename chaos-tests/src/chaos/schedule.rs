@@ -7,9 +7,10 @@ use crate::rng::SplitMix64;
 use std::fmt;
 use std::time::Duration;
 
-/// The seven failpoints, where they are set, and what a crash there must lead to.
-pub const FAILPOINTS: [(&str, Side); 7] = [
+/// The eight crash failpoints, where they are set, and what a crash there must lead to.
+pub const FAILPOINTS: [(&str, Side); 8] = [
     ("participant::after_stage", Side::Participant),
+    ("participant::mid_incremental_build", Side::Participant),
     ("participant::after_prepared_durable", Side::Participant),
     ("participant::before_commit_rename", Side::Participant),
     ("participant::after_commit_rename", Side::Participant),

@@ -51,6 +51,8 @@ pub struct CommitRun {
     pub out_of_service: bool,
     /// Its output mentions an injected failure (a storage failpoint fired in it).
     pub injected: bool,
+    /// Nodes its last attempt sent a delta to (the others got the whole table).
+    pub delta_nodes: u64,
 }
 
 impl CommitRun {
