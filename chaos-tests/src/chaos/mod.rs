@@ -331,6 +331,9 @@ struct Count {
 
 struct Runner<'a> {
     opts: &'a Options,
+    /// Churn lines of the last version: every other version keeps them (only its marker
+    /// differs), so that about half the commits are small changes sent as deltas.
+    last_churn: usize,
     /// In-service nodes plus out-of-service ones.
     total: usize,
     recovers: Vec<RecoverRun>,
@@ -465,6 +468,7 @@ impl<'a> Runner<'a> {
             t("total_ms").unwrap_or(9000) + t("commit_ms").unwrap_or(2000) + 3000,
         );
         let mut r = Runner {
+            last_churn: 0,
             opts,
             total,
             recovers: Vec::new(),
@@ -685,7 +689,18 @@ impl<'a> Runner<'a> {
     /// Registers and writes (atomically: temp file + rename, as an editor would) a new
     /// version of the shared source.
     fn new_version(&mut self, churn: usize) -> Result<Version> {
+        self.new_version_with(churn, false)
+    }
+
+    /// [`Runner::new_version`]; with `small`, the churn lines stay as they are.
+    fn new_version_with(&mut self, churn: usize, small: bool) -> Result<Version> {
         let id = self.versions.all().len() as u64;
+        // Like Sympa: lists come and go (churn lines added or removed at the end), and every
+        // other version changes only its marker, a change small enough for a delta commit.
+        if id % 2 == 1 && !small {
+            self.last_churn = churn;
+        }
+        let churn = self.last_churn;
         let content = Versions::content(id, self.opts.profile.stable_keys, churn);
         let sha = txmap_common::table::hex(
             &txmap_common::table::digest_reader(&mut content.as_bytes())?.sha256,
@@ -861,7 +876,10 @@ impl<'a> Runner<'a> {
         self.apply_net(s);
         self.check_daemons();
         self.ensure_running();
-        self.new_version(s.churn)?;
+        // A crash inside an incremental build needs a change small enough to be built in place.
+        let small = matches!(&s.fault, Fault::ParticipantFailpoint { point, .. }
+            if FAILPOINTS[*point].0 == "participant::mid_incremental_build");
+        self.new_version_with(s.churn, small)?;
         let kind = s.fault.kind();
         let first = self.runs.len();
         match &s.fault {
