@@ -8,6 +8,7 @@ need=()
 command -v postmap >/dev/null 2>&1 || need+=(postfix)
 [ -e /usr/lib/postfix/postfix-cdb.so ] || need+=(postfix-cdb)
 [ -e /usr/lib/postfix/postfix-lmdb.so ] || need+=(postfix-lmdb)
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3) # the power-loss tests' FUSE mounts
 if ((${#need[@]})); then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -17,7 +18,7 @@ if ((${#need[@]})); then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    postfix postfix-cdb postfix-lmdb </dev/null >/dev/null
+    postfix postfix-cdb postfix-lmdb fuse3 </dev/null >/dev/null
 fi
 command -v postmap >/dev/null || { echo "setup: postmap still missing" >&2; exit 1; }
 # The dedicated user the tests run txmapd as (tests/privilege.rs, and the whole suite with
