@@ -114,6 +114,9 @@ pub enum Kind {
     Recover,
     /// A commit coordinated from the reachable out-of-service node.
     OutOfService,
+    /// A node loses power (issue 13): its processes die and its disks forget what was not
+    /// fsynced (needs the lossy filesystem: `Profile::power`).
+    PowerCut,
 }
 
 impl Kind {
@@ -135,6 +138,7 @@ impl Kind {
             Kind::LongOutage,
             Kind::Recover,
             Kind::OutOfService,
+            Kind::PowerCut,
         ]);
         v
     }
@@ -157,6 +161,73 @@ impl Kind {
             Kind::LongOutage => "outage longer than the remembered window".into(),
             Kind::Recover => "operator txmap recover --abort/--commit".into(),
             Kind::OutOfService => "commit via the out-of-service node".into(),
+            Kind::PowerCut => "power cut of a node + restart".into(),
+        }
+    }
+}
+
+/// Where a power cut lands (the node is in [`Fault::PowerCut`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerMoment {
+    /// `after_ms` after the commit starts, whatever is happening then.
+    Random {
+        /// Delay after the commit starts.
+        after_ms: u64,
+    },
+    /// The coordinator's node, while `txmap commit` sleeps `hold_ms` at
+    /// `HOLD_POINTS[hold]` (every node prepared and the decision being made, just durable, or
+    /// being sent), `after_ms` after the commit starts.
+    Deciding {
+        /// Index into [`HOLD_POINTS`].
+        hold: usize,
+        /// Sleep at that point.
+        hold_ms: u64,
+        /// Delay after the commit starts.
+        after_ms: u64,
+    },
+    /// A node whose `txmapd` sleeps `hold_ms` at `INSTALL_POINTS[point]` (in the middle of
+    /// installing), `after_ms` after the commit starts.
+    Installing {
+        /// Index into [`INSTALL_POINTS`].
+        point: usize,
+        /// Sleep at that point.
+        hold_ms: u64,
+        /// Delay after the commit starts.
+        after_ms: u64,
+    },
+    /// Right after `txmap commit` reported its outcome (an acknowledged commit, usually).
+    AfterCommit,
+}
+
+/// The participant failpoints a power cut can hold a node at while it installs.
+pub const INSTALL_POINTS: [&str; 2] = [
+    "participant::before_commit_rename",
+    "participant::after_commit_rename",
+];
+
+impl fmt::Display for PowerMoment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PowerMoment::Random { after_ms } => write!(f, "at +{after_ms} ms"),
+            PowerMoment::Deciding {
+                hold,
+                hold_ms,
+                after_ms,
+            } => write!(
+                f,
+                "while txmap sleeps {hold_ms} ms at {}, at +{after_ms} ms",
+                HOLD_POINTS[*hold]
+            ),
+            PowerMoment::Installing {
+                point,
+                hold_ms,
+                after_ms,
+            } => write!(
+                f,
+                "while txmapd sleeps {hold_ms} ms at {}, at +{after_ms} ms",
+                INSTALL_POINTS[*point]
+            ),
+            PowerMoment::AfterCommit => write!(f, "right after the commit's outcome"),
         }
     }
 }
@@ -328,6 +399,21 @@ pub enum Fault {
         /// The out-of-service node.
         node: usize,
     },
+    /// `node` loses power at `moment`: every process of the node dies, its table and state
+    /// directories forget what was not fsynced (tearing last writes if `tear`, seeded by
+    /// `seed`), and it is restarted `down_ms` later.
+    PowerCut {
+        /// Node.
+        node: usize,
+        /// When.
+        moment: PowerMoment,
+        /// Tear the last unsynced write of files.
+        tear: bool,
+        /// Seed of the tears.
+        seed: u64,
+        /// Downtime.
+        down_ms: u64,
+    },
 }
 
 impl Fault {
@@ -351,6 +437,7 @@ impl Fault {
             Fault::LongOutage { .. } => Kind::LongOutage,
             Fault::Recover { .. } => Kind::Recover,
             Fault::OutOfService { .. } => Kind::OutOfService,
+            Fault::PowerCut { .. } => Kind::PowerCut,
         }
     }
 }
@@ -465,6 +552,17 @@ impl fmt::Display for Fault {
             Fault::OutOfService { node } => {
                 write!(f, "a commit via out-of-service node{node} races the step's")
             }
+            Fault::PowerCut {
+                node,
+                moment,
+                tear,
+                seed: _,
+                down_ms,
+            } => write!(
+                f,
+                "power cut node{node} {moment}{}, down {down_ms} ms",
+                if *tear { ", torn writes" } else { "" }
+            ),
         }
     }
 }
@@ -575,6 +673,9 @@ pub struct Profile {
     pub max_long_outages: usize,
     /// Commits run while a node is out for a long outage (`RECENT` is 64).
     pub outage_burst: (u64, u64),
+    /// Every node's table and state directories on the lossy filesystem (issue 13): needed by
+    /// [`Kind::PowerCut`]; no tmpfs, so no full-disk faults.
+    pub power: bool,
 }
 
 fn weights(pairs: &[(Kind, u32)]) -> Vec<u32> {
@@ -649,6 +750,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 1,
             max_long_outages: 1,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "long",
@@ -669,6 +771,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 1,
             max_long_outages: 12,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "storage",
@@ -700,6 +803,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 1,
             max_long_outages: 3,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "network",
@@ -725,6 +829,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 0,
             max_long_outages: 0,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "crash",
@@ -750,6 +855,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 0,
             max_long_outages: 0,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "aborts",
@@ -775,6 +881,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 0,
             max_long_outages: 0,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "diskfull",
@@ -795,6 +902,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 0,
             max_long_outages: 0,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "regressions",
@@ -820,6 +928,28 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 0,
             max_long_outages: 0,
             outage_burst: (66, 72),
+            power: false,
+        },
+        Profile {
+            name: "power",
+            about: "power cuts (issue 13): nodes lose power at random moments, while deciding, while installing and right after a commit, on the lossy filesystem (needs /dev/fuse and fusermount3)",
+            nodes: 3,
+            transactions: 125,
+            weights: weights(&[(Kind::None, 1), (Kind::PowerCut, 20), (Kind::KillTxmap, 1)]),
+            require_each: true,
+            net_every: (1000, 1000),
+            net_weights: [1, 0, 0, 0, 0, 0],
+            timeouts: fast_timeouts(),
+            convergence_bound: Duration::from_secs(60),
+            reader_pause: Duration::from_millis(30),
+            churn_max: 100,
+            stable_keys: 20,
+            disk_leave_kb: vec![0],
+            crash_target: CrashTarget::Any,
+            out_of_service: 0,
+            max_long_outages: 0,
+            outage_burst: (66, 72),
+            power: true,
         },
     ]
 }
@@ -866,6 +996,7 @@ impl Schedule {
         for (k, x) in kinds.iter().zip(w.iter_mut()) {
             let impossible = match k {
                 Kind::OutOfService => profile.out_of_service == 0,
+                Kind::PowerCut => !profile.power,
                 Kind::LongOutage => nodes < 2 || profile.max_long_outages == 0,
                 _ => false,
             };
@@ -1055,6 +1186,35 @@ impl Schedule {
                 Kind::OutOfService => Fault::OutOfService {
                     node: rng.range(nodes as u64 + 1, all_nodes.max(nodes + 1) as u64) as usize,
                 },
+                Kind::PowerCut => {
+                    let moment = match rng.below(10) {
+                        0..=3 => PowerMoment::Random {
+                            after_ms: rng.range(0, 500),
+                        },
+                        4..=5 => PowerMoment::Deciding {
+                            hold: rng.below(HOLD_POINTS.len() as u64) as usize,
+                            hold_ms: rng.range(500, 800),
+                            after_ms: rng.range(150, 450),
+                        },
+                        6..=7 => PowerMoment::Installing {
+                            point: rng.below(INSTALL_POINTS.len() as u64) as usize,
+                            hold_ms: rng.range(500, 800),
+                            after_ms: rng.range(150, 450),
+                        },
+                        _ => PowerMoment::AfterCommit,
+                    };
+                    let node = match moment {
+                        PowerMoment::Deciding { .. } => coordinator,
+                        _ => node(&mut rng),
+                    };
+                    Fault::PowerCut {
+                        node,
+                        moment,
+                        tear: rng.chance(50.0),
+                        seed: rng.next_u64(),
+                        down_ms: rng.range(0, 400),
+                    }
+                }
             };
             let net = if index as u64 == next_net {
                 next_net += rng.range(profile.net_every.0.max(1), profile.net_every.1.max(1));
