@@ -8,10 +8,22 @@
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
-use txmap_chaos_tests::cluster::{describe, transport_table, wait_until, TempDir, TestCluster};
+use txmap_chaos_tests::chaos::schedule::{profile, Fault, Kind, PowerMoment};
+use txmap_chaos_tests::chaos::{run, Options, Report, POWER};
+use txmap_chaos_tests::cluster::{
+    bins, describe, transport_table, wait_until, TempDir, TestCluster,
+};
 use txmap_chaos_tests::lossyfs::cluster::{served, PowerCluster};
 use txmap_chaos_tests::lossyfs::{self, LossyMount};
+
+/// The cluster tests and chaos runs load the machine: one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn need_fuse() {
     if let Err(e) = lossyfs::check_available() {
@@ -219,6 +231,7 @@ fn source_sha(c: &TestCluster) -> String {
 /// restarts it; returns whether every node then serves the acknowledged commit.
 fn cut_after_acknowledged_commit(name: &str, k: usize, env: &[(&str, &str)]) -> Result<(), String> {
     need_fuse();
+    let _serial = serial();
     let mut c = PowerCluster::mount(TestCluster::create(name, 3).unwrap()).unwrap();
     for i in 1..=3 {
         c.start_node_with(i, env).unwrap();
@@ -275,4 +288,103 @@ fn without_the_directory_fsync_after_the_install_renames_the_cut_loses_the_commi
     let e = r.expect_err("the power cut did not catch the missing directory fsync");
     eprintln!("caught: {e}");
     assert!(e.contains("node2"), "{e}");
+}
+
+// ---- the chaos runner's power profile ----
+
+fn seed(default: u64) -> u64 {
+    std::env::var("CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+fn power_violations(r: &Report) -> usize {
+    r.invariants
+        .iter()
+        .find(|(n, _)| *n == POWER)
+        .map(|(_, t)| t.violations.len())
+        .unwrap_or(0)
+}
+
+/// CI: the `power` profile, at least 100 power cuts of random nodes at random moments
+/// (coordinator's node while deciding, participants while installing, right after commits),
+/// zero violations of any checker, in under 5 minutes.
+#[test]
+fn power_profile_over_100_power_cuts_zero_violations_under_5_minutes() {
+    need_fuse();
+    let _serial = serial();
+    bins(); // the budget is for the run itself
+    let started = Instant::now();
+    let opts = Options::new(profile("power").unwrap(), seed(1313));
+    let report = run(&opts).expect("the chaos run itself failed");
+    let took = started.elapsed();
+    println!("{}", report.render());
+    println!("test wall time: {:.1} s", took.as_secs_f64());
+    let cuts = report
+        .faults
+        .iter()
+        .find(|f| f.label == Kind::PowerCut.label())
+        .map(|f| f.injected)
+        .unwrap_or(0);
+    assert!(cuts >= 100, "only {cuts} power cuts");
+    let moments = |f: &dyn Fn(&PowerMoment) -> bool| {
+        report
+            .schedule
+            .steps
+            .iter()
+            .filter(|s| matches!(&s.fault, Fault::PowerCut { moment, .. } if f(moment)))
+            .count()
+    };
+    assert!(moments(&|m| matches!(m, PowerMoment::Deciding { .. })) >= 5);
+    assert!(moments(&|m| matches!(m, PowerMoment::Installing { .. })) >= 5);
+    assert!(moments(&|m| matches!(m, PowerMoment::AfterCommit)) >= 5);
+    assert!(
+        report
+            .invariants
+            .iter()
+            .any(|(n, t)| *n == POWER && t.checks >= 2 * cuts),
+        "the power checker did not run after every cut"
+    );
+    let v = report.violations();
+    assert!(
+        v.is_empty(),
+        "{} violations (seed {}): first: {}",
+        v.len(),
+        report.schedule.seed,
+        v[0]
+    );
+    assert!(
+        took < Duration::from_secs(300),
+        "the power profile took {took:?}, over 5 minutes"
+    );
+}
+
+/// The power profile catches a txmap that does not fsync the table directory after the
+/// install renames (`TXMAP_DEFECTS=install-skips-dir-fsync`): a node that loses power after
+/// acknowledging a commit comes back serving the previous table. The same seed without the
+/// defect: no violation.
+#[test]
+fn the_power_profile_catches_a_missing_directory_fsync_after_the_install_renames() {
+    need_fuse();
+    let _serial = serial();
+    let mut opts = Options::new(profile("power").unwrap(), seed(2));
+    opts.transactions = 8;
+    opts.defects = Some("install-skips-dir-fsync".into());
+    let report = run(&opts).expect("the chaos run itself failed");
+    println!("{}", report.render());
+    assert!(
+        power_violations(&report) > 0,
+        "the missing fsync went unnoticed: the power checker cannot fail"
+    );
+    opts.defects = None;
+    let sound = run(&opts).expect("the chaos run itself failed");
+    println!("{}", sound.render());
+    assert_eq!(
+        sound.schedule.fingerprint(),
+        report.schedule.fingerprint(),
+        "same seed, same schedule"
+    );
+    let v = sound.violations();
+    assert!(v.is_empty(), "without the defect: {v:?}");
 }

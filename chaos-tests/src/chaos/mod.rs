@@ -1453,7 +1453,7 @@ impl<'a> Runner<'a> {
 
     /// Cuts node `node`'s power (its `txmapd`, `coordinator` if given, everything else using its
     /// disks die; the disks forget what was not synced) and checks at once that its durable
-    /// journal kept every acknowledged commit. The node stays down (its reader paused) until
+    /// journal and history kept every acknowledged commit. The node stays down (its reader paused) until
     /// the caller restarts it and bumps its gate. Returns whether the cut hit anything, when,
     /// and the acknowledged generation then.
     fn power_cut(
@@ -1491,6 +1491,19 @@ impl<'a> Runner<'a> {
                 at as f64 / 1000.0
             )
         });
+        if acked > 0 {
+            // History is finalized (renamed, its directory fsynced) before `Committed` is
+            // answered, and this profile keeps every generation.
+            let kept = txmap_common::history::History::new(&self.c.state_dir(node), TABLE)
+                .source(acked)
+                .is_some();
+            self.power_tally.check(kept, POWER, at, || {
+                format!(
+                    "node{node} lost the history of acknowledged generation {acked} in the power cut at {:.1} s",
+                    at as f64 / 1000.0
+                )
+            });
+        }
         let hit = was_running || r.files_reverted + r.dirs_reverted + r.inodes_lost > 0;
         let st = &mut self.cut_stats;
         st.0.files_reverted += r.files_reverted;
