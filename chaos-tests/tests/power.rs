@@ -388,3 +388,272 @@ fn the_power_profile_catches_a_missing_directory_fsync_after_the_install_renames
     let v = sound.violations();
     assert!(v.is_empty(), "without the defect: {v:?}");
 }
+
+// ---- a power cut right before and right after each durability step of a commit ----
+
+/// Where [`cut_at`] stops the commit and cuts a node's power.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum At {
+    /// node2: the staged source is written and fsynced; its `postmap` has not started.
+    BeforeBuild,
+    /// node2: `postmap` built the staged `.db`; txmapd has not fsynced it nor the directory.
+    AfterBuild,
+    /// node2: staged files, `.db`, table directory and history copies fsynced
+    /// (`participant::after_stage`); the journal does not say *Prepared* yet.
+    AfterStage,
+    /// node2: the journal says *Prepared* (durable); the vote is not sent
+    /// (`participant::after_prepared_durable`).
+    AfterPrepared,
+    /// node1, the coordinator's node: every node prepared, no decision yet
+    /// (`coordinator::after_all_prepared`).
+    BeforeDecision,
+    /// node1: the commit decision is durable, no `Commit` sent
+    /// (`coordinator::after_decision_durable`).
+    AfterDecision,
+    /// node2: the journal says *Installing*; the renames have not started
+    /// (`participant::before_commit_rename`).
+    BeforeRenames,
+    /// node2: both renames done and the table directory fsynced; history and the journal's
+    /// *Committed* not written (`participant::after_commit_rename`).
+    AfterRenames,
+}
+
+const HOLD_MS: u64 = 4000;
+
+fn postmap_path() -> String {
+    for d in ["/usr/sbin", "/usr/bin", "/sbin", "/bin"] {
+        let p = format!("{d}/postmap");
+        if Path::new(&p).exists() {
+            return p;
+        }
+    }
+    "postmap".into()
+}
+
+/// A `postmap` for node2 that, for a build (no `-s`/`-q`), waits while `hold-before` exists
+/// (after dropping `at-before`) and after building while `hold-after` exists. It first moves
+/// into the table directory (on the lossy disk), so the power cut finds and kills it as one of
+/// the node's processes.
+fn holding_postmap(dir: &Path, table_dir: &Path) -> std::path::PathBuf {
+    let script = format!(
+        r#"#!/bin/sh
+cd '{table}' || exit 1
+build=1
+for a in "$@"; do case "$a" in -s|-q|-s*|-q*) build=0;; esac; done
+if [ $build = 1 ] && [ -e '{d}/hold-before' ]; then
+  touch '{d}/at-before'
+  while [ -e '{d}/hold-before' ]; do sleep 0.05; done
+fi
+'{postmap}' "$@"
+rc=$?
+if [ $build = 1 ] && [ -e '{d}/hold-after' ]; then
+  touch '{d}/at-after'
+  while [ -e '{d}/hold-after' ]; do sleep 0.05; done
+fi
+exit $rc
+"#,
+        table = table_dir.display(),
+        d = dir.display(),
+        postmap = postmap_path()
+    );
+    let p = dir.join("holding-postmap");
+    std::fs::write(&p, script).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+fn phase(c: &TestCluster, i: usize) -> Option<String> {
+    c.active(i).map(|(_, p)| p)
+}
+
+/// Commits once (generation 1), then commits a new source and cuts the power of node1 or
+/// node2 at `at`; restarts it; then every node must end serving the newest source, whole, in
+/// agreement, with nothing staged or locked; after a cut at or after the durable decision the
+/// cut transaction itself must be the one committed everywhere, before it the cut transaction
+/// must be aborted everywhere (the pending retry then commits the source anew).
+fn cut_at(at: At) {
+    need_fuse();
+    let _serial = serial();
+    let name = format!("power-at-{at:?}").to_lowercase();
+    let mut c = PowerCluster::mount(TestCluster::create(&name, 3).unwrap()).unwrap();
+    let hold_dir = c.dir.0.join("hold");
+    std::fs::create_dir_all(&hold_dir).unwrap();
+    let wrapper = holding_postmap(&hold_dir, &c.table_dir(2));
+    for i in 1..=3 {
+        c.edit_config(i, |t| {
+            let mut t = t;
+            for (k, v) in [
+                ("prepare_ms", 2000),
+                ("commit_ms", 1000),
+                ("total_ms", 6000),
+                ("in_doubt_ms", 5000),
+                ("retry_max_ms", 2000),
+            ] {
+                t = txmap_chaos_tests::chaos::config_edit::set_key(
+                    &t,
+                    Some("timeouts"),
+                    k,
+                    &v.to_string(),
+                );
+            }
+            if i == 2 {
+                t = txmap_chaos_tests::chaos::config_edit::set_key(
+                    &t,
+                    Some("postfix"),
+                    "postmap",
+                    &format!("\"{}\"", wrapper.display()),
+                );
+            }
+            t
+        });
+    }
+    let fp = |p: &str| format!("{p}=sleep({HOLD_MS})");
+    let participant_fp = match at {
+        At::AfterStage => Some(fp("participant::after_stage")),
+        At::AfterPrepared => Some(fp("participant::after_prepared_durable")),
+        At::BeforeRenames => Some(fp("participant::before_commit_rename")),
+        At::AfterRenames => Some(fp("participant::after_commit_rename")),
+        _ => None,
+    };
+    for i in 1..=3 {
+        c.start_node(i).unwrap();
+    }
+    c.write_source(&transport_table("a.example", 0..30));
+    commit_ok(&c, 1);
+    // Arm node2 only now: the first commit must not stop.
+    if let Some(f) = &participant_fp {
+        c.kill_node(2);
+        c.start_node_with(2, &[("FAILPOINTS", f)]).unwrap();
+    }
+    let hold = |f: &str| std::fs::write(hold_dir.join(f), b"").unwrap();
+    match at {
+        At::BeforeBuild => hold("hold-before"),
+        At::AfterBuild => hold("hold-after"),
+        _ => {}
+    }
+    c.write_source(&transport_table("b.example", 0..40));
+    let new_sha = source_sha(&c);
+    let coordinator_fp = match at {
+        At::BeforeDecision => vec![("FAILPOINTS", fp("coordinator::after_all_prepared"))],
+        At::AfterDecision => vec![("FAILPOINTS", fp("coordinator::after_decision_durable"))],
+        _ => vec![],
+    };
+    let env: Vec<(&str, &str)> = coordinator_fp
+        .iter()
+        .map(|(k, v)| (*k, v.as_str()))
+        .collect();
+    let commit = c.spawn_txmap_with(1, &["commit", "sympa_transport", "--json"], &env);
+    // Wait until the commit is where the cut must land.
+    let held = |c: &TestCluster| -> bool {
+        let new_live = || {
+            txmap_common::table::digest_file(&c.live(2))
+                .map(|d| txmap_common::table::hex(&d.sha256) == new_sha)
+                .unwrap_or(false)
+        };
+        match at {
+            At::BeforeBuild => hold_dir.join("at-before").exists(),
+            At::AfterBuild => hold_dir.join("at-after").exists(),
+            At::AfterStage => std::fs::read_dir(c.state_dir(2).join("history/sympa_transport"))
+                .map(|rd| {
+                    rd.flatten().any(|e| {
+                        e.file_name().to_string_lossy().starts_with(".tx-")
+                            && e.path().join("indexed").exists()
+                    })
+                })
+                .unwrap_or(false),
+            At::AfterPrepared => phase(c, 2).as_deref() == Some("Prepared"),
+            At::BeforeDecision => (1..=3).all(|i| phase(c, i).as_deref() == Some("Prepared")),
+            At::AfterDecision => !c.decisions(1).is_empty(),
+            At::BeforeRenames => phase(c, 2).as_deref() == Some("Installing"),
+            At::AfterRenames => phase(c, 2).as_deref() == Some("Installing") && new_live(),
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), || held(&c)),
+        "the commit never reached {at:?}"
+    );
+    std::thread::sleep(Duration::from_millis(150)); // inside the hold
+    let txid = (1..=3).find_map(|i| c.active(i)).map(|(t, _)| t);
+    let node = match at {
+        At::BeforeDecision | At::AfterDecision => 1,
+        _ => 2,
+    };
+    let mut commit = vec![commit];
+    let extra: &mut [std::process::Child] = if node == 1 { &mut commit } else { &mut [] };
+    let r = c.cut_power(node, 7, true, extra).unwrap();
+    eprintln!("{at:?}: node{node} lost power: {r:?}");
+    for f in ["hold-before", "hold-after"] {
+        let _ = std::fs::remove_file(hold_dir.join(f));
+    }
+    c.restart(node).unwrap();
+    for p in &mut commit {
+        let _ = p.wait();
+    }
+    // Every node ends on the newest source, whole and in agreement, by itself (a commit that
+    // was cut is re-driven, resolved or retried from the pending record).
+    let mut last = Err(String::new());
+    let ok = wait_until(Duration::from_secs(30), || {
+        let g = served(&c, 1).map(|s| s.generation).unwrap_or(0);
+        last = all_serve(&c, g, &new_sha);
+        last.is_ok() && c.nothing_in_progress(1)
+    });
+    assert!(ok, "{at:?}: the cluster did not converge whole: {last:?}");
+    if let Some(txid) = txid {
+        let decided = matches!(at, At::AfterDecision | At::BeforeRenames | At::AfterRenames);
+        for i in 1..=3 {
+            let o = c.outcome(i, &txid);
+            if decided {
+                assert_eq!(o.as_deref(), Some("Committed"), "{at:?}: node{i}: {o:?}");
+            } else {
+                assert_ne!(o.as_deref(), Some("Committed"), "{at:?}: node{i} committed");
+            }
+        }
+    }
+    if at == At::AfterBuild {
+        assert!(
+            r.files_reverted + r.inodes_lost > 0,
+            "the unsynced .db should have been lost: {r:?}"
+        );
+    }
+}
+
+#[test]
+fn a_power_cut_before_the_staged_table_is_built_aborts_and_converges() {
+    cut_at(At::BeforeBuild);
+}
+
+#[test]
+fn a_power_cut_after_postmap_built_but_before_the_fsyncs_aborts_and_converges() {
+    cut_at(At::AfterBuild);
+}
+
+#[test]
+fn a_power_cut_after_staging_is_durable_but_before_the_journal_aborts_and_converges() {
+    cut_at(At::AfterStage);
+}
+
+#[test]
+fn a_power_cut_after_the_prepared_journal_before_the_vote_aborts_and_converges() {
+    cut_at(At::AfterPrepared);
+}
+
+#[test]
+fn a_power_cut_of_the_coordinators_node_before_the_decision_aborts_and_converges() {
+    cut_at(At::BeforeDecision);
+}
+
+#[test]
+fn a_power_cut_of_the_coordinators_node_after_the_durable_decision_commits_everywhere() {
+    cut_at(At::AfterDecision);
+}
+
+#[test]
+fn a_power_cut_after_the_installing_journal_before_the_renames_commits_everywhere() {
+    cut_at(At::BeforeRenames);
+}
+
+#[test]
+fn a_power_cut_after_the_renames_before_the_committed_journal_commits_everywhere() {
+    cut_at(At::AfterRenames);
+}
