@@ -204,9 +204,10 @@ fn all_serve(c: &TestCluster, generation: u64, sha: &str) -> Result<(), String> 
         let s = served(c, i)?;
         if s.generation != generation || s.sha256 != sha {
             return Err(format!(
-                "node{i} serves generation {} ({}), the acknowledged commit was generation {generation}",
+                "node{i} serves generation {} ({}), expected generation {generation} ({})",
                 s.generation,
-                &s.sha256[..12.min(s.sha256.len())]
+                &s.sha256[..12.min(s.sha256.len())],
+                &sha[..12.min(sha.len())]
             ));
         }
         if !c.staged_files(i).is_empty() {
@@ -656,4 +657,46 @@ fn a_power_cut_after_the_installing_journal_before_the_renames_commits_everywher
 #[test]
 fn a_power_cut_after_the_renames_before_the_committed_journal_commits_everywhere() {
     cut_at(At::AfterRenames);
+}
+
+// ---- the Sympa hook's queue ----
+
+/// `txmap-sympa` run while the local `txmapd` is down queues the request in
+/// `requests/<table>` and tells Sympa it "stays queued": a power cut of the node before the
+/// daemon is back must not lose it. (Failed before the fix: the queued file was renamed into
+/// place without an fsync of `requests/`, and `requests/` itself was created without an fsync
+/// of the state directory.)
+#[test]
+fn a_request_queued_by_the_hook_while_the_daemon_is_down_survives_a_power_cut() {
+    need_fuse();
+    let _serial = serial();
+    let mut c = PowerCluster::start("power-hook-queue", 3).unwrap();
+    c.write_source(&transport_table("a.example", 0..30));
+    commit_ok(&c, 1);
+    c.kill_node(1);
+    c.write_source(&transport_table("queued.example", 0..25));
+    let sha = source_sha(&c);
+    let out = std::process::Command::new("env")
+        .args(["-i", "PATH=/bin:/usr/bin"])
+        .arg(format!("TXMAP_CONFIG={}", c.config(1).display()))
+        .arg(&bins().txmap_sympa)
+        .arg(c.source())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(6), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("stays queued"),
+        "{}",
+        describe(&out)
+    );
+    let r = c.cut_power(1, 3, false, &mut []).unwrap();
+    eprintln!("node1 lost power with its request queued: {r:?}");
+    c.restart(1).unwrap();
+    let mut last = Err(String::new());
+    let ok = wait_until(Duration::from_secs(30), || {
+        let g = served(&c, 1).map(|s| s.generation).unwrap_or(0);
+        last = all_serve(&c, g, &sha);
+        last.is_ok()
+    });
+    assert!(ok, "the queued request was lost in the power cut: {last:?}");
 }
