@@ -51,12 +51,13 @@
 //!
 //! - Metadata (mode, owner, times) is not versioned: a `chmod`/`chown` is durable at once.
 //!   txmap sets modes on fds it then fsyncs, so it does not depend on this.
-//! - A file's size change by truncation is reverted with its content, but a write only tears
-//!   if it was the *last* write of that file since its last fsync; earlier unsynced writes are
-//!   lost whole (like LazyFS's "torn-op", not a per-sector model).
-//! - Unsynced data of one file never survives while a later write is lost, and a synced
-//!   directory never loses an entry to a later cut: no disk reordering beyond what fsync
-//!   allows, and no corruption of synced data.
+//! - A file's size change by truncation is reverted with its content, and only the *last*
+//!   write of a file since its last fsync can tear (a prefix of it kept); earlier unsynced
+//!   writes are lost whole (like LazyFS's "torn-op", not a per-sector model of a disk that
+//!   may persist any subset of unsynced blocks).
+//! - What was synced is never lost or damaged by a later cut: no lying disk, no corruption of
+//!   synced data, no reordering of a directory's unsynced entries (they all go, or, once the
+//!   directory is synced, all stay).
 //! - A directory moved between two parents where only one was synced keeps one name (the
 //!   first in traversal order), where a real filesystem might show it in either.
 //! - FIFOs, sockets and devices cannot be created on it (`EPERM`). Extended attributes,
