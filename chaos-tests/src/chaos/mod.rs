@@ -376,6 +376,17 @@ struct Runner<'a> {
     limit: Duration,
 }
 
+/// A run that failed half-way stops its sampler and readers before the sandbox goes (they
+/// would recreate directories in it, or read from unmounted disks).
+impl Drop for Runner<'_> {
+    fn drop(&mut self) {
+        drop(self.sampler.take());
+        if let Some(r) = self.readers.take() {
+            r.stop();
+        }
+    }
+}
+
 /// Runs the whole thing: setup, the schedule, the faults stopping, convergence, the checks.
 pub fn run(opts: &Options) -> Result<Report> {
     let started = Instant::now();

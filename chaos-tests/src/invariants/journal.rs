@@ -407,3 +407,14 @@ impl Sampler {
         log
     }
 }
+
+/// A sampler dropped without [`Sampler::stop`] (a run that failed half-way) stops its thread
+/// first: it must not recreate the state directories the sandbox is about to remove.
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
