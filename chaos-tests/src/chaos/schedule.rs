@@ -1351,6 +1351,56 @@ mod tests {
     use super::*;
 
     #[test]
+    fn power_schedules_cut_at_every_moment_and_never_kill_the_last_coordinator() {
+        let p = profile("power").unwrap();
+        for seed in 0..30 {
+            let s = Schedule::draw(seed, &p, 3, 125, false);
+            assert_eq!(s, Schedule::draw(seed, &p, 3, 125, false));
+            let cuts: Vec<&PowerMoment> = s
+                .steps
+                .iter()
+                .filter_map(|st| match &st.fault {
+                    Fault::PowerCut { moment, node, .. } => {
+                        assert!((1..=3).contains(node));
+                        if matches!(moment, PowerMoment::Deciding { .. }) {
+                            assert_eq!(
+                                *node, st.coordinator,
+                                "deciding is on the coordinator's node"
+                            );
+                        }
+                        Some(moment)
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert!(cuts.len() >= 100, "seed {seed}: only {} cuts", cuts.len());
+            for m in [
+                |m: &PowerMoment| matches!(m, PowerMoment::Random { .. }),
+                |m: &PowerMoment| matches!(m, PowerMoment::Deciding { .. }),
+                |m: &PowerMoment| matches!(m, PowerMoment::Installing { .. }),
+                |m: &PowerMoment| matches!(m, PowerMoment::AfterCommit),
+            ] {
+                assert!(cuts.iter().filter(|c| m(c)).count() >= 5, "seed {seed}");
+            }
+            let last = &s.steps.last().unwrap().fault;
+            assert!(!matches!(
+                last,
+                Fault::PowerCut { .. } | Fault::KillTxmap { .. }
+            ));
+            assert!(s
+                .steps
+                .iter()
+                .all(|st| !matches!(st.fault, Fault::DiskFull { .. })));
+        }
+        // Other profiles never cut power.
+        let ci = Schedule::draw(1, &profile("ci").unwrap(), 3, 210, true);
+        assert!(ci
+            .steps
+            .iter()
+            .all(|st| !matches!(st.fault, Fault::PowerCut { .. })));
+    }
+
+    #[test]
     fn same_seed_same_schedule_other_seed_other_schedule() {
         let p = profile("ci").unwrap();
         let a = Schedule::draw(7, &p, 3, 210, true);
@@ -1366,7 +1416,8 @@ mod tests {
         let p = profile("ci").unwrap();
         for seed in 0..50 {
             let s = Schedule::draw(seed, &p, 3, 200, true);
-            for k in Kind::all() {
+            // Power cuts need the lossy filesystem: the `power` profile only.
+            for k in Kind::all().into_iter().filter(|k| *k != Kind::PowerCut) {
                 assert!(
                     s.steps.iter().any(|st| st.fault.kind() == k),
                     "seed {seed}: no {k:?}"
