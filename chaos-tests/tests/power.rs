@@ -187,6 +187,80 @@ fn postmap_builds_on_it_and_a_db_whose_directory_was_not_synced_is_lost() {
     );
 }
 
+/// The system calls txmap issues behave on it as on a local disk: `O_NOFOLLOW` refuses a
+/// symlink, `O_EXCL` an existing name, `link(2)` an existing target; modes and owners set on a
+/// descriptor stick; the link count follows links and unlinks; and `ftruncate`/`O_TRUNC`
+/// without fsync are undone by a cut while a truncation that was synced stays.
+#[test]
+fn txmaps_system_calls_behave_as_on_a_local_disk() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (t, mut m) = mounted("power-syscalls");
+    let d = t.0.join("disk");
+    std::os::unix::fs::symlink("old", d.join("link")).unwrap();
+    let e = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(d.join("link"))
+        .unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ELOOP), "{e}");
+    let e = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(d.join("old"))
+        .unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    write_file(&d.join("a"), b"0123456789", true);
+    std::fs::hard_link(d.join("a"), d.join("b")).unwrap();
+    assert_eq!(std::fs::metadata(d.join("a")).unwrap().nlink(), 2);
+    let e = std::fs::hard_link(d.join("a"), d.join("b")).unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+    std::fs::remove_file(d.join("b")).unwrap();
+    assert_eq!(std::fs::metadata(d.join("a")).unwrap().nlink(), 1);
+    let f = std::fs::File::open(d.join("a")).unwrap();
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap();
+    std::os::unix::fs::fchown(&f, Some(65534), Some(65534)).unwrap();
+    let md = std::fs::metadata(d.join("a")).unwrap();
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid()),
+        (0o600, 65534, 65534)
+    );
+    std::fs::create_dir(d.join("sub")).unwrap();
+    write_file(&d.join("sub").join("x"), b"x", true);
+    fsync_dir(&d.join("sub"));
+    fsync_dir(&d);
+    let mut names: Vec<String> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["a", "link", "old", "sub"]);
+    // unsynced truncations are undone; a synced one stays
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("a"))
+        .unwrap()
+        .set_len(3)
+        .unwrap();
+    write_file(&d.join("old"), b"", false); // O_TRUNC
+    let synced = std::fs::OpenOptions::new()
+        .write(true)
+        .open(d.join("sub").join("x"))
+        .unwrap();
+    synced.set_len(0).unwrap();
+    synced.sync_all().unwrap();
+    m.cut(9, false).unwrap();
+    assert_eq!(std::fs::read(d.join("a")).unwrap(), b"0123456789");
+    assert_eq!(std::fs::read(d.join("old")).unwrap(), b"old content\n");
+    assert_eq!(std::fs::read(d.join("sub").join("x")).unwrap(), b"");
+    assert_eq!(
+        std::fs::read_link(d.join("link")).unwrap(),
+        std::path::PathBuf::from("old")
+    );
+    let md = std::fs::metadata(d.join("a")).unwrap();
+    assert_eq!((md.mode() & 0o7777, md.uid()), (0o600, 65534));
+}
+
 // ---- a real cluster on lossy disks ----
 
 fn commit_ok(c: &TestCluster, via: usize) -> u64 {
