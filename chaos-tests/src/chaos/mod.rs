@@ -351,6 +351,8 @@ struct Runner<'a> {
     power_tally: Tally,
     /// What the cuts threw away, summed, and how many cuts hit.
     cut_stats: (CutReport, u64),
+    /// Held cuts (deciding, installing) by the phase the node's durable journal held.
+    landed: BTreeMap<(&'static str, String), u64>,
     opts: &'a Options,
     /// In-service nodes plus out-of-service ones.
     total: usize,
@@ -507,6 +509,7 @@ impl<'a> Runner<'a> {
             gates: (0..total).map(|_| Arc::new(AtomicU64::new(0))).collect(),
             power_tally: Tally::default(),
             cut_stats: (CutReport::default(), 0),
+            landed: BTreeMap::new(),
             opts,
             total,
             recovers: Vec::new(),
@@ -1398,6 +1401,20 @@ impl<'a> Runner<'a> {
                     .filter(|_| coordinator_killed)
                     .map(|p| &mut p.child);
                 let (hit, at, acked) = self.power_cut(node, *tear, *seed, victim)?;
+                // Where the held cuts landed, as the node's durable journal tells.
+                let found = self.c.active(node).map(|(_, p)| p);
+                let landed = match moment {
+                    PowerMoment::Deciding { .. } => Some("deciding"),
+                    PowerMoment::Installing { .. } => Some("installing"),
+                    _ => None,
+                };
+                if let Some(m) = landed {
+                    let e = self
+                        .landed
+                        .entry((m, found.unwrap_or_else(|| "no transaction".into())))
+                        .or_default();
+                    *e += 1;
+                }
                 std::thread::sleep(Duration::from_millis(*down_ms));
                 self.start(node, None);
                 self.gates[node - 1].fetch_add(1, Ordering::SeqCst);
@@ -1616,6 +1633,14 @@ impl<'a> Runner<'a> {
             }
             let lost: u64 = log.nodes.iter().map(|n| n.decisions_lost_to_cuts).sum();
             let (st, cuts) = self.cut_stats.clone();
+            let landed: Vec<String> = self
+                .landed
+                .iter()
+                .map(|((m, p), n)| format!("{m} cuts finding {p}: {n}"))
+                .collect();
+            if !landed.is_empty() {
+                self.note(Kind::PowerCut, &landed.join(", "));
+            }
             self.note(
                 Kind::PowerCut,
                 &format!(
