@@ -261,6 +261,27 @@ fn txmaps_system_calls_behave_as_on_a_local_disk() {
     assert_eq!((md.mode() & 0o7777, md.uid()), (0o600, 65534));
 }
 
+/// A Unix socket binds on it (the hook's socket lives in the state directory) and serves;
+/// after a cut its name stays (the directory was synced) and nobody listens on it any more.
+#[test]
+fn a_unix_socket_binds_and_serves_on_it() {
+    use std::io::Read;
+    let (t, mut m) = mounted("power-socket");
+    let d = t.0.join("disk");
+    let l = std::os::unix::net::UnixListener::bind(d.join("s.sock")).unwrap();
+    let mut c = std::os::unix::net::UnixStream::connect(d.join("s.sock")).unwrap();
+    c.write_all(b"x").unwrap();
+    let (mut a, _) = l.accept().unwrap();
+    let mut b = [0u8; 1];
+    a.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"x");
+    fsync_dir(&d);
+    drop((a, c, l));
+    m.cut(10, false).unwrap();
+    assert!(std::fs::symlink_metadata(d.join("s.sock")).is_ok());
+    assert!(std::os::unix::net::UnixStream::connect(d.join("s.sock")).is_err());
+}
+
 // ---- a real cluster on lossy disks ----
 
 fn commit_ok(c: &TestCluster, via: usize) -> u64 {

@@ -24,6 +24,10 @@ pub enum Kind {
     Dir(DirData),
     /// A symbolic link (txmap refuses them; tests plant them).
     Symlink(PathBuf),
+    /// A socket or a FIFO (`S_IFSOCK`, `S_IFIFO`): a name only, the kernel does the rest
+    /// (the hook's socket lives in the state directory). Not written back to the backing
+    /// directory: after a reboot nobody listens on it anyway.
+    Special(u32),
 }
 
 /// A regular file's bytes: live (what readers see) and durable (as of its last fsync).
@@ -100,6 +104,7 @@ impl Node {
             Kind::File(f) => f.live.len() as u64,
             Kind::Dir(d) => d.live.len() as u64,
             Kind::Symlink(t) => t.as_os_str().len() as u64,
+            Kind::Special(_) => 0,
         }
     }
 }
@@ -270,6 +275,7 @@ impl Disk {
                 continue;
             };
             match &n.kind {
+                Kind::Special(_) => continue,
                 Kind::File(f) => std::fs::write(&p, f.live.as_slice())?,
                 Kind::Symlink(t) => std::os::unix::fs::symlink(t, &p)?,
                 Kind::Dir(_) => {
@@ -319,7 +325,7 @@ impl Disk {
         match &mut self.node_mut(ino)?.kind {
             Kind::File(f) => Ok(f),
             Kind::Dir(_) => Err(libc::EISDIR),
-            Kind::Symlink(_) => Err(libc::EINVAL),
+            Kind::Symlink(_) | Kind::Special(_) => Err(libc::EINVAL),
         }
     }
 
@@ -448,6 +454,19 @@ impl Disk {
         )
     }
 
+    /// Creates a socket or FIFO node (`fmt`: `S_IFSOCK` or `S_IFIFO`).
+    pub fn special(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        fmt: u32,
+        perm: u16,
+        uid: u32,
+        gid: u32,
+    ) -> Result<u64, Errno> {
+        self.add_entry(parent, name, Kind::Special(fmt), perm, uid, gid)
+    }
+
     /// A second name for a file (`link(2)`): `EEXIST` when the name exists.
     pub fn link(&mut self, ino: u64, parent: u64, name: &OsStr) -> Result<(), Errno> {
         if self.node(ino)?.is_dir() {
@@ -553,7 +572,7 @@ impl Disk {
                 Ok(&f.live[start..end])
             }
             Kind::Dir(_) => Err(libc::EISDIR),
-            Kind::Symlink(_) => Err(libc::EINVAL),
+            Kind::Symlink(_) | Kind::Special(_) => Err(libc::EINVAL),
         }
     }
 
@@ -637,7 +656,7 @@ impl Disk {
                 f.last_write = None;
             }
             Kind::Dir(d) => d.durable = d.live.clone(),
-            Kind::Symlink(_) => {}
+            Kind::Symlink(_) | Kind::Special(_) => {}
         }
         Ok(())
     }
@@ -743,7 +762,7 @@ impl Disk {
                     }
                     d.live = d.durable.clone();
                 }
-                Kind::Symlink(_) => {}
+                Kind::Symlink(_) | Kind::Special(_) => {}
             }
         }
         // Rebuild the namespace from the root: link counts from the durable entries; a

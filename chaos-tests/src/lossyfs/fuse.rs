@@ -68,6 +68,8 @@ fn kind_of(n: &Node) -> FileType {
         Kind::File(_) => FileType::RegularFile,
         Kind::Dir(_) => FileType::Directory,
         Kind::Symlink(_) => FileType::Symlink,
+        Kind::Special(f) if f == libc::S_IFSOCK => FileType::Socket,
+        Kind::Special(_) => FileType::NamedPipe,
     }
 }
 
@@ -241,11 +243,18 @@ impl Filesystem for LossyFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        if mode & libc::S_IFMT != libc::S_IFREG && mode & libc::S_IFMT != 0 {
-            // FIFOs, sockets and devices are not modelled
+        let (uid, gid) = (req.uid(), req.gid());
+        let fmt = mode & libc::S_IFMT;
+        if fmt == libc::S_IFSOCK || fmt == libc::S_IFIFO {
+            return self.entry(reply, |s| {
+                s.disk
+                    .special(parent.0, name, fmt, perm_of(mode, umask), uid, gid)
+            });
+        }
+        if fmt != libc::S_IFREG && fmt != 0 {
+            // devices are not modelled
             return reply.error(e(libc::EPERM));
         }
-        let (uid, gid) = (req.uid(), req.gid());
         self.entry(reply, |s| {
             s.disk
                 .create(parent.0, name, perm_of(mode, umask), uid, gid)

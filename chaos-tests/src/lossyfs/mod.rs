@@ -60,8 +60,10 @@
 //!   directory is synced, all stay).
 //! - A directory moved between two parents where only one was synced keeps one name (the
 //!   first in traversal order), where a real filesystem might show it in either.
-//! - FIFOs, sockets and devices cannot be created on it (`EPERM`). Extended attributes,
-//!   `fallocate` and `copy_file_range` answer `ENOSYS` (callers fall back to plain writes).
+//! - Sockets and FIFOs are names only (the kernel serves them; the hook's socket binds on
+//!   it) and are not written back to the backing directory; devices cannot be created
+//!   (`EPERM`). Extended attributes, `fallocate` and `copy_file_range` answer `ENOSYS`
+//!   (callers fall back to plain writes).
 //! - Sizes are limited to 4 GiB per file; everything lives in the helper's memory.
 
 pub mod cluster;
