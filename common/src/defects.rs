@@ -9,7 +9,7 @@
 //! was started with `TXMAP_DEFECTS=<name>[,<name>...]` ([`Defect::name`]). Every switched
 //! branch is marked `DEFECT (test only)`.
 
-/// One of the defects of issue 9.
+/// One of the defects of issues 9 and 13.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Defect {
     /// 1. A failed install drops the node back to *Prepared*, and a storage refusal ends a
@@ -30,7 +30,7 @@ pub enum Defect {
 }
 
 impl Defect {
-    /// Every defect, in issue order.
+    /// The defects of issue 9, in issue order (those the model checker finds).
     pub const ALL: [Defect; 5] = [
         Defect::InstallFailedDropsToPrepared,
         Defect::RecoverCountsNonMembers,
@@ -83,7 +83,7 @@ fn from_env() -> u32 {
 #[cfg(feature = "defects")]
 static ON: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// Whether `d` is switched on (always `false` without the `defects` feature).
+/// Whether `d` is switched on (always `false` without the `defects` or `failpoints` feature).
 #[inline]
 pub fn on(d: Defect) -> bool {
     #[allow(unused_mut)]
