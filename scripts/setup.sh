@@ -10,6 +10,7 @@ command -v postmap >/dev/null 2>&1 || need+=(postfix)
 [ -e /usr/lib/postfix/postfix-lmdb.so ] || need+=(postfix-lmdb)
 # The package test (chaos-tests/tests/package.rs) installs the .deb into a debootstrap root.
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
+command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3) # the power-loss tests' FUSE mounts
 if ((${#need[@]})); then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -19,7 +20,7 @@ if ((${#need[@]})); then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    postfix postfix-cdb postfix-lmdb debootstrap </dev/null >/dev/null
+    postfix postfix-cdb postfix-lmdb debootstrap fuse3 </dev/null >/dev/null
 fi
 command -v postmap >/dev/null || { echo "setup: postmap still missing" >&2; exit 1; }
 # The dedicated user the tests run txmapd as (tests/privilege.rs, and the whole suite with

@@ -1381,7 +1381,7 @@ pub fn install(t: &TableConfig, staged: &Staged) -> Result<(), TableError> {
             Err(e) => return Err(io("rename", from)(e)),
         }
     }
-    fsync_dir(t.dir())
+    crate::defects::install_dir_fsync(|| fsync_dir(t.dir())) // hook: defects.rs (tests only)
 }
 
 /// Gives a staged file, just before it is installed over `live`, the live file's permission

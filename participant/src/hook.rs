@@ -491,16 +491,13 @@ pub(crate) fn bind_socket(
     r
 }
 
-/// Creates the hook's request directory, writable by the socket's group (sticky, like /tmp).
-/// Its owner and mode are set on an open descriptor (never through a link).
+/// Creates the hook's request directory, writable by the socket's group (sticky, like /tmp),
+/// durable in the state directory (a request queued in it must survive a power cut). Its
+/// owner and mode are set on an open descriptor (never through a link).
 fn prepare_socket_dir(cfg: &Config) -> std::io::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = HookSettings::requests_dir(&cfg.state_dir);
-    match std::fs::create_dir(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
+    table::create_dir_durable(&dir, 0o700)?;
     let m = cfg.hook.mode;
     // Whoever may write to the socket may drop a request: rw bits of the socket, plus x.
     let dir_mode = 0o1000 | m | ((m & 0o222) >> 1) | ((m & 0o444) >> 2);

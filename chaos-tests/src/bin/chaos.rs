@@ -1,7 +1,7 @@
 //! `chaos`: runs txmap under faults drawn from a seed and checks every guarantee.
 //!
 //! ```text
-//! chaos run --nodes 3 --transactions 200 --seed 42 [--profile ci] [--out-of-service 1] [--broken 2] [--verbose] [--keep]
+//! chaos run --nodes 3 --transactions 200 --seed 42 [--profile ci] [--out-of-service 1] [--broken 2] [--defect NAME] [--verbose] [--keep]
 //! chaos schedule --seed 42 [--profile ci] [--nodes 3] [--transactions 200]
 //! chaos profiles
 //! ```
@@ -49,6 +49,11 @@ enum Cmd {
         /// profile's].
         #[arg(long)]
         out_of_service: Option<usize>,
+        /// Switch a test-only defect on in every txmapd and txmap (TXMAP_DEFECTS, e.g.
+        /// `install-skips-dir-fsync` with `--profile power`): the run must then report
+        /// violations.
+        #[arg(long)]
+        defect: Option<String>,
         /// Keep the sandbox directory (logs, journals) after the run.
         #[arg(long)]
         keep: bool,
@@ -112,6 +117,32 @@ fn stop_on_signal() -> Arc<AtomicBool> {
     flag
 }
 
+/// Under `cargo run`, builds the `lossyfs` helper beside this binary (cargo builds only the
+/// binary it runs), so that a power run never uses a stale or missing helper.
+fn build_lossyfs() {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return;
+    };
+    let release = std::env::current_exe()
+        .map(|p| p.components().any(|c| c.as_os_str() == "release"))
+        .unwrap_or(false);
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args([
+        "build",
+        "--quiet",
+        "-p",
+        "txmap-chaos-tests",
+        "--bin",
+        "lossyfs",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    if !cmd.status().is_ok_and(|s| s.success()) {
+        eprintln!("chaos: building the lossyfs helper failed");
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.cmd {
@@ -154,9 +185,16 @@ fn main() -> ExitCode {
             profile: name,
             broken,
             out_of_service,
+            defect,
             keep,
             verbose,
         } => {
+            if let Some(d) = &defect {
+                if txmap_common::defects::Defect::parse(d).is_none() {
+                    eprintln!("chaos: unknown defect `{d}`");
+                    return ExitCode::from(2);
+                }
+            }
             let Some(mut p) = profile(&name) else {
                 eprintln!("chaos: unknown profile `{name}` (see `chaos profiles`)");
                 return ExitCode::from(2);
@@ -176,7 +214,11 @@ fn main() -> ExitCode {
             o.nodes = nodes.unwrap_or(o.nodes);
             o.transactions = transactions.unwrap_or(o.transactions);
             o.broken = broken;
+            o.defects = defect;
             o.verbose = verbose;
+            if o.profile.power {
+                build_lossyfs();
+            }
             o.stop = Some(stop_on_signal());
             eprintln!(
                 "chaos: seed {seed} profile {} nodes {} transactions {}",

@@ -115,6 +115,9 @@ pub enum Kind {
     Recover,
     /// A commit coordinated from the reachable out-of-service node.
     OutOfService,
+    /// A node loses power (issue 13): its processes die and its disks forget what was not
+    /// fsynced (needs the lossy filesystem: `Profile::power`).
+    PowerCut,
 }
 
 impl Kind {
@@ -136,6 +139,7 @@ impl Kind {
             Kind::LongOutage,
             Kind::Recover,
             Kind::OutOfService,
+            Kind::PowerCut,
         ]);
         v
     }
@@ -158,6 +162,73 @@ impl Kind {
             Kind::LongOutage => "outage longer than the remembered window".into(),
             Kind::Recover => "operator txmap recover --abort/--commit".into(),
             Kind::OutOfService => "commit via the out-of-service node".into(),
+            Kind::PowerCut => "power cut of a node + restart".into(),
+        }
+    }
+}
+
+/// Where a power cut lands (the node is in [`Fault::PowerCut`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerMoment {
+    /// `after_ms` after the commit starts, whatever is happening then.
+    Random {
+        /// Delay after the commit starts.
+        after_ms: u64,
+    },
+    /// The coordinator's node, while `txmap commit` sleeps `hold_ms` at
+    /// `HOLD_POINTS[hold]` (every node prepared and the decision being made, just durable, or
+    /// being sent), `after_ms` after the commit starts.
+    Deciding {
+        /// Index into [`HOLD_POINTS`].
+        hold: usize,
+        /// Sleep at that point.
+        hold_ms: u64,
+        /// Delay after the commit starts.
+        after_ms: u64,
+    },
+    /// A node whose `txmapd` sleeps `hold_ms` at `INSTALL_POINTS[point]` (in the middle of
+    /// installing), `after_ms` after the commit starts.
+    Installing {
+        /// Index into [`INSTALL_POINTS`].
+        point: usize,
+        /// Sleep at that point.
+        hold_ms: u64,
+        /// Delay after the commit starts.
+        after_ms: u64,
+    },
+    /// Right after `txmap commit` reported its outcome (an acknowledged commit, usually).
+    AfterCommit,
+}
+
+/// The participant failpoints a power cut can hold a node at while it installs.
+pub const INSTALL_POINTS: [&str; 2] = [
+    "participant::before_commit_rename",
+    "participant::after_commit_rename",
+];
+
+impl fmt::Display for PowerMoment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PowerMoment::Random { after_ms } => write!(f, "at +{after_ms} ms"),
+            PowerMoment::Deciding {
+                hold,
+                hold_ms,
+                after_ms,
+            } => write!(
+                f,
+                "while txmap sleeps {hold_ms} ms at {}, at +{after_ms} ms",
+                HOLD_POINTS[*hold]
+            ),
+            PowerMoment::Installing {
+                point,
+                hold_ms,
+                after_ms,
+            } => write!(
+                f,
+                "while txmapd sleeps {hold_ms} ms at {}, at +{after_ms} ms",
+                INSTALL_POINTS[*point]
+            ),
+            PowerMoment::AfterCommit => write!(f, "right after the commit's outcome"),
         }
     }
 }
@@ -329,6 +400,21 @@ pub enum Fault {
         /// The out-of-service node.
         node: usize,
     },
+    /// `node` loses power at `moment`: every process of the node dies, its table and state
+    /// directories forget what was not fsynced (tearing last writes if `tear`, seeded by
+    /// `seed`), and it is restarted `down_ms` later.
+    PowerCut {
+        /// Node.
+        node: usize,
+        /// When.
+        moment: PowerMoment,
+        /// Tear the last unsynced write of files.
+        tear: bool,
+        /// Seed of the tears.
+        seed: u64,
+        /// Downtime.
+        down_ms: u64,
+    },
 }
 
 impl Fault {
@@ -352,6 +438,7 @@ impl Fault {
             Fault::LongOutage { .. } => Kind::LongOutage,
             Fault::Recover { .. } => Kind::Recover,
             Fault::OutOfService { .. } => Kind::OutOfService,
+            Fault::PowerCut { .. } => Kind::PowerCut,
         }
     }
 }
@@ -466,6 +553,17 @@ impl fmt::Display for Fault {
             Fault::OutOfService { node } => {
                 write!(f, "a commit via out-of-service node{node} races the step's")
             }
+            Fault::PowerCut {
+                node,
+                moment,
+                tear,
+                seed: _,
+                down_ms,
+            } => write!(
+                f,
+                "power cut node{node} {moment}{}, down {down_ms} ms",
+                if *tear { ", torn writes" } else { "" }
+            ),
         }
     }
 }
@@ -576,6 +674,9 @@ pub struct Profile {
     pub max_long_outages: usize,
     /// Commits run while a node is out for a long outage (`RECENT` is 64).
     pub outage_burst: (u64, u64),
+    /// Every node's table and state directories on the lossy filesystem (issue 13): needed by
+    /// [`Kind::PowerCut`]; no tmpfs, so no full-disk faults.
+    pub power: bool,
 }
 
 fn weights(pairs: &[(Kind, u32)]) -> Vec<u32> {
@@ -650,6 +751,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 1,
             max_long_outages: 1,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "long",
@@ -670,6 +772,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 1,
             max_long_outages: 12,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "storage",
@@ -701,6 +804,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 1,
             max_long_outages: 3,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "network",
@@ -726,6 +830,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 0,
             max_long_outages: 0,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "crash",
@@ -751,6 +856,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 0,
             max_long_outages: 0,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "aborts",
@@ -776,6 +882,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 0,
             max_long_outages: 0,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "diskfull",
@@ -796,6 +903,7 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 0,
             max_long_outages: 0,
             outage_burst: (66, 72),
+            power: false,
         },
         Profile {
             name: "regressions",
@@ -821,6 +929,28 @@ pub fn profiles() -> Vec<Profile> {
             out_of_service: 0,
             max_long_outages: 0,
             outage_burst: (66, 72),
+            power: false,
+        },
+        Profile {
+            name: "power",
+            about: "power cuts (issue 13): nodes lose power at random moments, while deciding, while installing and right after a commit, on the lossy filesystem (needs /dev/fuse and fusermount3)",
+            nodes: 3,
+            transactions: 125,
+            weights: weights(&[(Kind::None, 1), (Kind::PowerCut, 20), (Kind::KillTxmap, 1)]),
+            require_each: true,
+            net_every: (1000, 1000),
+            net_weights: [1, 0, 0, 0, 0, 0],
+            timeouts: fast_timeouts(),
+            convergence_bound: Duration::from_secs(60),
+            reader_pause: Duration::from_millis(30),
+            churn_max: 100,
+            stable_keys: 20,
+            disk_leave_kb: vec![0],
+            crash_target: CrashTarget::Any,
+            out_of_service: 0,
+            max_long_outages: 0,
+            outage_burst: (66, 72),
+            power: true,
         },
     ]
 }
@@ -867,6 +997,7 @@ impl Schedule {
         for (k, x) in kinds.iter().zip(w.iter_mut()) {
             let impossible = match k {
                 Kind::OutOfService => profile.out_of_service == 0,
+                Kind::PowerCut => !profile.power,
                 Kind::LongOutage => nodes < 2 || profile.max_long_outages == 0,
                 _ => false,
             };
@@ -1056,6 +1187,35 @@ impl Schedule {
                 Kind::OutOfService => Fault::OutOfService {
                     node: rng.range(nodes as u64 + 1, all_nodes.max(nodes + 1) as u64) as usize,
                 },
+                Kind::PowerCut => {
+                    let moment = match rng.below(10) {
+                        0..=3 => PowerMoment::Random {
+                            after_ms: rng.range(0, 500),
+                        },
+                        4..=5 => PowerMoment::Deciding {
+                            hold: rng.below(HOLD_POINTS.len() as u64) as usize,
+                            hold_ms: rng.range(500, 800),
+                            after_ms: rng.range(150, 450),
+                        },
+                        6..=7 => PowerMoment::Installing {
+                            point: rng.below(INSTALL_POINTS.len() as u64) as usize,
+                            hold_ms: rng.range(500, 800),
+                            after_ms: rng.range(150, 450),
+                        },
+                        _ => PowerMoment::AfterCommit,
+                    };
+                    let node = match moment {
+                        PowerMoment::Deciding { .. } => coordinator,
+                        _ => node(&mut rng),
+                    };
+                    Fault::PowerCut {
+                        node,
+                        moment,
+                        tear: rng.chance(50.0),
+                        seed: rng.next_u64(),
+                        down_ms: rng.range(0, 400),
+                    }
+                }
             };
             let net = if index as u64 == next_net {
                 next_net += rng.range(profile.net_every.0.max(1), profile.net_every.1.max(1));
@@ -1192,6 +1352,56 @@ mod tests {
     use super::*;
 
     #[test]
+    fn power_schedules_cut_at_every_moment_and_never_kill_the_last_coordinator() {
+        let p = profile("power").unwrap();
+        for seed in 0..30 {
+            let s = Schedule::draw(seed, &p, 3, 125, false);
+            assert_eq!(s, Schedule::draw(seed, &p, 3, 125, false));
+            let cuts: Vec<&PowerMoment> = s
+                .steps
+                .iter()
+                .filter_map(|st| match &st.fault {
+                    Fault::PowerCut { moment, node, .. } => {
+                        assert!((1..=3).contains(node));
+                        if matches!(moment, PowerMoment::Deciding { .. }) {
+                            assert_eq!(
+                                *node, st.coordinator,
+                                "deciding is on the coordinator's node"
+                            );
+                        }
+                        Some(moment)
+                    }
+                    _ => None,
+                })
+                .collect();
+            assert!(cuts.len() >= 100, "seed {seed}: only {} cuts", cuts.len());
+            for m in [
+                |m: &PowerMoment| matches!(m, PowerMoment::Random { .. }),
+                |m: &PowerMoment| matches!(m, PowerMoment::Deciding { .. }),
+                |m: &PowerMoment| matches!(m, PowerMoment::Installing { .. }),
+                |m: &PowerMoment| matches!(m, PowerMoment::AfterCommit),
+            ] {
+                assert!(cuts.iter().filter(|c| m(c)).count() >= 5, "seed {seed}");
+            }
+            let last = &s.steps.last().unwrap().fault;
+            assert!(!matches!(
+                last,
+                Fault::PowerCut { .. } | Fault::KillTxmap { .. }
+            ));
+            assert!(s
+                .steps
+                .iter()
+                .all(|st| !matches!(st.fault, Fault::DiskFull { .. })));
+        }
+        // Other profiles never cut power.
+        let ci = Schedule::draw(1, &profile("ci").unwrap(), 3, 210, true);
+        assert!(ci
+            .steps
+            .iter()
+            .all(|st| !matches!(st.fault, Fault::PowerCut { .. })));
+    }
+
+    #[test]
     fn same_seed_same_schedule_other_seed_other_schedule() {
         let p = profile("ci").unwrap();
         let a = Schedule::draw(7, &p, 3, 210, true);
@@ -1207,7 +1417,8 @@ mod tests {
         let p = profile("ci").unwrap();
         for seed in 0..50 {
             let s = Schedule::draw(seed, &p, 3, 200, true);
-            for k in Kind::all() {
+            // Power cuts need the lossy filesystem: the `power` profile only.
+            for k in Kind::all().into_iter().filter(|k| *k != Kind::PowerCut) {
                 assert!(
                     s.steps.iter().any(|st| st.fault.kind() == k),
                     "seed {seed}: no {k:?}"

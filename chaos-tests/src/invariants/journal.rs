@@ -65,6 +65,14 @@ pub struct NodeLog {
     pub samples: u64,
     /// Journal reads that failed (file being replaced, node dir gone...).
     pub read_errors: u64,
+    /// Power cuts of this node, from the instant the power went to the instant the disks were
+    /// back (ms since the start): what was sampled before one may have been visible without
+    /// being durable, so a sequence is not compared across a cut (the power checks of the
+    /// runner compare what was *acknowledged* instead).
+    pub cuts: Vec<(u64, u64)>,
+    /// Decision records sampled shortly before a cut that the cut took back (linked, not yet
+    /// fsynced: nobody acted on them), dropped from [`NodeLog::decisions`].
+    pub decisions_lost_to_cuts: u64,
 }
 
 impl NodeLog {
@@ -181,6 +189,7 @@ impl JournalLog {
 /// The sampling thread.
 #[derive(Debug)]
 pub struct Sampler {
+    paused: Arc<Mutex<std::collections::HashSet<usize>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     log: Arc<Mutex<JournalLog>>,
@@ -189,8 +198,17 @@ pub struct Sampler {
     clock: Clock,
 }
 
-fn sample(log: &Mutex<JournalLog>, state_dirs: &[PathBuf], table: &str, clock: Clock) {
+fn sample(
+    log: &Mutex<JournalLog>,
+    paused: &Mutex<std::collections::HashSet<usize>>,
+    state_dirs: &[PathBuf],
+    table: &str,
+    clock: Clock,
+) {
     for (i, dir) in state_dirs.iter().enumerate() {
+        if paused.lock().is_ok_and(|p| p.contains(&i)) {
+            continue;
+        }
         let read = Journal::open(dir)
             .map_err(|e| e.to_string())
             .and_then(|j| j.load(table).map_err(|e| e.to_string()));
@@ -258,15 +276,57 @@ fn read_decisions(n: &mut NodeLog, dir: &std::path::Path, at: u64) {
 }
 
 impl Sampler {
+    /// Records that node `node` (1-based) just lost power and came back with what was durable:
+    /// decision records first seen less than `window` before now and gone now were never
+    /// durable, and are forgotten (they cannot have been acted on: every reader of a decision
+    /// fsyncs its directory first).
+    pub fn power_cut(&self, node: usize, from_ms: u64, window: Duration) {
+        let at = self.clock.ms();
+        let Some(dir) = self.state_dirs.get(node - 1) else {
+            return;
+        };
+        let dir = dir.join("decisions");
+        let Ok(mut log) = self.log.lock() else { return };
+        let n = &mut log.nodes[node - 1];
+        n.cuts.push((from_ms, at));
+        let recent = at.saturating_sub(window.as_millis() as u64);
+        let gone: Vec<String> = n
+            .decisions
+            .iter()
+            .filter(|(txid, (_, seen))| {
+                *seen >= recent && !dir.join(format!("{txid}.json")).exists()
+            })
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in gone {
+            n.decisions.remove(&t);
+            n.decisions_lost_to_cuts += 1;
+        }
+    }
+
+    /// Stops (`true`) or resumes sampling node `node` (1-based): while its disks are being
+    /// cut, its state directory is frozen and then, between two mounts, empty.
+    pub fn pause(&self, node: usize, paused: bool) {
+        if let Ok(mut p) = self.paused.lock() {
+            if paused {
+                p.insert(node - 1);
+            } else {
+                p.remove(&(node - 1));
+            }
+        }
+    }
+
     /// Starts sampling the journal of `table` in every state directory (index 0 = node1).
     pub fn start(state_dirs: Vec<PathBuf>, table: &str, clock: Clock, period: Duration) -> Sampler {
         let log = Arc::new(Mutex::new(JournalLog {
             nodes: vec![NodeLog::default(); state_dirs.len()],
         }));
         let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let thread = {
-            let (log, stop, dirs, table) = (
+            let (log, paused, stop, dirs, table) = (
                 log.clone(),
+                paused.clone(),
                 stop.clone(),
                 state_dirs.clone(),
                 table.to_string(),
@@ -275,13 +335,14 @@ impl Sampler {
                 .name("journal-sampler".into())
                 .spawn(move || {
                     while !stop.load(Ordering::SeqCst) {
-                        sample(&log, &dirs, &table, clock);
+                        sample(&log, &paused, &dirs, &table, clock);
                         std::thread::sleep(period);
                     }
                 })
                 .expect("spawn the journal sampler")
         };
         Sampler {
+            paused,
             stop,
             thread: Some(thread),
             log,
@@ -326,7 +387,13 @@ impl Sampler {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        sample(&self.log, &self.state_dirs, &self.table, self.clock);
+        sample(
+            &self.log,
+            &self.paused,
+            &self.state_dirs,
+            &self.table,
+            self.clock,
+        );
         let at = self.clock.ms();
         let mut log = self.log.lock().map(|l| l.clone()).unwrap_or_default();
         for (i, dir) in self.state_dirs.iter().enumerate() {
@@ -338,5 +405,16 @@ impl Sampler {
             }
         }
         log
+    }
+}
+
+/// A sampler dropped without [`Sampler::stop`] (a run that failed half-way) stops its thread
+/// first: it must not recreate the state directories the sandbox is about to remove.
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -15,7 +15,7 @@ use super::{Clock, Tally, Versions};
 use crate::cluster::postmap_query;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -94,6 +94,10 @@ pub struct ReaderTarget {
     pub confdir: PathBuf,
     /// The live table source path (`hash:` of it is the `.db`).
     pub live: PathBuf,
+    /// The node's power: odd while it is cut (the runner adds 1 when the power goes and 1
+    /// when the node is back). A lookup that overlaps a cut is not judged: the node's own
+    /// Postfix would be dead too.
+    pub power: Option<Arc<AtomicU64>>,
 }
 
 impl Readers {
@@ -216,9 +220,18 @@ fn read_loop(
         let markers = versions.markers();
         let mut keys = stable.clone();
         keys.extend(markers.iter().cloned());
+        let power = || t.power.as_ref().map(|p| p.load(Ordering::SeqCst));
+        let before = power();
+        if before.is_some_and(|p| p % 2 == 1) {
+            std::thread::sleep(pause);
+            continue;
+        }
         let started = Instant::now();
         let r = postmap_query(&t.confdir, &t.live, &keys);
         let took = started.elapsed();
+        if power() != before {
+            continue; // the node lost power meanwhile
+        }
         let at = clock.ms();
         rounds += 1;
         slowest = slowest.max(took.as_millis() as u64);

@@ -157,6 +157,7 @@ fn run() -> u8 {
 /// through a link) and renames it into place: a link planted at either name is replaced or
 /// refused, never written through. In the sticky directory, a file of another user at the
 /// final name makes the rename fail (a warning; the socket request still goes through).
+/// The file and then `requests/` are fsynced: a request reported queued survives a power cut.
 fn queue(cfg: &Config, table: &TableConfig, content: &[u8]) -> std::io::Result<()> {
     let dir = HookSettings::requests_dir(&cfg.state_dir);
     let tmp = dir.join(format!(".{}.{}", table.name, TxId::random()));
@@ -165,7 +166,8 @@ fn queue(cfg: &Config, table: &TableConfig, content: &[u8]) -> std::io::Result<(
         f.write_all(QUEUED_REQUEST_MAGIC)?;
         f.write_all(content)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(&table.name))
+        std::fs::rename(&tmp, dir.join(&table.name))?;
+        std::fs::File::open(&dir)?.sync_all()
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
