@@ -655,7 +655,7 @@ fn cut_at(at: At) {
                 .map(|rd| {
                     rd.flatten().any(|e| {
                         e.file_name().to_string_lossy().starts_with(".tx-")
-                            && e.path().join("indexed").exists()
+                            && e.path().join("source").exists()
                     })
                 })
                 .unwrap_or(false),
