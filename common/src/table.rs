@@ -340,6 +340,17 @@ pub fn adopt_owner(f: &File, dir: &Path) -> std::io::Result<()> {
 pub fn create_dir_durable(dir: &Path, mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
+        // It may have been made by a process killed before it fsynced the parent: make its
+        // entry durable once per process (not at every call: this runs on every prepare).
+        static SYNCED: std::sync::Mutex<Option<std::collections::HashSet<PathBuf>>> =
+            std::sync::Mutex::new(None);
+        let mut synced = SYNCED.lock().unwrap_or_else(|e| e.into_inner());
+        if synced.get_or_insert_with(Default::default).insert(dir.to_path_buf()) {
+            if let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                // Best effort: a parent this process cannot open was made durable by its owner.
+                let _ = File::open(p).and_then(|f| f.sync_all());
+            }
+        }
         return Ok(());
     }
     let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
