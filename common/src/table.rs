@@ -345,7 +345,10 @@ pub fn create_dir_durable(dir: &Path, mode: u32) -> std::io::Result<()> {
         static SYNCED: std::sync::Mutex<Option<std::collections::HashSet<PathBuf>>> =
             std::sync::Mutex::new(None);
         let mut synced = SYNCED.lock().unwrap_or_else(|e| e.into_inner());
-        if synced.get_or_insert_with(Default::default).insert(dir.to_path_buf()) {
+        if synced
+            .get_or_insert_with(Default::default)
+            .insert(dir.to_path_buf())
+        {
             if let Some(p) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
                 // Best effort: a parent this process cannot open was made durable by its owner.
                 let _ = File::open(p).and_then(|f| f.sync_all());
@@ -916,6 +919,47 @@ pub async fn lookup_all(
     }
 }
 
+/// The builder as a blocking command (`postmap` or `postalias`, with `-c` when configured).
+fn std_builder_command(postfix: &PostfixSettings, builder: Builder) -> std::process::Command {
+    let program = match builder {
+        Builder::Postmap => &postfix.postmap,
+        Builder::Postalias => &postfix.postalias,
+    };
+    let mut cmd = std::process::Command::new(program);
+    if let Some(dir) = &postfix.config_dir {
+        cmd.arg("-c").arg(dir);
+    }
+    cmd
+}
+
+/// Starts `postmap -q - TYPE:path` (or `postalias`) with all three pipes.
+fn spawn_lookup(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    path: &Path,
+) -> Result<
+    (
+        std::process::Child,
+        std::process::ChildStdin,
+        std::process::ChildStdout,
+        std::process::ChildStderr,
+    ),
+    String,
+> {
+    let mut cmd = std_builder_command(postfix, t.builder);
+    cmd.arg("-q").arg("-").arg(typed(t, path));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {}: {e}", t.builder.as_str()))?;
+    match (child.stdin.take(), child.stdout.take(), child.stderr.take()) {
+        (Some(i), Some(o), Some(e)) => Ok((child, i, o, e)),
+        _ => Err("cannot talk to the lookup process".into()),
+    }
+}
+
 /// Feeds every key of the source at `path` to `postmap -q - TYPE:path`, and gives each output
 /// line to `each`; returns what the program wrote on stderr.
 fn lookup_lines(
@@ -925,26 +969,7 @@ fn lookup_lines(
     mut each: impl FnMut(&[u8]),
 ) -> Result<Vec<u8>, String> {
     use std::io::BufRead;
-    let program = match t.builder {
-        Builder::Postmap => &postfix.postmap,
-        Builder::Postalias => &postfix.postalias,
-    };
-    let mut cmd = std::process::Command::new(program);
-    if let Some(dir) = &postfix.config_dir {
-        cmd.arg("-c").arg(dir);
-    }
-    cmd.arg("-q").arg("-").arg(typed(t, path));
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
-    let (Some(mut stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return Err("cannot talk to the lookup process".into());
-    };
+    let (mut child, mut stdin, stdout, stderr) = spawn_lookup(postfix, t, path)?;
     let (builder, source) = (t.builder, path.to_path_buf());
     let feeder = std::thread::spawn(move || -> std::io::Result<()> {
         let mut f = std::io::BufReader::new(File::open(&source)?);
@@ -1321,20 +1346,13 @@ fn run_with_stdin(
     staged: &Staged,
     stdin: &[u8],
 ) -> Result<Vec<u8>, TableError> {
-    let program = match t.builder {
-        Builder::Postmap => &postfix.postmap,
-        Builder::Postalias => &postfix.postalias,
-    };
     let what = format!("{} {}", t.builder.as_str(), args.join(" "));
     let fail = |status: String, stderr: String| TableError::BuildFailed {
         program: what.clone(),
         status,
         stderr,
     };
-    let mut cmd = std::process::Command::new(program);
-    if let Some(dir) = &postfix.config_dir {
-        cmd.arg("-c").arg(dir);
-    }
+    let mut cmd = std_builder_command(postfix, t.builder);
     cmd.args(args).arg(typed(t, &staged.source));
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -1495,26 +1513,7 @@ fn lookup_keys<R>(
     feed: impl FnOnce(&mut std::process::ChildStdin) -> R,
 ) -> Result<(usize, Vec<u8>, R), String> {
     use std::io::BufRead;
-    let program = match t.builder {
-        Builder::Postmap => &postfix.postmap,
-        Builder::Postalias => &postfix.postalias,
-    };
-    let mut cmd = std::process::Command::new(program);
-    if let Some(dir) = &postfix.config_dir {
-        cmd.arg("-c").arg(dir);
-    }
-    cmd.arg("-q").arg("-").arg(typed(t, path));
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", program.display()))?;
-    let (Some(mut stdin), Some(stdout), Some(stderr)) =
-        (child.stdin.take(), child.stdout.take(), child.stderr.take())
-    else {
-        return Err("cannot talk to the lookup process".into());
-    };
+    let (mut child, mut stdin, stdout, stderr) = spawn_lookup(postfix, t, path)?;
     let counter = std::thread::spawn(move || std::io::BufReader::new(stdout).split(b'\n').count());
     let errors = std::thread::spawn(move || {
         let mut v = Vec::new();
