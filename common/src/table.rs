@@ -769,14 +769,7 @@ fn ring_seed() -> u64 {
 }
 
 fn builder_command(postfix: &PostfixSettings, builder: Builder) -> tokio::process::Command {
-    let program = match builder {
-        Builder::Postmap => &postfix.postmap,
-        Builder::Postalias => &postfix.postalias,
-    };
-    let mut cmd = tokio::process::Command::new(program);
-    if let Some(dir) = &postfix.config_dir {
-        cmd.arg("-c").arg(dir);
-    }
+    let mut cmd = tokio::process::Command::from(std_builder_command(postfix, builder));
     cmd.stdin(Stdio::null()).kill_on_drop(true);
     cmd
 }
