@@ -467,6 +467,9 @@ impl TestCluster {
                 rd.flatten()
                     .map(|e| e.path())
                     .filter(|p| p.to_string_lossy().contains(".txmap-"))
+                    // A spare copy of the live `.db` (made once the table is idle) is neither
+                    // staged nor visible to Postfix.
+                    .filter(|p| !p.to_string_lossy().contains(".txmap-spare-"))
                     .collect()
             })
             .unwrap_or_default()

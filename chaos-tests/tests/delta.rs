@@ -610,3 +610,115 @@ fn a_crash_in_the_middle_of_an_incremental_build_aborts_and_heals() -> Result<()
     );
     Ok(())
 }
+
+/// The spare copies of node2's live `.db` (`.<file>.txmap-spare-<id>.db`).
+fn spares(c: &TestCluster, i: usize) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(c.table_dir(i))
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name().is_some_and(|n| {
+                        n.to_string_lossy()
+                            .starts_with(&format!(".{TABLE}.txmap-spare-"))
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Waits until node `i` has exactly one spare copy, and returns it.
+fn one_spare(c: &TestCluster, i: usize) -> Result<PathBuf> {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let s = spares(c, i);
+        // Written, fsynced and complete: as big as the live `.db`.
+        let live = std::fs::metadata(c.table_dir(i).join(format!("{TABLE}.db")))?.len();
+        if s.len() == 1 && std::fs::metadata(&s[0]).is_ok_and(|m| m.len() == live) {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if spares(c, i) == s {
+                return Ok(s[0].clone());
+            }
+        }
+        if std::time::Instant::now() > until {
+            bail!("node{i}: no single finished spare copy: {s:?}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// The spare copy of the live `.db` (made once the table is idle) is what the next incremental
+/// build starts from, only while neither it nor the live file changed; a changed one is removed
+/// and the live file copied instead, and the result is the same. A restart removes every spare
+/// (none is known valid) and makes a new one.
+#[test]
+fn the_spare_copy_is_used_only_while_unchanged() -> Result<()> {
+    let mut c = TestCluster::start("delta-spare", 3)?;
+    let mut src = transport_table("lists.example.org", 0..2000);
+    c.write_source(&src);
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    // Used: renamed to the staged name, so it is gone after the commit, and a new one is made.
+    let first = one_spare(&c, 2)?;
+    src.push_str("spare1@lists.example.org\tsympa:spare1@x\n");
+    c.write_source(&src);
+    let (code, r) = c.commit_json(1);
+    assert_eq!(code, Some(0), "{r}");
+    assert_eq!(r["delta_nodes"], 3, "{r}");
+    assert_served(&c, TABLE, "postmap", "hash", &src)?;
+    let log2 = std::fs::read_to_string(c.log(2))?;
+    assert!(
+        log2.contains("from_spare=true"),
+        "node2 used its spare: {log2}"
+    );
+    let second = one_spare(&c, 2)?;
+    assert_ne!(first, second, "a new spare for the new live file");
+    assert!(!first.exists());
+
+    // Changed in place (one page overwritten, same size): not used, removed, and the build
+    // copies the live file; what is served is still exactly the full build's.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&second)?;
+        f.write_all_at(&[0xa5; 4096], 8192)?;
+    }
+    src.push_str("spare2@lists.example.org\tsympa:spare2@x\n");
+    c.write_source(&src);
+    let before = deltas_since_full(&c, 2, TABLE);
+    let (code, r) = c.commit_json(1);
+    assert_eq!(code, Some(0), "{r}");
+    assert_served(&c, TABLE, "postmap", "hash", &src)?;
+    assert_eq!(
+        deltas_since_full(&c, 2, TABLE),
+        before + 1,
+        "still incremental, from a fresh copy"
+    );
+    let log2 = std::fs::read_to_string(c.log(2))?;
+    assert!(
+        log2.contains("spare copy not used") && log2.contains("it changed since it was made"),
+        "node2 says why: {log2}"
+    );
+    assert!(!second.exists(), "the changed spare is removed");
+
+    // A restart removes a spare left behind (and anything planted under that shape) and makes
+    // a new one from the live file.
+    let third = one_spare(&c, 2)?;
+    c.kill_node(2);
+    let planted = c.table_dir(2).join(format!(
+        ".{TABLE}.txmap-spare-{}.db",
+        "0123456789abcdef0123456789abcdef"
+    ));
+    std::fs::write(&planted, b"not a table")?;
+    c.start_node(2)?;
+    let fourth = one_spare(&c, 2)?;
+    assert!(!third.exists() && !planted.exists(), "{:?}", spares(&c, 2));
+    assert_ne!(fourth, planted);
+    src.push_str("spare3@lists.example.org\tsympa:spare3@x\n");
+    c.write_source(&src);
+    let (code, r) = c.commit_json(3);
+    assert_eq!(code, Some(0), "{r}");
+    assert_served(&c, TABLE, "postmap", "hash", &src)?;
+    Ok(())
+}

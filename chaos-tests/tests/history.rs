@@ -185,9 +185,20 @@ fn retention_keeps_k_generations_and_never_the_live_one_out() {
             .collect();
         held.sort();
         assert_eq!(held, vec!["4", "5", "6"], "node{i}");
-        // Copies, never links to the live files.
+        // The live generation's history is a hard link to the live source (no copy of a big
+        // table on every commit); the older ones are the only links left to theirs.
         use std::os::unix::fs::MetadataExt;
-        assert_eq!(std::fs::metadata(dir.join("6/source")).unwrap().nlink(), 1);
+        let (h6, live) = (
+            std::fs::metadata(dir.join("6/source")).unwrap(),
+            std::fs::metadata(c.table_dir(i).join(TABLE)).unwrap(),
+        );
+        assert_eq!((h6.ino(), h6.nlink()), (live.ino(), 2), "node{i}");
+        for g in ["4", "5"] {
+            assert_eq!(
+                std::fs::metadata(dir.join(g).join("source")).unwrap().nlink(),
+                1
+            );
+        }
         assert!(
             !dir.join("6/indexed").exists(),
             "history keeps sources only"

@@ -214,7 +214,9 @@ pub fn plan(base: &Path, new: &Path, limits: Limits) -> std::io::Result<Option<P
     plan_files(&fb, &fnew, limits)
 }
 
-fn plan_files(fb: &File, fnew: &File, limits: Limits) -> std::io::Result<Option<Plan>> {
+/// [`plan`] from open files (the base opened by its owner's rules, see
+/// [`crate::history::History::open_live`]).
+pub fn plan_files(fb: &File, fnew: &File, limits: Limits) -> std::io::Result<Option<Plan>> {
     let lb = fb.metadata()?.len();
     let ln = fnew.metadata()?.len();
     const CHUNK: usize = 1 << 20;
@@ -405,12 +407,16 @@ fn count_starts(f: &File, end: u64) -> std::io::Result<u64> {
     while pos < end {
         let want = ((end - pos) as usize).min(buf.len());
         read_at(f, &mut buf[..want], pos)?;
-        for (i, b) in buf[..want].iter().enumerate() {
-            if prev_newline && pos + (i as u64) > 0 && starts_entry(*b) {
+        let chunk = &buf[..want];
+        if prev_newline && pos > 0 && starts_entry(chunk[0]) {
+            n += 1;
+        }
+        for i in memchr::memchr_iter(b'\n', chunk) {
+            if chunk.get(i + 1).is_some_and(|b| starts_entry(*b)) {
                 n += 1;
             }
-            prev_newline = *b == b'\n';
         }
+        prev_newline = chunk[want - 1] == b'\n';
         pos += want as u64;
     }
     Ok(n)
@@ -478,6 +484,76 @@ impl<R: BufRead> Records<R> {
             }
             rec.extend_from_slice(&line);
             self.pending = line;
+        }
+    }
+
+    /// Copies the next `n` records to `out` in large slices (a 1,000,000-line table is kept
+    /// almost whole by a one-list change); returns how many records were missing when the base
+    /// ended first. Leaves the same state as `n` calls of [`Records::next`].
+    fn keep(
+        &mut self,
+        mut n: u64,
+        out: &mut impl FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<u64> {
+        if n == 0 {
+            return Ok(0);
+        }
+        if !self.has_pending {
+            // The first record of the file (or the end): the line-by-line path.
+            let mut rec = Vec::new();
+            if !self.next(&mut rec)? {
+                return Ok(n);
+            }
+            out(&rec)?;
+            n -= 1;
+            if n == 0 || !self.has_pending {
+                return Ok(n);
+            }
+        }
+        // `pending` is the first line of the next record: emit it, then cross `n - 1` record
+        // starts and stop before the next one.
+        out(&self.pending)?;
+        self.has_pending = false;
+        let mut starts_left = n - 1;
+        let mut at_line_start = self.pending.last() == Some(&b'\n');
+        loop {
+            let buf = self.r.fill_buf()?;
+            if buf.is_empty() {
+                return Ok(starts_left);
+            }
+            let mut i = 0;
+            let mut stop = None;
+            while i < buf.len() {
+                if at_line_start && starts_entry(buf[i]) {
+                    if starts_left == 0 {
+                        stop = Some(i);
+                        break;
+                    }
+                    starts_left -= 1;
+                }
+                match memchr::memchr(b'\n', &buf[i..]) {
+                    Some(p) => {
+                        i += p + 1;
+                        at_line_start = true;
+                    }
+                    None => {
+                        i = buf.len();
+                        at_line_start = false;
+                    }
+                }
+            }
+            let upto = stop.unwrap_or(buf.len());
+            self.ctx.update(&buf[..upto]);
+            out(&buf[..upto])?;
+            self.r.consume(upto);
+            if stop.is_some() {
+                let mut line = std::mem::take(&mut self.pending);
+                line.clear();
+                self.line(&mut line)?;
+                self.pending = line;
+                self.has_pending = true;
+                return Ok(0);
+            }
         }
     }
 
@@ -552,7 +628,16 @@ pub fn apply<R: BufRead>(
     while let Some((&tag, rest)) = p.split_first() {
         p = rest;
         match tag {
-            KEEP | DROP => {
+            KEEP => {
+                let n = take_u64(&mut p, "count")?;
+                let missing = recs.keep(n, &mut out)?;
+                if missing > 0 {
+                    return Err(DeltaError::Base(format!(
+                        "the base ends {missing} records early"
+                    )));
+                }
+            }
+            DROP => {
                 let n = take_u64(&mut p, "count")?;
                 for i in 0..n {
                     if !recs.next(&mut rec)? {
@@ -561,15 +646,11 @@ pub fn apply<R: BufRead>(
                             n - i
                         )));
                     }
-                    if tag == KEEP {
-                        out(&rec)?;
-                    } else {
-                        applied.dropped.extend_from_slice(&rec);
-                        if (applied.dropped.len() + applied.inserted.len()) as u64 > max_changed {
-                            return Err(DeltaError::Base(format!(
-                                "the delta changes more than {max_changed} bytes"
-                            )));
-                        }
+                    applied.dropped.extend_from_slice(&rec);
+                    if (applied.dropped.len() + applied.inserted.len()) as u64 > max_changed {
+                        return Err(DeltaError::Base(format!(
+                            "the delta changes more than {max_changed} bytes"
+                        )));
                     }
                 }
             }
@@ -646,6 +727,58 @@ mod tests {
         }
         let _ = std::fs::remove_dir_all(pb.parent().unwrap());
         plan
+    }
+
+    /// The bulk copy of `K` leaves exactly what record-by-record reading does, whatever the
+    /// buffer size (record starts split across buffer boundaries) and the counts asked.
+    #[test]
+    fn bulk_keep_equals_record_by_record() {
+        let inputs: &[&[u8]] = &[
+            b"",
+            b"a b\n",
+            b"a b",
+            b"# head\n\na b\n  cont\n# c\nc d\ne f",
+            b"  lead\n#x\na b\nc d\n\n\ne f\n g\n",
+            b"k1 v\nk2 v\nk3 v\nk4 v\nk5 v\nk6 v\nk7 v\n",
+        ];
+        for input in inputs {
+            let mut whole = Records::new(&input[..]);
+            let mut all = Vec::new();
+            let mut rec = Vec::new();
+            while whole.next(&mut rec).unwrap() {
+                all.push(rec.clone());
+            }
+            for cap in [1usize, 2, 3, 5, 64] {
+                for split in 0..=all.len() + 1 {
+                    // `split` records by `keep`, then the rest one by one.
+                    let mut r = Records::new(std::io::BufReader::with_capacity(cap, &input[..]));
+                    let mut got = Vec::new();
+                    let missing = r
+                        .keep(split as u64, &mut |b| {
+                            got.extend_from_slice(b);
+                            Ok(())
+                        })
+                        .unwrap();
+                    assert_eq!(missing, (split as u64).saturating_sub(all.len() as u64));
+                    let want: Vec<u8> = all.iter().take(split).flatten().copied().collect();
+                    assert_eq!(got, want, "input {input:?} cap {cap} split {split}");
+                    let mut rest = Vec::new();
+                    while r.next(&mut rec).unwrap() {
+                        rest.push(rec.clone());
+                    }
+                    assert_eq!(
+                        rest,
+                        all[split.min(all.len())..],
+                        "input {input:?} cap {cap}"
+                    );
+                    let sha = ring::digest::digest(&ring::digest::SHA256, input);
+                    assert_eq!(
+                        r.finish().unwrap().map(|s| s.to_vec()),
+                        Some(sha.as_ref().to_vec())
+                    );
+                }
+            }
+        }
     }
 
     #[test]

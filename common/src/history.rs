@@ -1,14 +1,19 @@
 //! Each node keeps the last K generations of each table under
-//! `<state_dir>/history/<table>/<generation>/`: `source` is a **copy** (never a hard link: the
-//! live file must stay the only link to its inode), `meta.json` says what it is. The indexed
-//! file is not kept: a rollback is a normal commit of the source, built again on every node
-//! (a `.db` is 2–3 times the source, and copying it on every commit would cost more than a
-//! delta commit itself).
+//! `<state_dir>/history/<table>/<generation>/`: `source` is the installed source itself, a hard
+//! link to the file that went live (no copy: at 1,000,000 lines a copy cost more than the rest
+//! of a delta commit), or a copy when the state directory is on another filesystem. The live
+//! source therefore has two links while its generation is in history; only
+//! [`History::open_live`] accepts that second link, when it is this history's own. A rollback
+//! checks the sha256 recorded for the generation before it uses a copy, so a live file changed
+//! in place (which changes its history link too) is refused, and another node's copy is used.
+//! `meta.json` says what the generation is. The indexed file is not kept: a rollback is a
+//! normal commit of the source, built again on every node.
 //!
-//! The directories are private (0700) and the copies 0600: a copy is only ever served to
-//! cluster peers (`Fetch`) and to root.
+//! The directories are private (0700); a copy is 0600, a link has the live file's mode (the
+//! private directory keeps it from anyone but root). A copy is only ever served to cluster
+//! peers (`Fetch`) and to root.
 //!
-//! The copies are made while preparing (from the staged files, into `.tx-<txid>/`), so the
+//! The links are made while preparing (from the staged files, into `.tx-<txid>/`), so the
 //! history of a generation is exactly what was installed; commit renames the directory to the
 //! generation number, abort removes it.
 
@@ -38,9 +43,10 @@ impl History {
         self.dir.join(generation.to_string())
     }
 
-    /// Copies the staged files of `txid` aside (called once they are built and verified).
-    /// Every directory is private (0700) and every copy 0600, made without following links
-    /// (`O_NOFOLLOW` on the staged file, `O_EXCL` on the copy) and fsynced.
+    /// Links the staged source of `txid` aside (called once it is built, verified and
+    /// fsynced), or copies it when a link is not possible (another filesystem). Every
+    /// directory is private (0700); a copy is 0600, made without following links (`O_NOFOLLOW`
+    /// on the staged file, `O_EXCL` on the copy) and fsynced; the directory is fsynced.
     pub fn stage(&self, txid: TxId, staged: &Staged) -> std::io::Result<()> {
         if let Some(top) = self.dir.parent() {
             table::private_dir(top)?;
@@ -49,7 +55,11 @@ impl History {
         let d = self.staging(txid);
         let _ = std::fs::remove_dir_all(&d);
         table::private_dir(&d)?;
-        table::copy_private(&staged.source, &d.join("source"))?;
+        let to = d.join("source");
+        // `link(2)` never follows a symbolic link; the staged file is txmap's own (`O_EXCL`).
+        if std::fs::hard_link(&staged.source, &to).is_err() {
+            table::copy_private(&staged.source, &to)?;
+        }
         std::fs::File::open(&d).and_then(|f| f.sync_all())?;
         Ok(())
     }
@@ -114,6 +124,24 @@ impl History {
             .collect();
         out.sort_by_key(|e| e.generation);
         out
+    }
+
+    /// True when the file `m` describes is one of this history's sources (same inode).
+    pub fn holds_inode(&self, m: &std::fs::Metadata) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Ok(rd) = std::fs::read_dir(&self.dir) else {
+            return false;
+        };
+        rd.flatten().any(|e| {
+            std::fs::symlink_metadata(e.path().join("source"))
+                .is_ok_and(|h| h.is_file() && h.dev() == m.dev() && h.ino() == m.ino())
+        })
+    }
+
+    /// Opens a node's live source `path` for reading like [`table::open_untrusted`], accepting
+    /// the second link that this history holds to it.
+    pub fn open_live(&self, path: &Path, max: u64) -> std::io::Result<(std::fs::File, u64)> {
+        table::open_untrusted_except(path, max, |m| self.holds_inode(m))
     }
 
     /// The source of generation `generation`, if held.

@@ -174,7 +174,13 @@ async fn plan_delta(
         max_edits: share(digest.entries).clamp(4, 1500) as usize,
     };
     let (base, new) = (t.path.clone(), source.to_path_buf());
-    match tokio::task::spawn_blocking(move || delta::plan(&base, &new, limits)).await {
+    let history = txmap_common::history::History::new(&cfg.state_dir, table_name);
+    let run = move || {
+        let (fb, _) = history.open_live(&base, u64::MAX)?;
+        let fnew = std::fs::File::open(&new)?;
+        delta::plan_files(&fb, &fnew, limits)
+    };
+    match tokio::task::spawn_blocking(run).await {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             debug!(error = %e, "no delta: cannot read this node's live copy");

@@ -270,8 +270,11 @@ fn cmd_diff(
         eprintln!("txmap: table `{table}` has no `source`; pass --source FILE");
         return Err(exit::USAGE);
     };
+    // The live source may have a second link: its own history copy (nothing else).
+    let history = txmap_common::history::History::new(&cfg.state_dir, table);
     let read = |p: &Path| {
-        txmap_common::table::open_untrusted(p, cfg.max_table_bytes)
+        history
+            .open_live(p, cfg.max_table_bytes)
             .and_then(|(f, _)| txmap_common::table::read_bounded(f, cfg.max_table_bytes))
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .map_err(|e| {

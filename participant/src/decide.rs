@@ -165,7 +165,18 @@ impl Node {
         if let Response::Committed { txid, generation } = &reply {
             info!(%txid, generation, "committed");
         }
+        self.refresh_spare(slot, &state);
         reply
+    }
+
+    /// Once the table is idle, makes sure the next incremental build finds a spare copy of
+    /// the live indexed file (see `spare.rs`).
+    pub(crate) fn refresh_spare(&self, slot: &Slot, state: &TableState) {
+        if state.active.is_none() && crate::spare::wanted(&self.cfg, &slot.table) {
+            if let Some(of) = state.indexed_stamp {
+                crate::spare::refresh(&slot.spare, &slot.table, of);
+            }
+        }
     }
 }
 

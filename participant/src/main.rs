@@ -13,6 +13,7 @@ mod reload;
 mod resolve;
 mod serve;
 mod server;
+mod spare;
 
 use clap::Parser;
 use std::process::ExitCode;

@@ -266,11 +266,12 @@ impl Node {
                 ),
             });
         }
-        let (file, _) = table::open_untrusted(&t.path, self.cfg.max_table_bytes).map_err(|e| {
-            Refusal::DeltaBase {
+        let history = History::new(&self.cfg.state_dir, &t.name);
+        let (file, _) = history
+            .open_live(&t.path, self.cfg.max_table_bytes)
+            .map_err(|e| Refusal::DeltaBase {
                 detail: format!("live source: {e}"),
-            }
-        })?;
+            })?;
         let reader = std::io::BufReader::with_capacity(256 * 1024, file);
         // The rebuild is CPU and disk work: off the async threads.
         let res = tokio::task::spawn_blocking(move || {
@@ -356,12 +357,14 @@ impl Node {
             t,
             staged,
             stamp,
+            crate::spare::take(&slot.spare),
             &applied.dropped,
             &applied.inserted,
         )
         .await
         {
-            Ok(()) => {
+            Ok(from_spare) => {
+                debug!(from_spare, "incremental build");
                 if let Some(a) = slot.state.lock().await.active.as_mut() {
                     a.incremental = true;
                 }

@@ -52,6 +52,8 @@ pub(crate) struct Slot {
     /// The journal lags behind the machine (a write failed): nothing is answered from this
     /// table until it is written.
     pub(crate) dirty: std::sync::atomic::AtomicBool,
+    /// A spare copy of the live indexed file for the next incremental build.
+    pub(crate) spare: crate::spare::SpareCell,
 }
 
 /// Everything the daemon serves.
@@ -105,6 +107,9 @@ pub async fn run(
     mut reload: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> anyhow::Result<()> {
     let node = Arc::new(Node::open(cfg)?);
+    for slot in node.slots.values() {
+        node.refresh_spare(slot, &*slot.state.lock().await);
+    }
     let server = txmap_common::tls::server_config(&node.cfg).context("TLS setup")?;
     let endpoint = quinn::Endpoint::server(server, node.cfg.listen)
         .with_context(|| format!("cannot listen on {}", node.cfg.listen))?;
@@ -201,6 +206,8 @@ pub(crate) fn open_slot(
     let mut lock = None;
     let keep = state.active.as_ref().map(|a| a.txid);
     History::new(&cfg.state_dir, &t.name).drop_staged_except(keep);
+    // No spare copy is known valid after a restart (made again once the table is idle).
+    table::remove_spares(t);
     for (txid, path) in table::list_staged(t) {
         if Some(txid) != keep {
             info!(table = %t.name, %txid, path = %path.display(), "removing staged file of an unfinished transaction");
@@ -242,5 +249,6 @@ pub(crate) fn open_slot(
         state: Mutex::new(state),
         lock: std::sync::Mutex::new(lock),
         dirty: std::sync::atomic::AtomicBool::new(false),
+        spare: Default::default(),
     }))
 }
