@@ -195,7 +195,9 @@ fn retention_keeps_k_generations_and_never_the_live_one_out() {
         assert_eq!((h6.ino(), h6.nlink()), (live.ino(), 2), "node{i}");
         for g in ["4", "5"] {
             assert_eq!(
-                std::fs::metadata(dir.join(g).join("source")).unwrap().nlink(),
+                std::fs::metadata(dir.join(g).join("source"))
+                    .unwrap()
+                    .nlink(),
                 1
             );
         }

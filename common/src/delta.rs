@@ -211,12 +211,20 @@ fn read_at(f: &File, buf: &mut [u8], at: u64) -> std::io::Result<()> {
 pub fn plan(base: &Path, new: &Path, limits: Limits) -> std::io::Result<Option<Plan>> {
     let (fb, _) = crate::table::open_untrusted(base, u64::MAX)?;
     let fnew = File::open(new)?;
-    plan_files(&fb, &fnew, limits)
+    plan_files(&fb, &fnew, limits, None)
 }
 
 /// [`plan`] from open files (the base opened by its owner's rules, see
-/// [`crate::history::History::open_live`]).
-pub fn plan_files(fb: &File, fnew: &File, limits: Limits) -> std::io::Result<Option<Plan>> {
+/// [`crate::history::History::open_live`]). With `known_base` (the sha256 the base is recorded
+/// to have) the base is not hashed, and read only where it is compared: a base that is not
+/// that content makes every node's rebuilt source differ from the announced sha256, so each
+/// refuses the delta ([`crate::proto::Refusal::DeltaBase`]) and gets the whole table.
+pub fn plan_files(
+    fb: &File,
+    fnew: &File,
+    limits: Limits,
+    known_base: Option<[u8; 32]>,
+) -> std::io::Result<Option<Plan>> {
     let lb = fb.metadata()?.len();
     let ln = fnew.metadata()?.len();
     const CHUNK: usize = 1 << 20;
@@ -228,24 +236,37 @@ pub fn plan_files(fb: &File, fnew: &File, limits: Limits) -> std::io::Result<Opt
     let mut rb = fb.try_clone()?;
     rb.seek(SeekFrom::Start(0))?;
     loop {
+        if known_base.is_some() && first_diff.is_some() {
+            break;
+        }
         let n = read_full(&mut rb, &mut bb)?;
         if n == 0 {
             break;
         }
-        ctx.update(&bb[..n]);
+        if known_base.is_none() {
+            ctx.update(&bb[..n]);
+        }
         if first_diff.is_none() {
             let want = (n as u64).min(ln.saturating_sub(pos)) as usize;
             read_at(fnew, &mut nb[..want], pos)?;
-            match bb[..want].iter().zip(&nb[..want]).position(|(x, y)| x != y) {
-                Some(i) => first_diff = Some(pos + i as u64),
-                None if want < n => first_diff = Some(pos + want as u64),
-                None => {}
+            // Whole chunks compare at memcmp speed; only the differing one is searched.
+            if bb[..want] != nb[..want] {
+                let i = bb[..want].iter().zip(&nb[..want]).position(|(x, y)| x != y);
+                first_diff = Some(pos + i.unwrap_or(want) as u64);
+            } else if want < n {
+                first_diff = Some(pos + want as u64);
             }
         }
         pos += n as u64;
     }
-    let mut base_sha256 = [0u8; 32];
-    base_sha256.copy_from_slice(ctx.finish().as_ref());
+    let base_sha256 = match known_base {
+        Some(s) => s,
+        None => {
+            let mut sha = [0u8; 32];
+            sha.copy_from_slice(ctx.finish().as_ref());
+            sha
+        }
+    };
     let p = match first_diff {
         Some(p) => p,
         None if ln == lb => return Ok(None),
@@ -258,6 +279,10 @@ pub fn plan_files(fb: &File, fnew: &File, limits: Limits) -> std::io::Result<Opt
         let want = ((max_suffix - s) as usize).min(CHUNK);
         read_at(fb, &mut bb[..want], lb - s - want as u64)?;
         read_at(fnew, &mut nb[..want], ln - s - want as u64)?;
+        if bb[..want] == nb[..want] {
+            s += want as u64;
+            continue;
+        }
         match bb[..want]
             .iter()
             .rev()
@@ -429,34 +454,56 @@ pub struct Applied {
     pub dropped: Vec<u8>,
     /// The inserted records, as written in the new source.
     pub inserted: Vec<u8>,
-    /// sha256 of the whole base as read.
-    pub base_sha256: [u8; 32],
+    /// sha256 of the whole base as read (`None` when it was not hashed: see [`apply`]).
+    pub base_sha256: Option<[u8; 32]>,
 }
 
-/// Reads a base record by record.
+/// Reads a base record by record (hashing it, unless its content is known).
 struct Records<R> {
     r: R,
     pending: Vec<u8>,
     has_pending: bool,
     started: bool,
-    ctx: ring::digest::Context,
+    ctx: Option<ring::digest::Context>,
 }
 
 impl<R: BufRead> Records<R> {
+    #[cfg(test)]
     fn new(r: R) -> Self {
+        Self::hashing(r, true)
+    }
+
+    fn hashing(r: R, hash: bool) -> Self {
         Records {
             r,
             pending: Vec::new(),
             has_pending: false,
             started: false,
-            ctx: ring::digest::Context::new(&ring::digest::SHA256),
+            ctx: hash.then(|| ring::digest::Context::new(&ring::digest::SHA256)),
         }
+    }
+
+    fn hash(&mut self, bytes: &[u8]) {
+        if let Some(c) = self.ctx.as_mut() {
+            c.update(bytes);
+        }
+    }
+
+    fn digest(self) -> Option<[u8; 32]> {
+        self.ctx.map(|c| {
+            let mut sha = [0u8; 32];
+            sha.copy_from_slice(c.finish().as_ref());
+            sha
+        })
     }
 
     fn line(&mut self, into: &mut Vec<u8>) -> std::io::Result<usize> {
         let start = into.len();
         let n = self.r.read_until(b'\n', into)?;
-        self.ctx.update(&into[start..]);
+        let (_, read) = into.split_at(start);
+        if let Some(c) = self.ctx.as_mut() {
+            c.update(read);
+        }
         Ok(n)
     }
 
@@ -543,7 +590,9 @@ impl<R: BufRead> Records<R> {
                 }
             }
             let upto = stop.unwrap_or(buf.len());
-            self.ctx.update(&buf[..upto]);
+            if let Some(c) = self.ctx.as_mut() {
+                c.update(&buf[..upto]);
+            }
             out(&buf[..upto])?;
             self.r.consume(upto);
             if stop.is_some() {
@@ -561,7 +610,7 @@ impl<R: BufRead> Records<R> {
     fn rest(
         mut self,
         out: &mut impl FnMut(&[u8]) -> std::io::Result<()>,
-    ) -> std::io::Result<[u8; 32]> {
+    ) -> std::io::Result<Option<[u8; 32]>> {
         if self.has_pending {
             out(&self.pending)?;
         }
@@ -571,15 +620,15 @@ impl<R: BufRead> Records<R> {
             if n == 0 {
                 break;
             }
-            self.ctx.update(&buf[..n]);
+            self.hash(&buf[..n]);
             out(&buf[..n])?;
         }
-        let mut sha = [0u8; 32];
-        sha.copy_from_slice(self.ctx.finish().as_ref());
-        Ok(sha)
+        Ok(self.digest())
     }
 
-    fn finish(mut self) -> std::io::Result<Option<[u8; 32]>> {
+    /// `Some(sha256)` (or `Some(None)` when not hashing) when the base is read exactly to its
+    /// end; `None` when records are left.
+    fn finish(mut self) -> std::io::Result<Option<Option<[u8; 32]>>> {
         if self.has_pending {
             return Ok(None);
         }
@@ -589,9 +638,7 @@ impl<R: BufRead> Records<R> {
                 return Ok(None);
             }
         }
-        let mut sha = [0u8; 32];
-        sha.copy_from_slice(self.ctx.finish().as_ref());
-        Ok(Some(sha))
+        Ok(Some(self.digest()))
     }
 }
 
@@ -615,13 +662,15 @@ fn take_u64(p: &mut &[u8], what: &str) -> Result<u64, DeltaError> {
 /// only, when the script is malformed or does not cover the base exactly.
 /// At most `max_changed` bytes of records may be dropped and inserted in all (they are held for
 /// the incremental build): a script beyond that is refused.
+/// The base is hashed unless `hash_base` is false (its content is known by other means).
 pub fn apply<R: BufRead>(
     base: R,
     script: &[u8],
     max_changed: u64,
+    hash_base: bool,
     mut out: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> Result<Applied, DeltaError> {
-    let mut recs = Records::new(base);
+    let mut recs = Records::hashing(base, hash_base);
     let mut applied = Applied::default();
     let mut p = script;
     let mut rec = Vec::new();
@@ -713,17 +762,27 @@ mod tests {
     fn roundtrip(base: &[u8], new: &[u8]) -> Option<Plan> {
         let (pb, pn) = (tmp("base", base), tmp("new", new));
         let plan = plan(&pb, &pn, LIMITS).unwrap();
+        // A base whose sha256 is known is not hashed again: the same script.
+        let sha = ring::digest::digest(&ring::digest::SHA256, base);
+        let mut known = [0u8; 32];
+        known.copy_from_slice(sha.as_ref());
+        let (fb, fnew) = (File::open(&pb).unwrap(), File::open(&pn).unwrap());
+        let again = plan_files(&fb, &fnew, LIMITS, Some(known)).unwrap();
+        assert_eq!(
+            again.as_ref().map(|p| (&p.payload, p.base_sha256)),
+            plan.as_ref().map(|p| (&p.payload, p.base_sha256))
+        );
         if let Some(plan) = &plan {
             let mut out = Vec::new();
-            let applied = apply(base, &plan.payload, u64::MAX, |b| {
+            let applied = apply(base, &plan.payload, u64::MAX, true, |b| {
                 out.extend_from_slice(b);
                 Ok(())
             })
             .unwrap();
             assert_eq!(out, new, "base {base:?} new {new:?}");
             let sha = ring::digest::digest(&ring::digest::SHA256, base);
-            assert_eq!(&applied.base_sha256[..], sha.as_ref());
-            assert_eq!(plan.base_sha256, applied.base_sha256);
+            assert_eq!(&applied.base_sha256.unwrap()[..], sha.as_ref());
+            assert_eq!(Some(plan.base_sha256), applied.base_sha256);
         }
         let _ = std::fs::remove_dir_all(pb.parent().unwrap());
         plan
@@ -773,7 +832,7 @@ mod tests {
                     );
                     let sha = ring::digest::digest(&ring::digest::SHA256, input);
                     assert_eq!(
-                        r.finish().unwrap().map(|s| s.to_vec()),
+                        r.finish().unwrap().flatten().map(|s| s.to_vec()),
                         Some(sha.as_ref().to_vec())
                     );
                 }
@@ -880,11 +939,18 @@ mod tests {
     fn a_script_for_another_base_is_refused_or_detected() {
         let plan = roundtrip(b"a 1\nb 2\nc 3\n", b"a 1\nc 3\n").unwrap();
         // One record fewer: the script runs out of base.
-        let err = apply(&b"a 1\n"[..], &plan.payload, u64::MAX, |_| Ok(())).unwrap_err();
+        let err = apply(&b"a 1\n"[..], &plan.payload, u64::MAX, true, |_| Ok(())).unwrap_err();
         assert!(matches!(err, DeltaError::Base(_)), "{err}");
         // Same shape, other content: applies, but the base's sha256 tells.
-        let other = apply(&b"a 9\nb 2\nc 3\n"[..], &plan.payload, u64::MAX, |_| Ok(())).unwrap();
-        assert_ne!(other.base_sha256, plan.base_sha256);
+        let other = apply(
+            &b"a 9\nb 2\nc 3\n"[..],
+            &plan.payload,
+            u64::MAX,
+            true,
+            |_| Ok(()),
+        )
+        .unwrap();
+        assert_ne!(other.base_sha256, Some(plan.base_sha256));
         // Garbage never panics.
         for bad in [
             &b"Z"[..],
@@ -892,18 +958,33 @@ mod tests {
             b"I\xff\xff\xff\xff\xff\xff\xff\xff",
             b"R R",
         ] {
-            assert!(apply(&b"a 1\n"[..], bad, u64::MAX, |_| Ok(())).is_err());
+            assert!(apply(&b"a 1\n"[..], bad, u64::MAX, true, |_| Ok(())).is_err());
         }
         // A script without `R` must cover the whole base.
         assert!(apply(
             &b"a 1\nb 2\n"[..],
             b"K\x01\0\0\0\0\0\0\0",
             u64::MAX,
+            true,
             |_| Ok(())
         )
         .is_err());
         // A script that drops (or inserts) more than allowed is refused.
-        assert!(apply(&b"a 1\nb 2\n"[..], b"D\x02\0\0\0\0\0\0\0R", 4, |_| Ok(())).is_err());
-        assert!(apply(&b""[..], b"I\x05\0\0\0\0\0\0\0x y\n\nR", 4, |_| Ok(())).is_err());
+        assert!(apply(
+            &b"a 1\nb 2\n"[..],
+            b"D\x02\0\0\0\0\0\0\0R",
+            4,
+            true,
+            |_| Ok(())
+        )
+        .is_err());
+        assert!(apply(
+            &b""[..],
+            b"I\x05\0\0\0\0\0\0\0x y\n\nR",
+            4,
+            true,
+            |_| Ok(())
+        )
+        .is_err());
     }
 }

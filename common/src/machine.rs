@@ -108,6 +108,11 @@ pub struct TableState {
     /// Incremental builds since the last full one.
     #[serde(default)]
     pub deltas_since_full: u32,
+    /// The live source as installed (`None`: unknown). While the live source keeps this stamp
+    /// a delta is applied to it without hashing it again (the rebuilt source is still checked
+    /// against the prepare's sha256).
+    #[serde(default)]
+    pub source_stamp: Option<crate::table::FileStamp>,
 }
 
 /// Input to the participant machine.

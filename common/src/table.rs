@@ -1182,6 +1182,24 @@ pub fn stamp_installed(held: Option<File>, t: &TableConfig) -> Option<FileStamp>
     (live.dev == mine.dev && live.ino == mine.ino).then_some(mine)
 }
 
+/// [`hold_staged`] and [`stamp_installed`] for the staged source: opened before the rename,
+/// stamped after it, `None` unless the live source is that very inode.
+pub fn hold_staged_source(staged: &Staged) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&staged.source)
+        .ok()
+}
+
+/// See [`hold_staged_source`].
+pub fn stamp_installed_source(held: Option<File>, t: &TableConfig) -> Option<FileStamp> {
+    let mine = FileStamp::of(&held?.metadata().ok()?);
+    let live = FileStamp::of(&std::fs::symlink_metadata(&t.path).ok()?);
+    (live.dev == mine.dev && live.ino == mine.ino).then_some(mine)
+}
+
 /// The stamp of the live indexed file of `t` (never through a link).
 pub fn live_stamp(t: &TableConfig) -> std::io::Result<FileStamp> {
     let m = std::fs::symlink_metadata(t.live_indexed())?;

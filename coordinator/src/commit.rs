@@ -159,6 +159,7 @@ async fn plan_delta(
     table_name: &str,
     source: &Path,
     digest: &table::SourceDigest,
+    own_base: Option<Sha256>,
 ) -> Option<delta::Plan> {
     let cfg = &cluster.cfg;
     let t = cfg.table(table_name)?;
@@ -178,7 +179,7 @@ async fn plan_delta(
     let run = move || {
         let (fb, _) = history.open_live(&base, u64::MAX)?;
         let fnew = std::fs::File::open(&new)?;
-        delta::plan_files(&fb, &fnew, limits)
+        delta::plan_files(&fb, &fnew, limits, own_base.map(|s| s.0))
     };
     match tokio::task::spawn_blocking(run).await {
         Ok(Ok(p)) => p,
@@ -461,7 +462,14 @@ pub async fn commit_with(
             };
             let plan =
                 match (0..links.len()).any(|i| links[i].1.as_ref().is_ok_and(net::speaks_delta)) {
-                    true => plan_delta(cluster, table_name, source, &digest).await,
+                    true => {
+                        // This node's recorded content: its live copy is not hashed again.
+                        let own = links
+                            .iter()
+                            .position(|(n, _)| n.name == cluster.cfg.node)
+                            .and_then(|i| live_sha[i]);
+                        plan_delta(cluster, table_name, source, &digest, own).await
+                    }
                     false => None,
                 };
             let bodies: Vec<(Request, Body)> = (0..links.len())

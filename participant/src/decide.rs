@@ -108,6 +108,7 @@ impl Node {
                 Action::Install { txid } => {
                     fail::fail_point!("participant::before_commit_rename");
                     let held = table::hold_staged(&table::staged_paths(t, txid));
+                    let held_source = table::hold_staged_source(&table::staged_paths(t, txid));
                     let installed = match state.active.as_ref().filter(|a| a.txid == txid) {
                         Some(a) => install_checked(t, a).map_err(Refusal::from),
                         None => Err(Refusal::UnknownTransaction { txid }),
@@ -119,8 +120,11 @@ impl Node {
                             if let Some(a) = state.active.as_ref().filter(|a| a.txid == txid) {
                                 record_history(&self.cfg, t, a);
                                 // What the next incremental build may copy: this very file.
-                                installed_as =
-                                    Some((table::stamp_installed(held, t), a.incremental));
+                                installed_as = Some((
+                                    table::stamp_installed(held, t),
+                                    table::stamp_installed_source(held_source, t),
+                                    a.incremental,
+                                ));
                             }
                             Event::InstallDone { txid }
                         }
@@ -130,10 +134,11 @@ impl Node {
                         }
                     };
                     queue.extend(state.step(ev, now_ms()));
-                    if let Some((stamp, incremental)) = installed_as {
+                    if let Some((stamp, source_stamp, incremental)) = installed_as {
                         if state.last_txid == Some(txid) {
                             // Persisted with the generation (the Persist action is queued).
                             state.indexed_stamp = stamp;
+                            state.source_stamp = source_stamp;
                             state.deltas_since_full = match incremental {
                                 true => state.deltas_since_full.saturating_add(1),
                                 false => 0,
