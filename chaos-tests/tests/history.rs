@@ -171,6 +171,12 @@ fn retention_keeps_k_generations_and_never_the_live_one_out() {
         c.write_source(&transport_table(&format!("d{k}.example"), 0..20));
         assert_eq!(c.commit(1).status.code(), Some(0));
     }
+    // Old generations are dropped just after each commit is acknowledged.
+    let gens = || history(&c).iter().map(|g| g.0).collect::<Vec<_>>();
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gens() != [4, 5, 6] && std::time::Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     let h = history(&c);
     assert_eq!(
         h.iter().map(|g| g.0).collect::<Vec<_>>(),
@@ -179,12 +185,19 @@ fn retention_keeps_k_generations_and_never_the_live_one_out() {
     );
     for i in 1..=3 {
         let dir = c.node_dir(i).join("state/history").join(TABLE);
-        let mut held: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        held.sort();
-        assert_eq!(held, vec!["4", "5", "6"], "node{i}");
+        let listing = || {
+            let mut held: Vec<String> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            held.sort();
+            held
+        };
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while listing() != ["4", "5", "6"] && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert_eq!(listing(), vec!["4", "5", "6"], "node{i}");
         // The live generation's history is a hard link to the live source (no copy of a big
         // table on every commit); the older ones are the only links left to theirs.
         use std::os::unix::fs::MetadataExt;

@@ -87,6 +87,14 @@ impl History {
     /// Turns the copies of a committed transaction into generation `entry.generation`, then
     /// keeps only the newest `keep` generations (never the live one: it is the newest).
     pub fn finalize(&self, entry: &HistoryEntry, keep: usize) -> std::io::Result<()> {
+        self.finalize_only(entry)?;
+        self.prune(keep);
+        Ok(())
+    }
+
+    /// [`History::finalize`] without removing old generations ([`History::prune`], which frees
+    /// a whole table's blocks, runs after the commit is acknowledged).
+    pub fn finalize_only(&self, entry: &HistoryEntry) -> std::io::Result<()> {
         let from = self.staging(entry.txid);
         let to = self.gen_dir(entry.generation);
         if !from.is_dir() {
@@ -100,6 +108,11 @@ impl History {
         f.sync_all()?;
         std::fs::rename(&from, &to)?;
         std::fs::File::open(&self.dir).and_then(|f| f.sync_all())?;
+        Ok(())
+    }
+
+    /// Keeps only the newest `keep` generations (at least one).
+    pub fn prune(&self, keep: usize) {
         let mut gens: Vec<u64> = self.list().iter().map(|e| e.generation).collect();
         gens.sort_unstable();
         let keep = keep.max(1);
@@ -108,7 +121,6 @@ impl History {
                 let _ = std::fs::remove_dir_all(self.gen_dir(*g));
             }
         }
-        Ok(())
     }
 
     /// Every generation held, oldest first.

@@ -1193,6 +1193,17 @@ pub fn hold_staged_source(staged: &Staged) -> Option<File> {
         .ok()
 }
 
+/// The live indexed file of `t`, opened (never through a link) so that the inode a rename
+/// replaces is freed when this is dropped, not inside the rename.
+pub fn hold_live_indexed(t: &TableConfig) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(t.live_indexed())
+        .ok()
+}
+
 /// See [`hold_staged_source`].
 pub fn stamp_installed_source(held: Option<File>, t: &TableConfig) -> Option<FileStamp> {
     let mine = FileStamp::of(&held?.metadata().ok()?);

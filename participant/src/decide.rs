@@ -81,6 +81,10 @@ impl Node {
         let mut reply = Response::Refused(Refusal::Protocol {
             detail: "no reply".into(),
         });
+        // Work an install leaves for after the reply: the replaced `.db`, held open so that
+        // freeing its blocks (166 MB at 1,000,000 lines) does not happen inside the rename,
+        // and the history generations to drop.
+        let mut after_install: Option<Option<std::fs::File>> = None;
         while let Some(a) = queue.pop_front() {
             match a {
                 Action::Stage { .. } | Action::DiscardBody => {}
@@ -109,6 +113,7 @@ impl Node {
                     fail::fail_point!("participant::before_commit_rename");
                     let held = table::hold_staged(&table::staged_paths(t, txid));
                     let held_source = table::hold_staged_source(&table::staged_paths(t, txid));
+                    let replaced = table::hold_live_indexed(t);
                     let installed = match state.active.as_ref().filter(|a| a.txid == txid) {
                         Some(a) => install_checked(t, a).map_err(Refusal::from),
                         None => Err(Refusal::UnknownTransaction { txid }),
@@ -119,6 +124,7 @@ impl Node {
                             fail::fail_point!("participant::after_commit_rename");
                             if let Some(a) = state.active.as_ref().filter(|a| a.txid == txid) {
                                 record_history(&self.cfg, t, a);
+                                after_install = Some(replaced);
                                 // What the next incremental build may copy: this very file.
                                 installed_as = Some((
                                     table::stamp_installed(held, t),
@@ -170,6 +176,16 @@ impl Node {
         if let Response::Committed { txid, generation } = &reply {
             info!(%txid, generation, "committed");
         }
+        if let Some(replaced) = after_install {
+            let (history, keep) = (
+                History::new(&self.cfg.state_dir, &t.name),
+                self.cfg.history_keep,
+            );
+            tokio::task::spawn_blocking(move || {
+                drop(replaced);
+                history.prune(keep);
+            });
+        }
         self.refresh_spare(slot, &state);
         reply
     }
@@ -207,8 +223,9 @@ pub(crate) fn install_checked(t: &TableConfig, a: &Active) -> Result<(), table::
     table::install(t, &staged)
 }
 
-/// Turns the history copies of an installed transaction into its generation. History is for
-/// operators: a failure is logged, never fatal.
+/// Turns the history copies of an installed transaction into its generation (old generations
+/// are dropped by the caller, [`History::prune`]). History is for operators: a failure is
+/// logged, never fatal.
 pub(crate) fn record_history(cfg: &Config, t: &TableConfig, a: &txmap_common::machine::Active) {
     let entry = HistoryEntry {
         generation: a.generation,
@@ -218,7 +235,7 @@ pub(crate) fn record_history(cfg: &Config, t: &TableConfig, a: &txmap_common::ma
         coordinator: a.coordinator.clone(),
         txid: a.txid,
     };
-    if let Err(e) = History::new(&cfg.state_dir, &t.name).finalize(&entry, cfg.history_keep) {
+    if let Err(e) = History::new(&cfg.state_dir, &t.name).finalize_only(&entry) {
         warn!(error = %e, "cannot record the generation in history");
     }
 }

@@ -231,6 +231,7 @@ pub(crate) fn open_slot(
             match install_checked(t, &a) {
                 Ok(()) => {
                     record_history(cfg, t, &a);
+                    History::new(&cfg.state_dir, &t.name).prune(cfg.history_keep);
                     let actions = state.step(Event::InstallDone { txid: a.txid }, now_ms());
                     debug!(?actions, "recovered");
                     journal.store(&t.name, &state)?;

@@ -60,6 +60,9 @@ pub(crate) fn refresh(cell: &SpareCell, t: &TableConfig, of: FileStamp) {
     drop(g);
     let (cell, t) = (cell.clone(), t.clone());
     tokio::task::spawn_blocking(move || {
+        // Not while the other nodes are still finishing the same commit (their fsyncs share
+        // the disk in a test cluster, and in a real one the commit's tail is latency).
+        std::thread::sleep(std::time::Duration::from_millis(300));
         let made = table::make_spare(&t, of, &cancel);
         let mut g = lock(&cell);
         let mine = matches!(&*g, SpareState::Copying { cancel: c, .. } if Arc::ptr_eq(c, &cancel));
