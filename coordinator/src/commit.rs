@@ -311,7 +311,7 @@ pub async fn commit_with(
         }];
         return report;
     }
-    let digest = match table::digest_file(source) {
+    let digest = match table::source_digest(source) {
         Ok(d) => d,
         Err(e) => {
             local_failure(&mut report, format!("source: {e}"));

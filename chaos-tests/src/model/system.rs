@@ -1315,15 +1315,28 @@ impl System {
                 let Some(txid) = self.nodes[i].mem.active.as_ref().map(|a| a.txid) else {
                     return;
                 };
+                // The second node's staging fails as a delta whose base it does not hold (a
+                // conflict: the coordinator aborts and retries with the whole table), the
+                // others' as a build error (final).
+                let delta_base = i == 1;
                 let ev = if o.fault(&mut self.budget, || {
-                    format!("{}: staging of {} fails (build error)", NAMES[i], tx(txid))
+                    let what = match delta_base {
+                        true => "delta base refused",
+                        false => "build error",
+                    };
+                    format!("{}: staging of {} fails ({what})", NAMES[i], tx(txid))
                 }) {
                     Event::StageFailed {
                         txid,
-                        why: Refusal::BuildFailed {
-                            program: "postmap".into(),
-                            status: "1".into(),
-                            stderr: String::new(),
+                        why: match delta_base {
+                            true => Refusal::DeltaBase {
+                                detail: "the delta applies to another base".into(),
+                            },
+                            false => Refusal::BuildFailed {
+                                program: "postmap".into(),
+                                status: "1".into(),
+                                stderr: String::new(),
+                            },
                         },
                     }
                 } else {
