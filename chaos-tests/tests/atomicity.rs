@@ -753,3 +753,53 @@ fn a_manual_commit_does_not_drop_the_hooks_pending_change() {
         c.status(1)
     );
 }
+
+/// A question that comes late (a member asked while in doubt, learned the outcome elsewhere, and
+/// its question reaches the coordinator's node only after every member acknowledged the commit)
+/// must not make the coordinator's node fence the finished commit as aborted: its decision log
+/// keeps a delivered commit as a tombstone, as it keeps a delivered abort. Found by the long
+/// chaos run of seed 9009 ("decision log says abort" for a transaction committed everywhere).
+#[test]
+fn a_late_outcome_question_after_a_finished_commit_is_answered_committed() {
+    use txmap_common::decision::{DecisionLog, Verdict};
+    use txmap_common::proto::{OutcomeAnswer, Request, Response, TxId};
+    let c = TestCluster::start("late-question", 3).unwrap();
+    c.write_source(&transport_table("late.example", 0..30));
+    let (code, r) = c.commit_json(1);
+    assert_eq!(code, Some(0), "{r}");
+    let txid = TxId::parse(r["txid"].as_str().unwrap()).unwrap();
+    let generation = r["generation"].as_u64().unwrap();
+    // Every member acknowledged: the coordinator finished the commit before it exited.
+    let cfg = txmap_common::config::Config::load(&c.config(2)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = rt.block_on(async {
+        let cluster = txmap_coordinator::cluster::Cluster::new(cfg.clone()).unwrap();
+        let node1 = cfg
+            .nodes
+            .iter()
+            .find(|n| n.name == "node1")
+            .unwrap()
+            .clone();
+        let link = cluster
+            .connect_within(&node1, std::time::Duration::from_secs(5))
+            .await;
+        let q = Request::Outcome {
+            table: TABLE.to_string(),
+            txid,
+            generation,
+            coordinator: "node1".into(),
+            fence: true,
+        };
+        txmap_coordinator::cluster::ask(&link, &q, std::time::Duration::from_secs(5)).await
+    });
+    assert_eq!(
+        answer,
+        Ok(Response::Outcome(OutcomeAnswer::Committed { generation })),
+        "node1 answers the late question from its tombstone"
+    );
+    let rec = DecisionLog::new(&c.state_dir(1)).get(txid).unwrap();
+    assert!(
+        rec.as_ref().is_none_or(|d| d.verdict == Verdict::Commit),
+        "node1's decision log must never say abort for a commit: {rec:?}"
+    );
+}

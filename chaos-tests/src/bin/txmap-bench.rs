@@ -176,7 +176,14 @@ fn bench(lines: usize, rounds: usize) -> Result<Row> {
     let mut t_b2b = Vec::new();
     for r in 0..rounds {
         // Continues the alternation (the previous loop ended on `b` when `rounds` is odd).
-        let (d, rep) = commit(&c, if (rounds + r).is_multiple_of(2) { &b } else { &a })?;
+        let (d, rep) = commit(
+            &c,
+            if (rounds + r).is_multiple_of(2) {
+                &b
+            } else {
+                &a
+            },
+        )?;
         ensure!(rep["delta_nodes"] == 3, "not a delta commit: {rep}");
         t_b2b.push(d);
     }

@@ -204,6 +204,25 @@ pub enum Sender {
     Operator,
 }
 
+/// `DecisionLog::finish`/`delivered`: the decision stays as a tombstone. With defect 1 (its
+/// redrive half: a storage refusal counted as final, then the commit record deleted, as
+/// `finish` did before tombstones), the commit record is forgotten.
+fn finish(log: &mut BTreeMap<(TxId, Kind), Rec>, txid: TxId) {
+    let is_commit = matches!(
+        log.get(&(txid, Kind::Decision)),
+        Some(Rec::Decision {
+            verdict: V::Commit,
+            ..
+        })
+    );
+    if is_commit && on(Defect::InstallFailedDropsToPrepared) {
+        log.remove(&(txid, Kind::Decision)); // DEFECT (test only)
+    } else {
+        log.insert((txid, Kind::Delivered), Rec::Delivered);
+    }
+    log.remove(&(txid, Kind::Open));
+}
+
 /// A message in flight. The network is a set: any message may be delivered in any order, late
 /// or never (loss); duplication is a fault (a copy is kept after delivery).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -1409,20 +1428,9 @@ impl System {
                 let n = &mut self.nodes[h];
                 n.redrive.remove(&txid);
                 let log = &mut n.log.visible;
-                match log.get(&(txid, Kind::Decision)) {
-                    Some(Rec::Decision {
-                        verdict: V::Commit, ..
-                    }) => {
-                        // `finish`: forget the commit (unlinks are not fsynced).
-                        log.remove(&(txid, Kind::Decision));
-                        log.remove(&(txid, Kind::Open));
-                    }
-                    _ => {
-                        // `delivered`: keep the abort as a tombstone.
-                        log.insert((txid, Kind::Delivered), Rec::Delivered);
-                        log.remove(&(txid, Kind::Open));
-                    }
-                }
+                // `finish` (commit) and `delivered` (abort): keep the decision as a tombstone
+                // (the marker and the unlink are not fsynced).
+                finish(log, txid);
             }
             Step::Crash(i) => {
                 self.budget -= 1;
@@ -1582,7 +1590,7 @@ impl System {
         match verdict {
             V::Commit => {
                 if acked == ALL_MEMBERS {
-                    log.remove(&(txid, Kind::Decision));
+                    finish(log, txid);
                 }
                 log.remove(&(txid, Kind::Open));
                 self.coords[k].phase = CPhase::Done;
@@ -1878,18 +1886,11 @@ impl System {
                     tx(*t)
                 ));
             }
-            for ((t, kind), rec) in &n.log.visible {
+            for (t, kind) in n.log.visible.keys() {
                 let left = match kind {
                     Kind::Open => true,
-                    Kind::Decision => {
-                        matches!(
-                            rec,
-                            Rec::Decision {
-                                verdict: V::Commit,
-                                ..
-                            }
-                        ) || !n.log.visible.contains_key(&(*t, Kind::Delivered))
-                    }
+                    // Commit and abort alike: delivered ones stay as tombstones.
+                    Kind::Decision => !n.log.visible.contains_key(&(*t, Kind::Delivered)),
                     Kind::Delivered => false,
                 };
                 if left {
