@@ -1191,15 +1191,20 @@ impl FileStamp {
     }
 }
 
-/// Opens a staged indexed file (never through a link) so that its stamp can be read once it is
-/// installed: see [`stamp_installed`].
-pub fn hold_staged(staged: &Staged) -> Option<File> {
+/// Opens `path` for reading, never through a symbolic link at its last component and never
+/// blocking on a FIFO.
+fn open_nofollow(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&staged.indexed)
-        .ok()
+        .open(path)
+}
+
+/// Opens a staged indexed file (never through a link) so that its stamp can be read once it is
+/// installed: see [`stamp_installed`].
+pub fn hold_staged(staged: &Staged) -> Option<File> {
+    open_nofollow(&staged.indexed).ok()
 }
 
 /// The stamp of the indexed file just installed, read from the descriptor opened on the staged
@@ -1218,23 +1223,13 @@ pub fn stamp_installed(held: Option<File>, t: &TableConfig) -> Option<FileStamp>
 /// [`hold_staged`] and [`stamp_installed`] for the staged source: opened before the rename,
 /// stamped after it, `None` unless the live source is that very inode.
 pub fn hold_staged_source(staged: &Staged) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&staged.source)
-        .ok()
+    open_nofollow(&staged.source).ok()
 }
 
 /// The live indexed file of `t`, opened (never through a link) so that the inode a rename
 /// replaces is freed when this is dropped, not inside the rename.
 pub fn hold_live_indexed(t: &TableConfig) -> Option<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(t.live_indexed())
-        .ok()
+    open_nofollow(&t.live_indexed()).ok()
 }
 
 /// See [`hold_staged_source`].
@@ -1304,13 +1299,9 @@ pub fn make_spare(
     of: FileStamp,
     cancel: &std::sync::atomic::AtomicBool,
 ) -> std::io::Result<Spare> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
     use std::sync::atomic::Ordering;
-    let live = t.live_indexed();
-    let mut src = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&live)?;
+    let mut src = open_nofollow(&t.live_indexed())?;
     let before = src.metadata()?;
     if !before.file_type().is_file() || FileStamp::of(&before) != of {
         return Err(std::io::Error::other(
@@ -1357,12 +1348,7 @@ pub fn make_spare(
 /// Moves a valid spare of the live file stamped `of` to `to` (same directory); false, having
 /// removed the spare, when it is not valid (then the caller copies the live file).
 fn use_spare(spare: Spare, of: FileStamp, to: &Path) -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    let now = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&spare.path)
-        .and_then(|f| f.metadata());
+    let now = open_nofollow(&spare.path).and_then(|f| f.metadata());
     let why_not = if spare.of != of {
         Some("it is a copy of another live file".to_string())
     } else {
