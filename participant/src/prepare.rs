@@ -167,6 +167,7 @@ impl Node {
             None => false,
         };
         if !incremental {
+            crate::spare::discard(&slot.spare);
             table::build(&self.cfg.postfix, t, &staged).await?;
         }
         #[cfg(feature = "failpoints")]

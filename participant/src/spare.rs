@@ -93,3 +93,11 @@ pub(crate) fn take(cell: &SpareCell) -> Option<Spare> {
         SpareState::Empty => None,
     }
 }
+
+/// Drops the spare (a prepare that builds in full does not use it, and it must not hold the
+/// space that build needs on a nearly full disk); made again once the table is idle.
+pub(crate) fn discard(cell: &SpareCell) {
+    if let Some(s) = take(cell) {
+        let _ = std::fs::remove_file(&s.path);
+    }
+}
