@@ -369,7 +369,18 @@ impl DecisionLog {
     /// late question must get the decision. Tombstones are removed by
     /// [`DecisionLog::expire_tombstones`].
     pub fn delivered(&self, txid: TxId) {
-        let _ = std::fs::write(self.dir.join(format!("{txid}.delivered")), b"");
+        use std::os::unix::fs::OpenOptionsExt;
+        // Never through a link, and owned like the directory (root's `txmap` writing into a
+        // non-root txmapd's state directory leaves nothing of root's there).
+        if let Ok(f) = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.dir.join(format!("{txid}.delivered")))
+        {
+            let _ = crate::table::adopt_owner(&f, &self.dir);
+        }
         let _ = std::fs::remove_file(self.dir.join(format!("{txid}.open")));
     }
 
