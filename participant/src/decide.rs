@@ -111,8 +111,11 @@ impl Node {
                 }
                 Action::Install { txid } => {
                     fail::fail_point!("participant::before_commit_rename");
-                    let held = table::hold_staged(&table::staged_paths(t, txid));
-                    let held_source = table::hold_staged_source(&table::staged_paths(t, txid));
+                    let staged = table::staged_paths(t, txid);
+                    let (held, held_source) = (
+                        table::hold_staged(&staged),
+                        table::hold_staged_source(&staged),
+                    );
                     let replaced = table::hold_live_indexed(t);
                     let installed = match state.active.as_ref().filter(|a| a.txid == txid) {
                         Some(a) => install_checked(t, a).map_err(Refusal::from),
