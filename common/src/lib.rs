@@ -20,6 +20,7 @@
 //! - [`describe`]: operator-facing `Display` text of answers, outcomes, verdicts, events.
 //! - [`defects`]: test-only switches that put back the defects of issue 9 (model checker).
 
+pub mod attempt;
 pub mod certs;
 pub mod codec;
 pub mod config;

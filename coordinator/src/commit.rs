@@ -20,13 +20,14 @@
 
 use crate::cluster::{ask, join_all, Cluster, Link};
 use serde::Serialize;
+use std::collections::VecDeque;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
+use txmap_common::attempt::{Act, Attempt, Ending, Event as AEvent, Phase};
 use txmap_common::config::NodeConfig;
 use txmap_common::coordinator::{
-    after_decision_write, already_served, content_guard, delivery, on_votes, superseded,
-    AfterWrite, Delivery, OnVotes, WriteResult,
+    already_served, content_guard, delivery, superseded, Delivery, WriteResult,
 };
 use txmap_common::decision::{DecisionLog, DecisionRecord, PendingRecord, Verdict};
 use txmap_common::exit;
@@ -451,173 +452,169 @@ pub async fn commit_with(
             nodes: names.clone(),
             requested_ms,
         };
-        let prepare_sent = votes.iter().all(|v| v.is_none());
-        if prepare_sent {
-            // A node that serves the base of a delta, and speaks protocol 3, gets the delta.
-            let wants_delta = |i: usize, base: &[u8; 32]| {
-                let (n, l) = &links[i];
-                !whole_only.contains(&n.name)
-                    && l.as_ref().is_ok_and(net::speaks_delta)
-                    && live_sha[i].is_some_and(|s| &s.0 == base)
-            };
-            let plan =
-                match (0..links.len()).any(|i| links[i].1.as_ref().is_ok_and(net::speaks_delta)) {
-                    true => {
-                        // This node's recorded content: its live copy is not hashed again.
-                        let own = links
-                            .iter()
-                            .position(|(n, _)| n.name == cluster.cfg.node)
-                            .and_then(|i| live_sha[i]);
-                        plan_delta(cluster, table_name, source, &digest, own).await
-                    }
-                    false => None,
-                };
-            let bodies: Vec<(Request, Body)> = (0..links.len())
-                .map(|i| match &plan {
-                    Some(p) if wants_delta(i, &p.base_sha256) => (
-                        Request::PrepareDelta(PrepareDelta {
-                            prepare: prepare.clone(),
-                            base_sha256: Sha256(p.base_sha256),
-                            delta_len: p.payload.len() as u64,
-                        }),
-                        Body::Delta(&p.payload),
-                    ),
-                    _ => (Request::Prepare(prepare.clone()), Body::Whole(source)),
-                })
-                .collect();
-            report.delta_nodes = bodies
-                .iter()
-                .filter(|(_, b)| matches!(b, Body::Delta(_)))
-                .count();
-            report.bytes_sent += bodies
-                .iter()
-                .zip(&links)
-                .filter(|(_, (_, l))| l.is_ok())
-                .map(|((_, b), _)| match b {
-                    Body::Whole(_) => digest.len,
-                    Body::Delta(d) => d.len() as u64,
-                })
-                .sum::<u64>();
-            // Leave room in the overall deadline for the commit acknowledgements. A node sent a
-            // delta may still build the whole table (a full build is due, its `.db` drifted):
-            // the deadline is the whole table's either way (it only bounds failures).
-            let pd = deadline
-                .cap(t.prepare_for(digest.len, true))
-                .min(deadline.left().saturating_sub(t.commit));
-            let t_status = Instant::now();
-            let fresh = join_all(
-                links
-                    .iter()
-                    .zip(&bodies)
-                    .map(|((_, l), (req, body))| prepare_one(l, req, body.clone(), pd)),
-            )
-            .await;
-            for ((n, _), v) in links.iter().zip(&fresh) {
-                if matches!(
-                    v,
-                    Vote::Refused(txmap_common::proto::Refusal::DeltaBase { .. })
-                ) {
-                    info!(node = %n.name, "the node's copy differs from the delta's base; it gets the whole table");
-                    whole_only.insert(n.name.clone());
-                }
-            }
-            debug!(
-                connect_ms = (t_connected - started).as_millis() as u64,
-                status_ms = (t_status - t_connected).as_millis() as u64,
-                prepare_ms = t_status.elapsed().as_millis() as u64,
-                "phases"
-            );
-            votes = fresh.into_iter().map(Some).collect();
-        } else {
+        // From here the attempt is txmap's own state machine (`txmap_common::attempt`, the one
+        // the model checker drives); this shell executes its actions and reports back.
+        let (mut attempt, first) = Attempt::start(votes.clone());
+        let mut queue: VecDeque<Act> = first.into();
+        if queue.is_empty() {
             // Some node failed before prepare: abort without sending the table anywhere.
-            for v in votes.iter_mut().filter(|v| v.is_none()) {
-                *v = Some(Vote::Unreachable(
-                    "not asked: another node failed first".into(),
-                ));
-            }
+            queue.extend(attempt.step(AEvent::Decide {
+                past_deadline: now_ms() > deadline_ms,
+            }));
         }
-        let votes: Vec<Vote> = votes
-            .into_iter()
-            .map(|v| v.unwrap_or(Vote::Unreachable("no vote".into())))
-            .collect();
-        let sent = vec![prepare_sent; votes.len()];
-        let mut decision = on_votes(&votes, &sent, now_ms() > deadline_ms);
-        let mut votes = votes;
-        if decision == OnVotes::LogCommit {
-            fail::fail_point!("coordinator::after_all_prepared");
-            let rec = DecisionRecord {
-                txid,
-                table: table_name.to_string(),
-                generation,
-                verdict: Verdict::Commit,
-                nodes: names.clone(),
-                at_ms: now_ms(),
-            };
-            let written = match log.decide(&rec) {
-                Ok(d) => WriteResult::Stands(d.verdict),
-                Err(e) => {
-                    warn!(error = %e, "decision log write failed; reading back what is on disk");
-                    match log.get(txid) {
-                        Ok(d) => WriteResult::ReadBack(d.map(|d| d.verdict)),
-                        Err(e) => {
-                            warn!(error = %e, "cannot read the decision back");
-                            WriteResult::Unreadable
-                        }
-                    }
+        let mut votes: Vec<Vote> = Vec::new();
+        let mut acks: Vec<Result<u64, DeliverError>> = Vec::new();
+        let (mut wrote_commit, mut no_decision) = (false, false);
+        let mut t_decided = Instant::now();
+        while let Some(act) = queue.pop_front() {
+            let events: Vec<AEvent> = match act {
+                Act::SendPrepares => {
+                    let fresh = send_prepares(
+                        cluster,
+                        &links,
+                        &live_sha,
+                        &mut whole_only,
+                        &prepare,
+                        (source, &digest),
+                        deadline,
+                        &mut report,
+                    )
+                    .await;
+                    debug!(
+                        connect_ms = (t_connected - started).as_millis() as u64,
+                        prepare_ms = t_connected.elapsed().as_millis() as u64,
+                        "phases"
+                    );
+                    fresh
+                        .into_iter()
+                        .enumerate()
+                        .map(|(node, vote)| AEvent::Vote { node, vote })
+                        .chain([AEvent::Decide {
+                            past_deadline: now_ms() > deadline_ms,
+                        }])
+                        .collect()
                 }
-            };
-            match after_decision_write(written) {
-                AfterWrite::Commit => {}
-                AfterWrite::Abort => {
-                    warn!(%txid, "no commit decision stands (recovery fenced it first, or the write failed before it existed); aborting");
-                    for v in votes.iter_mut() {
-                        *v = Vote::Unreachable("no commit decision could be recorded".into());
-                    }
-                    decision = OnVotes::Abort {
-                        record: false,
-                        retry: false,
+                Act::WriteCommit => {
+                    fail::fail_point!("coordinator::after_all_prepared");
+                    wrote_commit = true;
+                    let rec = DecisionRecord {
+                        txid,
+                        table: table_name.to_string(),
+                        generation,
+                        verdict: Verdict::Commit,
+                        nodes: names.clone(),
+                        at_ms: now_ms(),
                     };
+                    let written = match log.decide(&rec) {
+                        Ok(d) => WriteResult::Stands(d.verdict),
+                        Err(e) => {
+                            warn!(error = %e, "decision log write failed; reading back what is on disk");
+                            match log.get(txid) {
+                                Ok(d) => WriteResult::ReadBack(d.map(|d| d.verdict)),
+                                Err(e) => {
+                                    warn!(error = %e, "cannot read the decision back");
+                                    WriteResult::Unreadable
+                                }
+                            }
+                        }
+                    };
+                    vec![AEvent::CommitWritten(written)]
                 }
-                AfterWrite::Unsure => {
-                    // A commit record may be durable: never abort. Leave the open record; this
-                    // node's txmapd settles it from the disk (it delivers a commit it finds,
-                    // and fences otherwise) once this process is gone.
-                    report.exit = exit::LOCAL;
-                    report.nodes = vec![NodeReport {
-                        node: cluster.cfg.node.clone(),
-                        ok: false,
-                        detail: format!(
-                            "decision log in {}: cannot tell whether the commit decision was recorded; txmapd resolves it from the disk",
-                            cluster.cfg.state_dir.display()
-                        ),
-                    }];
-                    break;
+                Act::WriteAbort => {
+                    // A node that prepared may miss the abort (down, or its vote lost): record
+                    // the abort, so its resolver, even on this very node, finds it, and txmapd
+                    // re-drives it.
+                    let recorded = log
+                        .decide(&DecisionRecord::fence(
+                            txid,
+                            table_name,
+                            generation,
+                            names.clone(),
+                        ))
+                        .map_err(|e| warn!(error = %e, "cannot record the abort; nodes presume it"))
+                        .is_ok();
+                    vec![AEvent::AbortWritten(recorded)]
                 }
+                Act::Deliver(Verdict::Commit) => {
+                    fail::fail_point!("coordinator::after_decision_durable");
+                    t_decided = Instant::now();
+                    let creq = Request::Commit {
+                        table: table_name.to_string(),
+                        txid,
+                        generation,
+                    };
+                    // The prepare phase left `commit` of the overall deadline for this (at
+                    // least 500 ms even if the clock ran over: the decision is made and worth
+                    // finishing).
+                    let until =
+                        Instant::now() + deadline.cap(t.commit).max(Duration::from_millis(500));
+                    acks = join_all(links.iter().enumerate().map(|(i, (n, l))| {
+                        let creq = &creq;
+                        async move {
+                            let r = deliver(cluster, n, l, creq, until).await;
+                            if i == 0 {
+                                fail::fail_point!("coordinator::after_first_commit_sent");
+                            }
+                            r
+                        }
+                    }))
+                    .await;
+                    acks.iter()
+                        .enumerate()
+                        .map(|(node, a)| AEvent::Answer {
+                            node,
+                            answer: match a {
+                                Ok(_) => Delivery::Acked,
+                                Err(DeliverError::Contradicts(r)) => {
+                                    Delivery::Contradicts(r.clone())
+                                }
+                                Err(DeliverError::NotYet(e)) => Delivery::Retry(e.clone()),
+                            },
+                        })
+                        .chain([AEvent::DeliveryOver])
+                        .collect()
+                }
+                Act::Deliver(Verdict::Abort) => {
+                    if wrote_commit {
+                        warn!(%txid, "no commit decision stands (recovery fenced it first, or the write failed before it existed); aborting");
+                        no_decision = true;
+                    }
+                    abort_all(&links, table_name, txid, generation, deadline)
+                        .await
+                        .into_iter()
+                        .enumerate()
+                        .map(|(node, answer)| AEvent::Answer { node, answer })
+                        .chain([AEvent::DeliveryOver])
+                        .collect()
+                }
+                Act::Finish => {
+                    log.finish(txid);
+                    vec![]
+                }
+                Act::MarkDelivered => {
+                    log.delivered(txid);
+                    vec![]
+                }
+                Act::Close => {
+                    log.close(txid);
+                    vec![]
+                }
+            };
+            for e in events {
+                if let AEvent::Decide { .. } = e {
+                    // The votes as decided on, for the report.
+                    if let Phase::Preparing { votes: v, .. } = &attempt.phase {
+                        votes = v
+                            .iter()
+                            .map(|v| v.clone().unwrap_or(Vote::Unreachable("no vote".into())))
+                            .collect();
+                    }
+                }
+                queue.extend(attempt.step(e));
             }
         }
-        match decision {
-            OnVotes::LogCommit => {
-                fail::fail_point!("coordinator::after_decision_durable");
-                let t_decided = Instant::now();
-                let creq = Request::Commit {
-                    table: table_name.to_string(),
-                    txid,
-                    generation,
-                };
-                // The prepare phase left `commit` of the overall deadline for this (at least
-                // 500 ms even if the clock ran over: the decision is made and worth finishing).
-                let until = Instant::now() + deadline.cap(t.commit).max(Duration::from_millis(500));
-                let acks = join_all(links.iter().enumerate().map(|(i, (n, l))| {
-                    let creq = &creq;
-                    async move {
-                        let r = deliver(cluster, n, l, creq, until).await;
-                        if i == 0 {
-                            fail::fail_point!("coordinator::after_first_commit_sent");
-                        }
-                        r
-                    }
-                }))
-                .await;
+        match attempt.ending() {
+            Some(Ending::Committed | Ending::Incomplete) => {
                 report.nodes = links
                     .iter()
                     .zip(&acks)
@@ -634,35 +631,20 @@ pub async fn commit_with(
                         },
                     })
                     .collect();
-                if acks.iter().all(|a| a.is_ok()) {
-                    log.finish(txid);
+                if attempt.ending() == Some(Ending::Committed) {
                     report.exit = exit::OK;
                     debug!(commit_ms = t_decided.elapsed().as_millis() as u64, "phases");
                 } else {
-                    log.close(txid);
                     report.exit = exit::INCOMPLETE;
                 }
                 break;
             }
-            OnVotes::Abort { record, retry } => {
-                // A node that prepared may miss the abort (down, or its vote lost): record the
-                // abort, so its resolver, even on this very node, finds it, and txmapd
-                // re-drives it. Not needed when no node can hold anything.
-                let recorded = record
-                    && log
-                        .decide(&DecisionRecord::fence(
-                            txid,
-                            table_name,
-                            generation,
-                            names.clone(),
-                        ))
-                        .map_err(|e| warn!(error = %e, "cannot record the abort; nodes presume it"))
-                        .is_ok();
-                let all_acked = abort_all(&links, table_name, txid, generation, deadline).await;
-                if recorded && all_acked {
-                    log.delivered(txid);
+            Some(Ending::Aborted { retry }) => {
+                if no_decision {
+                    for v in votes.iter_mut() {
+                        *v = Vote::Unreachable("no commit decision could be recorded".into());
+                    }
                 }
-                log.close(txid);
                 report.nodes = links
                     .iter()
                     .zip(&votes)
@@ -696,20 +678,122 @@ pub async fn commit_with(
                 report.exit = if retry { exit::BUSY } else { exit::ABORTED };
                 break;
             }
+            // A commit record may be durable: never abort. The open record stays; this node's
+            // txmapd settles it from the disk (it delivers a commit it finds, and fences
+            // otherwise) once this process is gone. (`None` cannot happen: every action
+            // reports back; it is treated the same way, as the safe side.)
+            Some(Ending::Unsure) | None => {
+                local_failure(
+                    &mut report,
+                    format!(
+                        "decision log in {}: cannot tell whether the commit decision was recorded; txmapd resolves it from the disk",
+                        cluster.cfg.state_dir.display()
+                    ),
+                );
+                break;
+            }
         }
     }
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     report
 }
 
-/// Sends `Abort` to every node; true when every node acknowledged it.
+/// Sends the prepare (a delta to a node that serves its base and speaks protocol 3, the whole
+/// table otherwise) to every node at once; returns their votes. A node that refuses a delta
+/// (`DeltaBase`: its copy differs) is put in `whole_only` for the rest of the command.
+#[allow(clippy::too_many_arguments)] // one call site; the command's state, passed in
+async fn send_prepares(
+    cluster: &Cluster,
+    links: &[(NodeConfig, Link)],
+    live_sha: &[Option<Sha256>],
+    whole_only: &mut std::collections::HashSet<String>,
+    prepare: &Prepare,
+    (source, digest): (&Path, &table::SourceDigest),
+    deadline: Deadline,
+    report: &mut CommitReport,
+) -> Vec<Vote> {
+    let t = &cluster.cfg.timeouts;
+    let table_name = prepare.table.as_str();
+    let wants_delta = |i: usize, base: &[u8; 32]| {
+        let (n, l) = &links[i];
+        !whole_only.contains(&n.name)
+            && l.as_ref().is_ok_and(net::speaks_delta)
+            && live_sha[i].is_some_and(|s| &s.0 == base)
+    };
+    let plan = match links
+        .iter()
+        .any(|(_, l)| l.as_ref().is_ok_and(net::speaks_delta))
+    {
+        true => {
+            // This node's recorded content: its live copy is not hashed again.
+            let own = links
+                .iter()
+                .position(|(n, _)| n.name == cluster.cfg.node)
+                .and_then(|i| live_sha[i]);
+            plan_delta(cluster, table_name, source, digest, own).await
+        }
+        false => None,
+    };
+    let bodies: Vec<(Request, Body)> = (0..links.len())
+        .map(|i| match &plan {
+            Some(p) if wants_delta(i, &p.base_sha256) => (
+                Request::PrepareDelta(PrepareDelta {
+                    prepare: prepare.clone(),
+                    base_sha256: Sha256(p.base_sha256),
+                    delta_len: p.payload.len() as u64,
+                }),
+                Body::Delta(&p.payload),
+            ),
+            _ => (Request::Prepare(prepare.clone()), Body::Whole(source)),
+        })
+        .collect();
+    report.delta_nodes = bodies
+        .iter()
+        .filter(|(_, b)| matches!(b, Body::Delta(_)))
+        .count();
+    report.bytes_sent += bodies
+        .iter()
+        .zip(links)
+        .filter(|(_, (_, l))| l.is_ok())
+        .map(|((_, b), _)| match b {
+            Body::Whole(_) => digest.len,
+            Body::Delta(d) => d.len() as u64,
+        })
+        .sum::<u64>();
+    // Leave room in the overall deadline for the commit acknowledgements. A node sent a delta
+    // may still build the whole table (a full build is due, its `.db` drifted): the deadline
+    // is the whole table's either way (it only bounds failures).
+    let pd = deadline
+        .cap(t.prepare_for(digest.len, true))
+        .min(deadline.left().saturating_sub(t.commit));
+    let fresh = join_all(
+        links
+            .iter()
+            .zip(&bodies)
+            .map(|((_, l), (req, body))| prepare_one(l, req, body.clone(), pd)),
+    )
+    .await;
+    for ((n, _), v) in links.iter().zip(&fresh) {
+        if matches!(
+            v,
+            Vote::Refused(txmap_common::proto::Refusal::DeltaBase { .. })
+        ) {
+            info!(node = %n.name, "the node's copy differs from the delta's base; it gets the whole table");
+            whole_only.insert(n.name.clone());
+        }
+    }
+    fresh
+}
+
+/// Sends `Abort` to every node; returns each node's answer, classified (see
+/// [`delivery`]).
 async fn abort_all(
     links: &[(NodeConfig, Link)],
     table_name: &str,
     txid: TxId,
     generation: u64,
     deadline: Deadline,
-) -> bool {
+) -> Vec<Delivery> {
     let req = Request::Abort {
         table: table_name.to_string(),
         txid,
@@ -721,17 +805,17 @@ async fn abort_all(
         .cap(Duration::from_millis(1000))
         .max(Duration::from_millis(200));
     let res = join_all(links.iter().map(|(_, l)| ask(l, &req, d))).await;
-    let mut all = true;
-    for ((n, _), r) in links.iter().zip(res) {
-        match r {
-            Ok(Response::Aborted { .. }) => {}
-            other => {
-                all = false;
-                info!(node = %n.name, %txid, result = %other.as_ref().map_or_else(|e| e.clone(), |r| r.to_string()), "abort not acknowledged; the node resolves it by itself")
+    links
+        .iter()
+        .zip(res)
+        .map(|((n, _), r)| {
+            let answer = delivery(Verdict::Abort, r.as_ref().ok());
+            if answer != Delivery::Acked {
+                info!(node = %n.name, %txid, result = %r.as_ref().map_or_else(|e| e.clone(), |r| r.to_string()), "abort not acknowledged; the node resolves it by itself");
             }
-        }
-    }
-    all
+            answer
+        })
+        .collect()
 }
 
 /// Out-of-service nodes do not coordinate: the other nodes refuse their prepares anyway, and a

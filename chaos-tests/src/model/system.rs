@@ -1,6 +1,6 @@
 //! The modelled cluster: its state, and one function per kind of step, each mirroring the shell
-//! it models and calling txmap's own pure logic (`machine::TableState::step`,
-//! `coordinator::{on_votes, after_decision_write, delivery, resolve, may_recover, log_answer}`,
+//! it models and calling txmap's own pure logic (`machine::TableState::step`, the coordinator's
+//! `attempt::Attempt`, `coordinator::{delivery, resolve, may_recover, log_answer}`,
 //! `machine::next_generation`).
 //!
 //! Disk state is kept twice, `visible` (what a restarted process reads) and `durable` (what
@@ -10,9 +10,9 @@
 use super::oracle::Oracle;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::hash::{Hash, Hasher};
+use txmap_common::attempt::{Act, Attempt, Ending, Event as AEvent, Phase as Phase2};
 use txmap_common::coordinator::{
-    after_decision_write, delivery, log_answer, may_recover, on_votes, resolve, AfterWrite,
-    Delivery, Heard, LogAnswer, OnVotes, WriteResult,
+    delivery, log_answer, may_recover, resolve, Delivery, Heard, LogAnswer, WriteResult,
 };
 use txmap_common::decision::Verdict;
 use txmap_common::defects::{on, Defect};
@@ -139,40 +139,14 @@ pub enum CPhase {
         /// Transaction of this attempt.
         txid: TxId,
     },
-    /// Open record written, prepares sent, collecting votes.
-    Preparing {
+    /// Open record written: the attempt runs (txmap's own machine, [`Attempt`]).
+    Running {
         /// Transaction.
         txid: TxId,
         /// Generation offered.
         generation: u64,
-        /// Votes so far.
-        votes: [Option<Vote>; MEMBERS],
-        /// Prepares were sent (every status answered).
-        sent: bool,
-    },
-    /// Commit record hard-linked; the directory fsync is still to come.
-    Linked {
-        /// Transaction.
-        txid: TxId,
-        /// Generation.
-        generation: u64,
-    },
-    /// Delivering the decision, collecting answers.
-    Delivering {
-        /// Transaction.
-        txid: TxId,
-        /// Generation.
-        generation: u64,
-        /// What is delivered.
-        verdict: V,
-        /// Nodes that acknowledged.
-        acked: u8,
-        /// Nodes that answered definitively (acknowledged or contradicted).
-        done: u8,
-        /// An abort record was written.
-        recorded: bool,
-        /// Every refusal was a conflict: try again.
-        retry: bool,
+        /// The attempt's state machine.
+        attempt: Attempt,
     },
     /// Exited.
     Done,
@@ -533,12 +507,8 @@ impl System {
         let Some(c) = self.coords.get(Self::owner(txid)) else {
             return false;
         };
-        let holds = match &c.phase {
-            CPhase::Preparing { txid: t, .. }
-            | CPhase::Linked { txid: t, .. }
-            | CPhase::Delivering { txid: t, .. } => *t == txid,
-            _ => false,
-        };
+        let holds = matches!(&c.phase, CPhase::Running { txid: t, attempt, .. }
+            if *t == txid && attempt.ending().is_none());
         c.home == h && holds && !c.past_deadline
     }
 
@@ -861,8 +831,8 @@ impl System {
             self.ghost.entry(txid).or_default().voted |= bit(i);
         }
         let k = Self::owner(txid);
-        let waiting = matches!(&self.coords[k].phase, CPhase::Preparing { txid: t, votes, .. }
-            if *t == txid && votes[i].is_none());
+        let waiting = matches!(&self.coords[k].phase, CPhase::Running { txid: t, attempt, .. }
+            if *t == txid && attempt.awaits_vote(i));
         if waiting && !o.lost(|| format!("{}'s answer to the prepare", NAMES[i])) {
             self.receive(Msg::Vote {
                 txid,
@@ -884,7 +854,8 @@ impl System {
     ) {
         let waiting = match to {
             Sender::Coord(k) => matches!(&self.coords[k as usize].phase,
-                CPhase::Delivering { txid: t, verdict: v, .. } if *t == txid && *v == verdict),
+                CPhase::Running { txid: t, attempt, .. }
+                    if *t == txid && attempt.delivering() == Some(verdict.verdict())),
             Sender::Redrive(h) => {
                 self.nodes[h as usize].up && self.nodes[h as usize].redrive.contains_key(&txid)
             }
@@ -968,14 +939,20 @@ impl System {
             Msg::Prepare { .. } | Msg::Decide { .. } => {}
             Msg::Vote { txid, from, resp } => {
                 let k = Self::owner(txid);
-                if let CPhase::Preparing { txid: t, votes, .. } = &mut self.coords[k].phase {
-                    let slot = &mut votes[from as usize];
-                    if *t == txid && slot.is_none() {
+                if let CPhase::Running {
+                    txid: t, attempt, ..
+                } = &mut self.coords[k].phase
+                {
+                    if *t == txid {
                         // `prepare_one`.
-                        *slot = Some(match resp {
+                        let vote = match resp {
                             Response::Prepared { .. } => Vote::Prepared,
                             Response::Refused(r) => Vote::Refused(r),
                             _ => Vote::Unreachable("unexpected answer".into()),
+                        };
+                        attempt.step(AEvent::Vote {
+                            node: from as usize,
+                            vote,
                         });
                     }
                 }
@@ -988,34 +965,16 @@ impl System {
                 resp,
             } => match to {
                 Sender::Coord(k) => {
-                    if let CPhase::Delivering {
-                        txid: t,
-                        verdict: v,
-                        acked,
-                        done,
-                        ..
+                    if let CPhase::Running {
+                        txid: t, attempt, ..
                     } = &mut self.coords[k as usize].phase
                     {
-                        if *t != txid || *v != verdict {
-                            return;
-                        }
-                        match verdict {
-                            // `deliver` (retries until a definitive answer).
-                            V::Commit => match delivery(Verdict::Commit, Some(&resp)) {
-                                Delivery::Acked => {
-                                    *acked |= bit(from as usize);
-                                    *done |= bit(from as usize);
-                                }
-                                Delivery::Contradicts(_) => *done |= bit(from as usize),
-                                Delivery::Retry(_) => {}
-                            },
-                            // `abort_all` (one answer each, best effort).
-                            V::Abort => {
-                                if matches!(resp, Response::Aborted { .. }) {
-                                    *acked |= bit(from as usize);
-                                }
-                                *done |= bit(from as usize);
-                            }
+                        if *t == txid && attempt.delivering() == Some(verdict.verdict()) {
+                            let answer = delivery(verdict.verdict(), Some(&resp));
+                            attempt.step(AEvent::Answer {
+                                node: from as usize,
+                                answer,
+                            });
                         }
                     }
                 }
@@ -1042,68 +1001,115 @@ impl System {
         }
     }
 
-    fn after_write(
-        &mut self,
-        k: usize,
-        txid: TxId,
-        generation: u64,
-        w: WriteResult,
-        o: &mut Oracle,
-    ) {
-        let a = after_decision_write(w);
-        o.note(|| format!("  C{}: {w:?} -> {a:?}", k + 1));
-        match a {
-            AfterWrite::Commit => {
-                self.ghost.entry(txid).or_default().reported = true;
-                self.start_delivery(k, txid, generation, V::Commit, true, false);
-            }
-            AfterWrite::Abort => self.coord_abort(k, txid, generation, false, false, o),
-            // Send nothing, leave the open record; exit (the lock goes with the process).
-            AfterWrite::Unsure => self.coords[k].phase = CPhase::Done,
-        }
-    }
-
-    fn start_delivery(
-        &mut self,
-        k: usize,
-        txid: TxId,
-        generation: u64,
-        verdict: V,
-        recorded: bool,
-        retry: bool,
-    ) {
-        self.coords[k].phase = CPhase::Delivering {
-            txid,
-            generation,
-            verdict,
-            acked: 0,
-            done: 0,
-            recorded,
-            retry,
+    /// Executes what coordinator `k`'s attempt asks for (as `commit_with` does), feeding back
+    /// what came of each action, until the attempt waits for the network or a step.
+    fn run_acts(&mut self, k: usize, acts: Vec<Act>, o: &mut Oracle) {
+        let CPhase::Running {
+            txid, generation, ..
+        } = self.coords[k].phase
+        else {
+            return;
         };
-        for i in 0..MEMBERS {
-            self.send(Msg::Decide {
-                to: i as u8,
-                txid,
-                generation,
-                verdict,
-                from: Sender::Coord(k as u8),
-            });
+        let home = self.coords[k].home;
+        let mut queue: VecDeque<Act> = acts.into();
+        while let Some(act) = queue.pop_front() {
+            let event = match act {
+                Act::SendPrepares => {
+                    for i in 0..MEMBERS {
+                        self.send(Msg::Prepare {
+                            to: i as u8,
+                            txid,
+                            generation,
+                        });
+                    }
+                    None
+                }
+                Act::WriteCommit => match self.log_link(home, txid, V::Commit, generation, o) {
+                    Ok(true) => {
+                        // The directory fsync is a step of its own (`SyncDecision`).
+                        o.note(|| "  commit record linked (not yet durable)".into());
+                        None
+                    }
+                    Ok(false) => {
+                        // The no-replace link lost: `decide` returns what stands (via `get`).
+                        let w = match self.log_get(home, txid, o) {
+                            Ok(Some((v, _))) => WriteResult::Stands(v.verdict()),
+                            _ => self.read_back(home, txid, o),
+                        };
+                        Some(AEvent::CommitWritten(w))
+                    }
+                    Err(()) => Some(AEvent::CommitWritten(self.read_back(home, txid, o))),
+                },
+                Act::WriteAbort => Some(AEvent::AbortWritten(
+                    self.log_decide(home, txid, V::Abort, generation, o).is_ok(),
+                )),
+                Act::Deliver(verdict) => {
+                    let v = match verdict {
+                        Verdict::Commit => V::Commit,
+                        Verdict::Abort => V::Abort,
+                    };
+                    if v == V::Commit {
+                        self.ghost.entry(txid).or_default().reported = true;
+                    }
+                    for i in 0..MEMBERS {
+                        self.send(Msg::Decide {
+                            to: i as u8,
+                            txid,
+                            generation,
+                            verdict: v,
+                            from: Sender::Coord(k as u8),
+                        });
+                    }
+                    None
+                }
+                Act::Finish => {
+                    finish(&mut self.nodes[home].log.visible, txid);
+                    None
+                }
+                Act::MarkDelivered => {
+                    self.nodes[home]
+                        .log
+                        .visible
+                        .insert((txid, Kind::Delivered), Rec::Delivered);
+                    None
+                }
+                Act::Close => {
+                    self.nodes[home].log.visible.remove(&(txid, Kind::Open));
+                    None
+                }
+            };
+            if let Some(e) = event {
+                o.note(|| format!("  C{}: {e:?}", k + 1));
+                if let CPhase::Running { attempt, .. } = &mut self.coords[k].phase {
+                    queue.extend(attempt.step(e));
+                }
+            }
+        }
+        let ending = match &self.coords[k].phase {
+            CPhase::Running { attempt, .. } => attempt.ending(),
+            _ => None,
+        };
+        let c = &mut self.coords[k];
+        match ending {
+            None => {}
+            Some(Ending::Aborted { retry: true }) if c.attempt + 1 < self.attempts => {
+                c.attempt += 1;
+                let t = Self::txid(k, c.attempt);
+                o.note(|| format!("  conflict: retries as {}", tx(t)));
+                c.phase = CPhase::Start { txid: t };
+            }
+            // Exits (after `Unsure`, the open record stays; its lock goes with the process).
+            Some(_) => c.phase = CPhase::Done,
         }
     }
 
-    fn coord_abort(
-        &mut self,
-        k: usize,
-        txid: TxId,
-        generation: u64,
-        record: bool,
-        retry: bool,
-        o: &mut Oracle,
-    ) {
-        let home = self.coords[k].home;
-        let recorded = record && self.log_decide(home, txid, V::Abort, generation, o).is_ok();
-        self.start_delivery(k, txid, generation, V::Abort, recorded, retry);
+    /// Feeds one event to coordinator `k`'s attempt and runs what it asks for.
+    fn coord_event(&mut self, k: usize, e: AEvent, o: &mut Oracle) {
+        let acts = match &mut self.coords[k].phase {
+            CPhase::Running { attempt, .. } => attempt.step(e),
+            _ => return,
+        };
+        self.run_acts(k, acts, o);
     }
 
     // ---- steps ----
@@ -1139,24 +1145,21 @@ impl System {
         for (k, c) in self.coords.iter().enumerate() {
             match &c.phase {
                 CPhase::Start { .. } => v.push(Step::OpenAndPrepare(k)),
-                CPhase::Preparing { votes, .. } => {
-                    if votes.iter().all(|x| x.is_some()) {
-                        v.push(Step::Decide(k));
-                    } else {
-                        v.push(Step::VoteTimeout(k));
-                    }
-                }
-                CPhase::Linked { .. } => v.push(Step::SyncDecision(k)),
-                CPhase::Delivering { verdict, done, .. } => {
-                    if *verdict == V::Commit {
+                CPhase::Running { attempt, .. } => match &attempt.phase {
+                    Phase2::Preparing { .. } if attempt.votes_in() => v.push(Step::Decide(k)),
+                    Phase2::Preparing { .. } => v.push(Step::VoteTimeout(k)),
+                    Phase2::WritingCommit => v.push(Step::SyncDecision(k)),
+                    Phase2::Delivering { .. } => {
                         for i in 0..MEMBERS {
-                            if done & bit(i) == 0 {
+                            if attempt.resend_to(i) {
                                 v.push(Step::Resend(k, i));
                             }
                         }
+                        v.push(Step::EndDelivery(k));
                     }
-                    v.push(Step::EndDelivery(k));
-                }
+                    // Run to their end within the step that entered them.
+                    Phase2::WritingAbort { .. } | Phase2::Over(_) => {}
+                },
                 CPhase::Done | CPhase::Crashed => continue,
             }
             if !c.past_deadline {
@@ -1287,16 +1290,13 @@ impl System {
                 self.deliver(m, o);
             }
             Step::OpenAndPrepare(k) => self.open_and_prepare(k, o),
-            Step::VoteTimeout(k) => {
-                if let CPhase::Preparing { votes, .. } = &mut self.coords[k].phase {
-                    for v in votes.iter_mut().filter(|v| v.is_none()) {
-                        *v = Some(Vote::Unreachable("timeout".into()));
-                    }
-                }
+            Step::VoteTimeout(k) => self.coord_event(k, AEvent::VoteTimeout, o),
+            Step::Decide(k) => {
+                let past_deadline = self.coords[k].past_deadline;
+                self.coord_event(k, AEvent::Decide { past_deadline }, o)
             }
-            Step::Decide(k) => self.coord_decide(k, o),
             Step::SyncDecision(k) => {
-                let CPhase::Linked { txid, generation } = self.coords[k].phase else {
+                let CPhase::Running { txid, .. } = self.coords[k].phase else {
                     return;
                 };
                 let home = self.coords[k].home;
@@ -1304,26 +1304,36 @@ impl System {
                     Ok(()) => WriteResult::Stands(Verdict::Commit),
                     Err(()) => self.read_back(home, txid, o),
                 };
-                self.after_write(k, txid, generation, w, o);
+                o.note(|| format!("  C{}: {w:?}", k + 1));
+                self.coord_event(k, AEvent::CommitWritten(w), o);
             }
             Step::Resend(k, i) => {
-                if let CPhase::Delivering {
+                if let CPhase::Running {
                     txid,
                     generation,
-                    verdict,
-                    ..
-                } = self.coords[k].phase
+                    attempt,
+                } = &self.coords[k].phase
                 {
-                    self.send(Msg::Decide {
-                        to: i as u8,
-                        txid,
-                        generation,
-                        verdict,
-                        from: Sender::Coord(k as u8),
-                    });
+                    if let Some(verdict) = attempt.delivering() {
+                        let m = Msg::Decide {
+                            to: i as u8,
+                            txid: *txid,
+                            generation: *generation,
+                            verdict: if verdict == Verdict::Commit {
+                                V::Commit
+                            } else {
+                                V::Abort
+                            },
+                            from: Sender::Coord(k as u8),
+                        };
+                        self.send(m);
+                    }
                 }
             }
-            Step::EndDelivery(k) => self.end_delivery(k, o),
+            Step::EndDelivery(k) => {
+                self.coord_event(k, AEvent::DeliveryOver, o);
+                self.drop_replies_to(Sender::Coord(k as u8));
+            }
             Step::Deadline(k) => self.coords[k].past_deadline = true,
             Step::CoordCrash(k) => {
                 self.budget -= 1;
@@ -1507,111 +1517,20 @@ impl System {
         log.visible
             .insert((txid, Kind::Open), Rec::Open { generation });
         log.sync();
-        let sent = got.iter().all(|g| g.is_some());
-        let votes: [Option<Vote>; MEMBERS] = if sent {
-            [None, None, None]
+        // A failed status: nothing is sent (every node counts as not asked).
+        let early: Vec<Option<Vote>> = if got.iter().all(|g| g.is_some()) {
+            vec![None; MEMBERS]
         } else {
-            got.map(|_| Some(Vote::Unreachable("not asked".into())))
+            vec![Some(Vote::Unreachable("not asked".into())); MEMBERS]
         };
-        self.coords[k].phase = CPhase::Preparing {
+        let (attempt, acts) = Attempt::start(early);
+        self.coords[k].phase = CPhase::Running {
             txid,
             generation,
-            votes,
-            sent,
+            attempt,
         };
         o.note(|| format!("  {} offers generation {generation}", tx(txid)));
-        if sent {
-            for i in 0..MEMBERS {
-                self.send(Msg::Prepare {
-                    to: i as u8,
-                    txid,
-                    generation,
-                });
-            }
-        }
-    }
-
-    fn coord_decide(&mut self, k: usize, o: &mut Oracle) {
-        let CPhase::Preparing {
-            txid,
-            generation,
-            votes,
-            sent,
-        } = self.coords[k].phase.clone()
-        else {
-            return;
-        };
-        let votes: Vec<Vote> = votes
-            .into_iter()
-            .map(|v| v.unwrap_or(Vote::Unreachable("no vote".into())))
-            .collect();
-        let decision = on_votes(&votes, &[sent; MEMBERS], self.coords[k].past_deadline);
-        o.note(|| format!("  votes {votes:?} -> {decision:?}"));
-        let home = self.coords[k].home;
-        match decision {
-            OnVotes::LogCommit => match self.log_link(home, txid, V::Commit, generation, o) {
-                Ok(true) => {
-                    o.note(|| "  commit record linked (not yet durable)".into());
-                    self.coords[k].phase = CPhase::Linked { txid, generation };
-                }
-                Ok(false) => {
-                    // The no-replace link lost: `decide` returns what stands (via `get`).
-                    let w = match self.log_get(home, txid, o) {
-                        Ok(Some((v, _))) => WriteResult::Stands(v.verdict()),
-                        _ => self.read_back(home, txid, o),
-                    };
-                    self.after_write(k, txid, generation, w, o);
-                }
-                Err(()) => {
-                    let w = self.read_back(home, txid, o);
-                    self.after_write(k, txid, generation, w, o);
-                }
-            },
-            OnVotes::Abort { record, retry } => {
-                self.coord_abort(k, txid, generation, record, retry, o)
-            }
-        }
-    }
-
-    fn end_delivery(&mut self, k: usize, o: &mut Oracle) {
-        let CPhase::Delivering {
-            txid,
-            verdict,
-            acked,
-            recorded,
-            retry,
-            ..
-        } = self.coords[k].phase
-        else {
-            return;
-        };
-        let home = self.coords[k].home;
-        let log = &mut self.nodes[home].log.visible;
-        match verdict {
-            V::Commit => {
-                if acked == ALL_MEMBERS {
-                    finish(log, txid);
-                }
-                log.remove(&(txid, Kind::Open));
-                self.coords[k].phase = CPhase::Done;
-            }
-            V::Abort => {
-                if recorded && acked == ALL_MEMBERS {
-                    log.insert((txid, Kind::Delivered), Rec::Delivered);
-                }
-                log.remove(&(txid, Kind::Open));
-                let c = &mut self.coords[k];
-                if retry && c.attempt + 1 < self.attempts {
-                    c.attempt += 1;
-                    let t = Self::txid(k, c.attempt);
-                    o.note(|| format!("  conflict: retries as {}", tx(t)));
-                    c.phase = CPhase::Start { txid: t };
-                } else {
-                    c.phase = CPhase::Done;
-                }
-            }
-        }
-        self.drop_replies_to(Sender::Coord(k as u8));
+        self.run_acts(k, acts, o);
     }
 
     #[allow(clippy::needless_range_loop)] // nodes are indices throughout the model
