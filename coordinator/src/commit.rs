@@ -456,18 +456,34 @@ pub async fn commit_with(
         // the model checker drives); this shell executes its actions and reports back.
         let (mut attempt, first) = Attempt::start(votes.clone());
         let mut queue: VecDeque<Act> = first.into();
+        let mut events: Vec<AEvent> = Vec::new();
         if queue.is_empty() {
             // Some node failed before prepare: abort without sending the table anywhere.
-            queue.extend(attempt.step(AEvent::Decide {
+            events.push(AEvent::Decide {
                 past_deadline: now_ms() > deadline_ms,
-            }));
+            });
         }
         let mut votes: Vec<Vote> = Vec::new();
         let mut acks: Vec<Result<u64, DeliverError>> = Vec::new();
         let (mut wrote_commit, mut no_decision) = (false, false);
         let mut t_decided = Instant::now();
-        while let Some(act) = queue.pop_front() {
-            let events: Vec<AEvent> = match act {
+        loop {
+            for e in events.drain(..) {
+                if let (AEvent::Decide { .. }, Phase::Preparing { votes: v, .. }) =
+                    (&e, &attempt.phase)
+                {
+                    // The votes as decided on, for the report.
+                    votes = v
+                        .iter()
+                        .map(|v| v.clone().unwrap_or(Vote::Unreachable("no vote".into())))
+                        .collect();
+                }
+                queue.extend(attempt.step(e));
+            }
+            let Some(act) = queue.pop_front() else {
+                break;
+            };
+            events = match act {
                 Act::SendPrepares => {
                     let fresh = send_prepares(
                         cluster,
@@ -600,18 +616,6 @@ pub async fn commit_with(
                     vec![]
                 }
             };
-            for e in events {
-                if let AEvent::Decide { .. } = e {
-                    // The votes as decided on, for the report.
-                    if let Phase::Preparing { votes: v, .. } = &attempt.phase {
-                        votes = v
-                            .iter()
-                            .map(|v| v.clone().unwrap_or(Vote::Unreachable("no vote".into())))
-                            .collect();
-                    }
-                }
-                queue.extend(attempt.step(e));
-            }
         }
         match attempt.ending() {
             Some(Ending::Committed | Ending::Incomplete) => {
