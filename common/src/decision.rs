@@ -355,7 +355,8 @@ impl DecisionLog {
     /// comes late (a member asked while in doubt and learned the outcome elsewhere) must find
     /// the commit, never an empty log that it would fence as aborted.
     pub fn finish(&self, txid: TxId) {
-        if crate::defects::on(crate::defects::Defect::InstallFailedDropsToPrepared) {
+        use crate::defects::{on, Defect};
+        if on(Defect::InstallFailedDropsToPrepared) || on(Defect::FinishForgetsCommit) {
             // DEFECT (test only): the commit record forgotten, as before tombstones.
             let _ = std::fs::remove_file(self.dir.join(format!("{txid}.json")));
             let _ = std::fs::remove_file(self.dir.join(format!("{txid}.open")));

@@ -27,16 +27,22 @@ pub enum Defect {
     /// Issue 13: the table directory is not fsynced after the install renames, so a power
     /// cut after the commit was acknowledged can take the renames back.
     InstallSkipsDirFsync,
+    /// 6. (Found by the long chaos run of seed 9009.) A finished commit's record is deleted, so
+    ///    a late outcome question finds no record, and the coordinator's node fences the
+    ///    transaction as aborted in its log although every member committed it.
+    FinishForgetsCommit,
 }
 
 impl Defect {
-    /// The defects of issue 9, in issue order (those the model checker finds).
-    pub const ALL: [Defect; 5] = [
+    /// The defects of issue 9, in issue order, and the one its long chaos runs found (those
+    /// the model checker finds).
+    pub const ALL: [Defect; 6] = [
         Defect::InstallFailedDropsToPrepared,
         Defect::RecoverCountsNonMembers,
         Defect::AbortFromMissingMemory,
         Defect::AbortAfterFailedDecisionWrite,
         Defect::DecisionVisibleBeforeDurable,
+        Defect::FinishForgetsCommit,
     ];
 
     /// Every defect a power cut can show (issue 13).
@@ -55,6 +61,7 @@ impl Defect {
             Defect::AbortAfterFailedDecisionWrite => "abort-after-failed-decision-write",
             Defect::DecisionVisibleBeforeDurable => "decision-visible-before-durable",
             Defect::InstallSkipsDirFsync => "install-skips-dir-fsync",
+            Defect::FinishForgetsCommit => "finish-forgets-commit",
         }
     }
 

@@ -22,6 +22,9 @@ struct Args {
     /// No operator `txmap recover` step.
     #[arg(long)]
     no_operator: bool,
+    /// No delayed outcome questions (a fault kind otherwise).
+    #[arg(long)]
+    no_late_questions: bool,
     /// No fault-free drain (termination and cleanliness are then not checked).
     #[arg(long)]
     no_drain: bool,
@@ -33,7 +36,8 @@ struct Args {
     max_states: usize,
     /// Put a defect of issue 9 back (test only): install-failed-drops-to-prepared,
     /// recover-counts-non-members, abort-from-missing-memory,
-    /// abort-after-failed-decision-write, decision-visible-before-durable.
+    /// abort-after-failed-decision-write, decision-visible-before-durable,
+    /// finish-forgets-commit.
     #[arg(long)]
     defect: Vec<String>,
     /// Print the fault-free run from the initial state and exit.
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         faults: a.faults,
         attempts: a.attempts.max(1),
         operator: !a.no_operator,
+        late_questions: !a.no_late_questions,
         drain: !a.no_drain,
         max_states: a.max_states,
         max_depth: a.max_depth,

@@ -186,7 +186,8 @@ impl Drain {
 /// Explores every state reachable within `b` and checks the properties in each.
 pub fn check(b: &Bounds) -> Report {
     let started = Instant::now();
-    let init = System::new(b.coordinators, b.faults, b.attempts, b.operator);
+    let init = System::new(b.coordinators, b.faults, b.attempts, b.operator)
+        .with_late_questions(b.late_questions);
     // Per state: (parent id, successor ordinal, depth).
     let mut parents: Vec<(u32, u32, u16)> = vec![(u32::MAX, 0, 0)];
     let mut seen: HashMap<u64, u32> = HashMap::new();

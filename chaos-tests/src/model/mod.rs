@@ -39,6 +39,8 @@ pub struct Bounds {
     pub attempts: u8,
     /// One operator `txmap recover --abort|--commit` anywhere in the schedule.
     pub operator: bool,
+    /// An outcome question may be delayed (a fault) and arrive at any later moment.
+    pub late_questions: bool,
     /// Run the fault-free drain from every state (termination, cleanliness).
     pub drain: bool,
     /// Steps a drain may take before it counts as not terminating.
@@ -59,6 +61,7 @@ impl Bounds {
             faults: 1,
             attempts: 1,
             operator: true,
+            late_questions: true,
             drain: true,
             drain_limit: 400,
             max_depth: 60,

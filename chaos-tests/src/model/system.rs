@@ -189,7 +189,7 @@ fn finish(log: &mut BTreeMap<(TxId, Kind), Rec>, txid: TxId) {
             ..
         })
     );
-    if is_commit && on(Defect::InstallFailedDropsToPrepared) {
+    if is_commit && (on(Defect::InstallFailedDropsToPrepared) || on(Defect::FinishForgetsCommit)) {
         log.remove(&(txid, Kind::Decision)); // DEFECT (test only)
     } else {
         log.insert((txid, Kind::Delivered), Rec::Delivered);
@@ -232,6 +232,18 @@ pub enum Msg {
         /// Sender.
         from: Sender,
     },
+    /// A copy of a node's outcome question that arrives late (a fault: the asker timed out,
+    /// or learned the outcome elsewhere, and no longer waits for the answer).
+    Query {
+        /// Node asked.
+        to: u8,
+        /// Node that asked.
+        from: u8,
+        /// Transaction.
+        txid: TxId,
+        /// Its generation, as the asker holds it.
+        generation: u64,
+    },
     /// A node's answer to a decision.
     Ack {
         /// The sender of the decision.
@@ -273,6 +285,8 @@ pub struct System {
     pub budget: u8,
     /// `txmap recover` runs left.
     pub operator: u8,
+    /// Outcome questions may be delayed (a fault).
+    pub late_questions: bool,
     /// Attempts per coordinator.
     pub attempts: u8,
     /// History of each transaction.
@@ -420,6 +434,12 @@ impl Msg {
                 sender(from),
                 NAMES[*to as usize]
             ),
+            Msg::Query { to, from, txid, .. } => format!(
+                "LATE question from {}: what became of {}? -> {}",
+                NAMES[*from as usize],
+                tx(*txid),
+                NAMES[*to as usize]
+            ),
             Msg::Ack {
                 to,
                 txid,
@@ -467,9 +487,16 @@ impl System {
             net: Vec::new(),
             budget: faults,
             operator: u8::from(operator),
+            late_questions: false,
             attempts,
             ghost: BTreeMap::new(),
         }
+    }
+
+    /// The same, with delayed outcome questions as a fault kind (or not).
+    pub fn with_late_questions(mut self, on: bool) -> System {
+        self.late_questions = on;
+        self
     }
 
     fn txid(k: usize, attempt: u8) -> TxId {
@@ -877,6 +904,20 @@ impl System {
     fn deliver(&mut self, m: Msg, o: &mut Oracle) {
         match m {
             Msg::Vote { .. } | Msg::Ack { .. } => self.receive(m),
+            Msg::Query {
+                to,
+                txid,
+                generation,
+                ..
+            } => {
+                // `Node::outcome` answers (and may fence); nobody waits for the answer.
+                match self.outcome(to as usize, txid, generation, true, o) {
+                    Ok(x) => {
+                        o.note(|| format!("  {} answers {x:?} (to nobody)", NAMES[to as usize]))
+                    }
+                    Err(()) => o.note(|| format!("  {} cannot answer", NAMES[to as usize])),
+                }
+            }
             Msg::Prepare {
                 to,
                 txid,
@@ -936,7 +977,7 @@ impl System {
 
     fn receive(&mut self, m: Msg) {
         match m {
-            Msg::Prepare { .. } | Msg::Decide { .. } => {}
+            Msg::Prepare { .. } | Msg::Decide { .. } | Msg::Query { .. } => {}
             Msg::Vote { txid, from, resp } => {
                 let k = Self::owner(txid);
                 if let CPhase::Running {
@@ -1132,7 +1173,9 @@ impl System {
         let mut v = Vec::new();
         for (idx, m) in self.net.iter().enumerate() {
             let to = match m {
-                Msg::Prepare { to, .. } | Msg::Decide { to, .. } => Some(*to as usize),
+                Msg::Prepare { to, .. } | Msg::Decide { to, .. } | Msg::Query { to, .. } => {
+                    Some(*to as usize)
+                }
                 _ => None,
             };
             if to.is_none_or(|i| self.nodes[i].up) {
@@ -1533,6 +1576,36 @@ impl System {
         self.run_acts(k, acts, o);
     }
 
+    /// A fault: node `i`'s question to `j` is delayed; the asker gives up on it (true: no
+    /// answer now) and the question stays in flight, to arrive at any later moment.
+    fn late_copy(
+        &mut self,
+        i: usize,
+        j: usize,
+        txid: TxId,
+        generation: u64,
+        o: &mut Oracle,
+    ) -> bool {
+        let late = self.late_questions
+            && o.fault(&mut self.budget, || {
+                format!(
+                    "{}'s question about {} to {} is delayed (it arrives late)",
+                    NAMES[i],
+                    tx(txid),
+                    NAMES[j]
+                )
+            });
+        if late {
+            self.send(Msg::Query {
+                to: j as u8,
+                from: i as u8,
+                txid,
+                generation,
+            });
+        }
+        late
+    }
+
     #[allow(clippy::needless_range_loop)] // nodes are indices throughout the model
     /// `Node::resolve_one`: the coordinator's node first, then (old enough) the other members.
     fn resolve_one(&mut self, i: usize, o: &mut Oracle) {
@@ -1546,7 +1619,9 @@ impl System {
         let mut heard = Vec::new();
         let from_c = if c == i {
             self.outcome(i, a.txid, a.generation, true, o).ok()
-        } else if o.lost(|| format!("query to {}", NAMES[c])) {
+        } else if self.late_copy(i, c, a.txid, a.generation, o)
+            || o.lost(|| format!("query to {}", NAMES[c]))
+        {
             None
         } else {
             self.outcome(c, a.txid, a.generation, true, o).ok()
@@ -1567,7 +1642,9 @@ impl System {
                 if p == i || p == c || !member(p) {
                     continue;
                 }
-                if o.lost(|| format!("query to {}", NAMES[p])) {
+                if self.late_copy(i, p, a.txid, a.generation, o)
+                    || o.lost(|| format!("query to {}", NAMES[p]))
+                {
                     continue;
                 }
                 if let Ok(x) = self.outcome(p, a.txid, a.generation, true, o) {
@@ -1834,6 +1911,8 @@ impl System {
     pub fn drain_steps(&self) -> Vec<Step> {
         let all = self.steps();
         let rank = |s: &Step| match s {
+            // A late question arrives after everything else settled: that is what late means.
+            Step::Deliver(i, false) if matches!(self.net[*i], Msg::Query { .. }) => 9,
             Step::Restart(_) => 0,
             Step::Deliver(_, false) => 1,
             Step::StageFinish(_) => 2,
