@@ -331,26 +331,54 @@ impl Attempt {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::Refusal;
+    use crate::proto::{Refusal, TxId};
 
     fn run(a: &mut Attempt, evs: Vec<Event>) -> Vec<Act> {
         evs.into_iter().flat_map(|e| a.step(e)).collect()
     }
 
-    #[test]
-    fn every_vote_prepared_commits_and_finishes() {
-        let (mut a, acts) = Attempt::start(vec![None, None, None]);
-        assert_eq!(acts, vec![Act::SendPrepares]);
-        let mut evs: Vec<Event> = (0..3)
+    /// Every node votes `vote`, then the coordinator decides (within its deadline).
+    fn votes(vote: Vote) -> Vec<Event> {
+        (0..3)
             .map(|node| Event::Vote {
                 node,
-                vote: Vote::Prepared,
+                vote: vote.clone(),
             })
-            .collect();
-        evs.push(Event::Decide {
-            past_deadline: false,
-        });
-        assert_eq!(run(&mut a, evs), vec![Act::WriteCommit]);
+            .chain([Event::Decide {
+                past_deadline: false,
+            }])
+            .collect()
+    }
+
+    /// Every node answers the delivery so, then delivery stops.
+    fn answers(answer: Delivery) -> Vec<Event> {
+        (0..3)
+            .map(|node| Event::Answer {
+                node,
+                answer: answer.clone(),
+            })
+            .chain([Event::DeliveryOver])
+            .collect()
+    }
+
+    /// An attempt whose nodes all prepared, writing its commit record.
+    fn writing_commit() -> Attempt {
+        let (mut a, acts) = Attempt::start(vec![None, None, None]);
+        assert_eq!(acts, vec![Act::SendPrepares]);
+        assert_eq!(run(&mut a, votes(Vote::Prepared)), vec![Act::WriteCommit]);
+        a
+    }
+
+    fn busy() -> Vote {
+        Vote::Refused(Refusal::Busy {
+            txid: TxId(9),
+            generation: 1,
+        })
+    }
+
+    #[test]
+    fn every_vote_prepared_commits_and_finishes() {
+        let mut a = writing_commit();
         assert_eq!(
             a.step(Event::CommitWritten(WriteResult::Stands(Verdict::Commit))),
             vec![Act::Deliver(Verdict::Commit)]
@@ -361,54 +389,39 @@ mod tests {
             answer: Delivery::Retry("storage".into()),
         });
         assert!(a.resend_to(1));
-        let acks: Vec<Event> = (0..3)
-            .map(|node| Event::Answer {
-                node,
-                answer: Delivery::Acked,
-            })
-            .collect();
-        run(&mut a, acks);
+        assert_eq!(
+            run(&mut a, answers(Delivery::Acked)),
+            vec![Act::Finish, Act::Close]
+        );
         assert!(!a.resend_to(1));
-        assert_eq!(a.step(Event::DeliveryOver), vec![Act::Finish, Act::Close]);
         assert_eq!(a.ending(), Some(Ending::Committed));
     }
 
     #[test]
     fn an_unacknowledged_commit_keeps_its_record_and_a_late_vote_changes_nothing() {
         let (mut a, _) = Attempt::start(vec![None, None, None]);
-        let evs = vec![
-            Event::Vote {
-                node: 0,
-                vote: Vote::Prepared,
-            },
-            // The first vote counts.
-            Event::Vote {
-                node: 0,
-                vote: Vote::Refused(Refusal::Busy {
-                    txid: crate::proto::TxId(9),
-                    generation: 1,
-                }),
-            },
-            Event::Vote {
+        a.step(Event::Vote {
+            node: 0,
+            vote: Vote::Prepared,
+        });
+        // Only the first vote counts; the rest as usual.
+        assert_eq!(run(&mut a, votes(busy())), vec![Act::WriteAbort]);
+        let mut b = writing_commit();
+        b.step(Event::CommitWritten(WriteResult::Stands(Verdict::Commit)));
+        b.step(Event::Answer {
+            node: 0,
+            answer: Delivery::Acked,
+        });
+        assert_eq!(b.step(Event::DeliveryOver), vec![Act::Close]);
+        assert_eq!(b.ending(), Some(Ending::Incomplete));
+        // A vote after the decision changes nothing.
+        assert!(b
+            .step(Event::Vote {
                 node: 1,
-                vote: Vote::Prepared,
-            },
-            Event::Vote {
-                node: 2,
-                vote: Vote::Prepared,
-            },
-            Event::Decide {
-                past_deadline: false,
-            },
-            Event::CommitWritten(WriteResult::Stands(Verdict::Commit)),
-            Event::Answer {
-                node: 0,
-                answer: Delivery::Acked,
-            },
-        ];
-        run(&mut a, evs);
-        assert_eq!(a.step(Event::DeliveryOver), vec![Act::Close]);
-        assert_eq!(a.ending(), Some(Ending::Incomplete));
+                vote: busy()
+            })
+            .is_empty());
+        assert_eq!(b.ending(), Some(Ending::Incomplete));
     }
 
     #[test]
@@ -423,23 +436,13 @@ mod tests {
             }),
             vec![Act::Deliver(Verdict::Abort)]
         );
-        let over = run(
-            &mut a,
-            (0..3)
-                .map(|node| Event::Answer {
-                    node,
-                    answer: Delivery::Acked,
-                })
-                .chain([Event::DeliveryOver])
-                .collect(),
-        );
         // Nothing was recorded, so nothing is marked delivered.
-        assert_eq!(over, vec![Act::Close]);
+        assert_eq!(run(&mut a, answers(Delivery::Acked)), vec![Act::Close]);
         assert_eq!(a.ending(), Some(Ending::Aborted { retry: false }));
     }
 
     #[test]
-    fn a_timeout_aborts_with_a_record_and_an_unreadable_commit_write_sends_nothing() {
+    fn a_timeout_aborts_with_a_record_marked_delivered_once_everyone_acknowledged() {
         let (mut a, _) = Attempt::start(vec![None, None, None]);
         a.step(Event::Vote {
             node: 0,
@@ -456,83 +459,56 @@ mod tests {
             a.step(Event::AbortWritten(true)),
             vec![Act::Deliver(Verdict::Abort)]
         );
-        let all: Vec<Event> = (0..3)
-            .map(|node| Event::Answer {
-                node,
-                answer: Delivery::Acked,
-            })
-            .chain([Event::DeliveryOver])
-            .collect();
-        assert_eq!(run(&mut a, all), vec![Act::MarkDelivered, Act::Close]);
+        assert_eq!(
+            run(&mut a, answers(Delivery::Acked)),
+            vec![Act::MarkDelivered, Act::Close]
+        );
+    }
 
-        let (mut b, _) = Attempt::start(vec![None, None, None]);
-        let evs = (0..3)
-            .map(|node| Event::Vote {
-                node,
-                vote: Vote::Prepared,
-            })
-            .chain([Event::Decide {
-                past_deadline: false,
-            }])
-            .collect();
-        run(&mut b, evs);
+    #[test]
+    fn a_commit_write_that_may_have_landed_is_never_aborted() {
+        // Unreadable after a failure: nothing is sent, the open record stays.
+        let mut b = writing_commit();
         assert!(b
             .step(Event::CommitWritten(WriteResult::Unreadable))
             .is_empty());
         assert_eq!(b.ending(), Some(Ending::Unsure));
-        // A commit record read back after a failed write is delivered, never aborted.
-        let (mut c, _) = Attempt::start(vec![None, None, None]);
-        let evs = (0..3)
-            .map(|node| Event::Vote {
-                node,
-                vote: Vote::Prepared,
-            })
-            .chain([Event::Decide {
-                past_deadline: false,
-            }])
-            .collect();
-        run(&mut c, evs);
+        // Read back as commit after a failed write: delivered.
+        let mut c = writing_commit();
         assert_eq!(
             c.step(Event::CommitWritten(WriteResult::ReadBack(Some(
                 Verdict::Commit
             )))),
             vec![Act::Deliver(Verdict::Commit)]
         );
+        // Read back as nothing: the link never happened; abort, unrecorded.
+        let mut d = writing_commit();
+        assert_eq!(
+            d.step(Event::CommitWritten(WriteResult::ReadBack(None))),
+            vec![Act::Deliver(Verdict::Abort)]
+        );
+        assert_eq!(run(&mut d, answers(Delivery::Acked)), vec![Act::Close]);
     }
 
     #[test]
     fn votes_past_the_deadline_abort_and_conflicts_retry() {
-        let prepared = |a: &mut Attempt| {
-            for node in 0..3 {
-                a.step(Event::Vote {
-                    node,
-                    vote: Vote::Prepared,
-                });
-            }
-        };
         let (mut a, _) = Attempt::start(vec![None, None, None]);
-        prepared(&mut a);
+        for node in 0..3 {
+            a.step(Event::Vote {
+                node,
+                vote: Vote::Prepared,
+            });
+        }
         assert_eq!(
             a.step(Event::Decide {
                 past_deadline: true
             }),
             vec![Act::WriteAbort]
         );
-        let (mut b, _) = Attempt::start(vec![None, None, None]);
-        for node in 0..3 {
-            b.step(Event::Vote {
-                node,
-                vote: Vote::Refused(Refusal::Busy {
-                    txid: crate::proto::TxId(9),
-                    generation: 1,
-                }),
-            });
-        }
         // Nobody prepared: no record, abort sent, and retried.
+        let (mut b, _) = Attempt::start(vec![None, None, None]);
         assert_eq!(
-            b.step(Event::Decide {
-                past_deadline: false
-            }),
+            run(&mut b, votes(busy())),
             vec![Act::Deliver(Verdict::Abort)]
         );
         b.step(Event::DeliveryOver);
