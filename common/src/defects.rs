@@ -1,7 +1,7 @@
-//! Test-only switches that put back the five defects of issue 9, so the model checker
-//! (`chaos-tests/src/model`) can prove that it finds each of them, and the missing fsyncs of
-//! issue 13, so the power-loss tests (`chaos-tests/tests/power.rs`) can prove that they find
-//! them on the real processes.
+//! Test-only switches that put back the five defects of issue 9 and the one its long chaos
+//! runs found (6), so the model checker (`chaos-tests/src/model`) can prove that it finds each
+//! of them, and the missing fsyncs of issue 13, so the power-loss tests
+//! (`chaos-tests/tests/power.rs`) can prove that they find them on the real processes.
 //!
 //! [`on`] is `false` unless the crate is built with the `defects` feature (only the chaos-tests
 //! crate turns it on) and a test switched the defect on with [`set`], or it is built with the
