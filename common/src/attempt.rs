@@ -488,6 +488,12 @@ mod tests {
             vec![Act::Deliver(Verdict::Abort)]
         );
         assert_eq!(run(&mut d, answers(Delivery::Acked)), vec![Act::Close]);
+        // A fence that won the no-replace race stands: the abort is delivered, never a commit.
+        let mut e = writing_commit();
+        assert_eq!(
+            e.step(Event::CommitWritten(WriteResult::Stands(Verdict::Abort))),
+            vec![Act::Deliver(Verdict::Abort)]
+        );
     }
 
     #[test]
