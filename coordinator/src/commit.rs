@@ -380,6 +380,7 @@ pub async fn commit_with(
             }
         }
         let sha = Sha256(digest.sha256);
+        let t_status = Instant::now();
         if votes.iter().all(|v| v.is_none()) {
             if let Some(g) = already_served(&known, links.len(), &sha) {
                 // No work for no change: nothing to distribute, no new generation.
@@ -498,7 +499,8 @@ pub async fn commit_with(
                     .await;
                     debug!(
                         connect_ms = (t_connected - started).as_millis() as u64,
-                        prepare_ms = t_connected.elapsed().as_millis() as u64,
+                        status_ms = (t_status - t_connected).as_millis() as u64,
+                        prepare_ms = t_status.elapsed().as_millis() as u64,
                         "phases"
                     );
                     fresh
