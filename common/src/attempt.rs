@@ -6,7 +6,7 @@
 //! and feeds what came of it back as an [`Event`]. The model checker (`chaos-tests/src/model`)
 //! drives the very same machine, one message, crash or failed write at a time. The rules it
 //! applies are those of [`crate::coordinator`]: [`on_votes`], [`after_decision_write`] and
-//! [`delivery`].
+//! [`delivery`](crate::coordinator::delivery).
 //!
 //! ```text
 //! start ──SendPrepares──▶ Preparing ──Decide──▶ WritingCommit ──CommitWritten──▶ Delivering(commit)
@@ -16,7 +16,7 @@
 //!                                                                    DeliveryOver ──▶ Over
 //! ```
 
-use crate::coordinator::{after_decision_write, delivery, on_votes, AfterWrite, Delivery};
+use crate::coordinator::{after_decision_write, on_votes, AfterWrite, Delivery};
 use crate::coordinator::{OnVotes, WriteResult};
 use crate::decision::Verdict;
 use crate::machine::Vote;
@@ -96,7 +96,8 @@ pub enum Event {
     CommitWritten(WriteResult),
     /// The abort record write ended (`true`: recorded).
     AbortWritten(bool),
-    /// Node `node` answered the delivered decision so (see [`delivery`]).
+    /// Node `node` answered the delivered decision so (classified by
+    /// [`delivery`](crate::coordinator::delivery)).
     Answer {
         /// Node index.
         node: usize,
@@ -320,11 +321,6 @@ impl Attempt {
             }
             _ => vec![],
         }
-    }
-
-    /// Classifies one node's answer to the decision being delivered (see [`delivery`]).
-    pub fn classify(&self, answer: Option<&crate::proto::Response>) -> Delivery {
-        delivery(self.delivering().unwrap_or(Verdict::Abort), answer)
     }
 }
 

@@ -41,6 +41,13 @@ pub enum V {
 }
 
 impl V {
+    fn of(v: Verdict) -> V {
+        match v {
+            Verdict::Commit => V::Commit,
+            Verdict::Abort => V::Abort,
+        }
+    }
+
     fn verdict(self) -> Verdict {
         match self {
             V::Commit => Verdict::Commit,
@@ -1085,10 +1092,7 @@ impl System {
                     self.log_decide(home, txid, V::Abort, generation, o).is_ok(),
                 )),
                 Act::Deliver(verdict) => {
-                    let v = match verdict {
-                        Verdict::Commit => V::Commit,
-                        Verdict::Abort => V::Abort,
-                    };
+                    let v = V::of(verdict);
                     if v == V::Commit {
                         self.ghost.entry(txid).or_default().reported = true;
                     }
@@ -1362,11 +1366,7 @@ impl System {
                             to: i as u8,
                             txid: *txid,
                             generation: *generation,
-                            verdict: if verdict == Verdict::Commit {
-                                V::Commit
-                            } else {
-                                V::Abort
-                            },
+                            verdict: V::of(verdict),
                             from: Sender::Coord(k as u8),
                         };
                         self.send(m);
