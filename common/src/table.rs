@@ -751,14 +751,16 @@ impl SourceWriter {
         self.len == 0
     }
 
-    /// Flushes and fsyncs the file; returns what was written, and how to check its build.
-    pub fn finish(self) -> Result<(SourceDigest, Check), TableError> {
+    /// Flushes the file and starts its fsync on a thread of its own (the build runs
+    /// meanwhile); returns what was written, how to check its build, and the fsync to wait for
+    /// before the staged table counts as durable.
+    pub fn finish(self) -> Result<(SourceDigest, Check, Syncing), TableError> {
         let path = self.path;
         let file = self
             .file
             .into_inner()
             .map_err(|e| io("write", &path)(e.into_error()))?;
-        file.sync_all().map_err(io("fsync", &path))?;
+        let syncing = Syncing::start(file, path.clone());
         let mut sha256 = [0u8; 32];
         sha256.copy_from_slice(self.ctx.finish().as_ref());
         let check = match (self.sampler, self.content) {
@@ -775,7 +777,54 @@ impl SourceWriter {
             len: self.len,
             entries: self.counter.entries(),
         };
-        Ok((digest, check))
+        Ok((digest, check, syncing))
+    }
+}
+
+/// An fsync running on a thread of its own, overlapping other work; [`Syncing::wait`] gives
+/// its result (an fsync error is never lost: the file's durability is decided by this one
+/// call, not by a later fsync that may no longer report it).
+#[derive(Debug)]
+pub struct Syncing {
+    path: PathBuf,
+    state: SyncState,
+}
+
+#[derive(Debug)]
+enum SyncState {
+    Running(std::thread::JoinHandle<std::io::Result<()>>),
+    Done(std::io::Result<()>),
+}
+
+impl Syncing {
+    /// Starts `file.sync_all()` on a new thread; if no thread can be started, runs it now.
+    pub fn start(file: File, path: PathBuf) -> Syncing {
+        let shared = std::sync::Arc::new(file);
+        let f = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("txmap-fsync".into())
+            .spawn(move || {
+                fail::fail_point!("table::background_fsync", |_| Err(std::io::Error::other(
+                    "injected fsync failure"
+                )));
+                f.sync_all()
+            });
+        let state = match spawned {
+            Ok(thread) => SyncState::Running(thread),
+            Err(_) => SyncState::Done(shared.sync_all()),
+        };
+        Syncing { path, state }
+    }
+
+    /// Waits for the fsync and returns its result.
+    pub fn wait(self) -> Result<(), TableError> {
+        let r = match self.state {
+            SyncState::Running(t) => t
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the fsync thread panicked"))),
+            SyncState::Done(r) => r,
+        };
+        r.map_err(io("fsync", &self.path))
     }
 }
 
@@ -1483,6 +1532,8 @@ fn incremental_blocking(
     if !inserted.is_empty() {
         run_with_stdin(postfix, t, &["-i"], staged, inserted)?;
     }
+    // The updated file's fsync runs beside the check of its changed keys.
+    let synced = sync_path_beside(&staged.indexed)?;
     // Check every changed key, asked as written.
     let mut ask: Vec<Vec<u8>> = want.keys().cloned().collect();
     ask.extend(del_keys.iter().filter(|k| !want.contains_key(*k)).cloned());
@@ -1531,6 +1582,7 @@ fn incremental_blocking(
             }
         }
     }
+    synced.wait()?;
     Ok(from_spare)
 }
 
@@ -1575,6 +1627,12 @@ fn run_with_stdin(
         return Err(fail(out.status.to_string(), clip(&out.stderr)));
     }
     Ok(out.stdout)
+}
+
+/// Starts the fsync of the file at `path` on a thread of its own (see [`Syncing`]).
+pub fn sync_path_beside(p: &Path) -> Result<Syncing, TableError> {
+    let f = open_nofollow(p).map_err(io("open", p))?;
+    Ok(Syncing::start(f, p.to_path_buf()))
 }
 
 /// fsyncs a file given by path.

@@ -132,19 +132,30 @@ fn cmd_commit(
         return Err(exit::USAGE);
     };
     // Read as the caller (the operator), once, into a private snapshot: a pending retry by
-    // txmapd (root) then reads the snapshot, never this path.
+    // txmapd (root) then reads the snapshot, never this path. The nodes are dialled meanwhile
+    // (the handshakes overlap the snapshot's read and fsyncs).
     let snaps = txmap_common::table::Snapshots::new(&cfg.state_dir);
-    let source = match snaps.take_from_path(&name, &source, cfg.max_table_bytes) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("txmap: cannot read source {}: {e}", source.display());
-            return Err(exit::LOCAL);
-        }
-    };
+    let max = cfg.max_table_bytes;
     let started_ms = txmap_common::now_ms();
     let state_dir = cfg.state_dir.clone();
     let interrupted = with_cluster(cfg, async |c| {
-        let run = commit::commit_tracked_with(c, table, &source, force, None);
+        let taken = {
+            let (name, source) = (name.clone(), source.clone());
+            tokio::task::spawn_blocking(move || snaps.take_from_path(&name, &source, max))
+        };
+        let (_, taken) = tokio::join!(c.dial_early(), taken);
+        let snapshot = match taken {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                eprintln!("txmap: cannot read source {}: {e}", source.display());
+                return Err(Stop::Code(exit::LOCAL));
+            }
+            Err(e) => {
+                eprintln!("txmap: cannot read source {}: {e}", source.display());
+                return Err(Stop::Code(exit::LOCAL));
+            }
+        };
+        let run = commit::commit_tracked_with(c, table, &snapshot, force, None);
         tokio::pin!(run);
         tokio::select! {
             r = &mut run => Ok(r),
@@ -154,14 +165,15 @@ fn cmd_commit(
                 // transaction is dropped, which releases its locks: txmapd fences an
                 // undecided transaction (abort) and delivers a decided commit.
                 txmap_common::decision::DecisionLog::new(&c.cfg.state_dir)
-                    .clear_pending(table, &source);
-                Err(())
+                    .clear_pending(table, &snapshot);
+                Err(Stop::Interrupted)
             }
         }
     })?;
     let report = match interrupted {
         Ok(r) => r,
-        Err(()) => {
+        Err(Stop::Code(code)) => return Err(code),
+        Err(Stop::Interrupted) => {
             let log = txmap_common::decision::DecisionLog::new(&state_dir);
             let decided = log.list().into_iter().find(|d| {
                 d.table == table
@@ -182,6 +194,14 @@ fn cmd_commit(
     };
     print_report(&report, json, "commit");
     Ok(report.exit)
+}
+
+/// Why `txmap commit` stopped without a report.
+enum Stop {
+    /// An error already printed; exit with this code.
+    Code(u8),
+    /// Ctrl-C.
+    Interrupted,
 }
 
 /// `commit --dry-run`: asks the in-service nodes what they serve, applies the content guard,

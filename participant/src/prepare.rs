@@ -146,7 +146,8 @@ impl Node {
             }
         };
         let t_upload = std::time::Instant::now();
-        let (got, check) = w.finish()?;
+        // The source's fsync runs beside the build; it is waited for before the `.db`'s.
+        let (got, check, source_sync) = w.finish()?;
         if got.len != p.source_len || got.sha256 != p.sha256.0 {
             let detail = format!(
                 "received {} bytes sha256 {}, announced {} bytes sha256 {}",
@@ -161,7 +162,7 @@ impl Node {
                 None => Refusal::ContentMismatch { detail },
             });
         }
-        let t_synced = std::time::Instant::now();
+        let t_received = std::time::Instant::now();
         let incremental = match change {
             Some(applied) => self.build_incremental(slot, p, &staged, &applied).await,
             None => false,
@@ -187,9 +188,15 @@ impl Node {
                 Some(_) => table::check_of(t, &staged.source)?,
                 None => check,
             };
+            // The `.db`'s fsync runs beside its verification (an incremental build does the
+            // same inside).
+            let db_sync = table::sync_path_beside(&staged.indexed)?;
             table::verify(&self.cfg.postfix, t, &staged, got.entries, check).await?;
+            db_sync.wait()?;
         }
         let t_verified = std::time::Instant::now();
+        source_sync.wait()?;
+        let t_source_synced = std::time::Instant::now();
         table::fsync_path(&staged.indexed)?;
         table::fsync_dir(t.dir())?;
         if let Err(e) = History::new(&self.cfg.state_dir, &t.name).stage(p.txid, &staged) {
@@ -198,10 +205,11 @@ impl Node {
         }
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
         debug!(
-            source_fsync_ms = ms(t_upload, t_synced),
-            build_ms = ms(t_synced, t_built),
+            finish_ms = ms(t_upload, t_received),
+            build_ms = ms(t_received, t_built),
             verify_ms = ms(t_built, t_verified),
-            fsync_ms = ms(t_verified, std::time::Instant::now()),
+            source_fsync_wait_ms = ms(t_verified, t_source_synced),
+            fsync_ms = ms(t_source_synced, std::time::Instant::now()),
             "staged"
         );
         fail::fail_point!("participant::after_stage");
