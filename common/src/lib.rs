@@ -21,6 +21,7 @@
 //! - [`defects`]: test-only switches that put back the defects of issue 9 (model checker).
 
 pub mod attempt;
+pub mod bdb;
 pub mod certs;
 pub mod codec;
 pub mod config;
