@@ -281,7 +281,7 @@ impl HashDb {
                         "an item of {len} bytes in a smaller file"
                     )));
                 }
-                let mut out = Vec::with_capacity(len);
+                let mut out = Vec::with_capacity(len.min(1 << 20));
                 let mut next = *pgno;
                 while out.len() < len {
                     let p = self.page(next, budget)?;

@@ -1191,6 +1191,7 @@ pub async fn verify(
     if let Some(got) = native {
         if got.count == expected && want.count == expected && want.matches(&got) {
             tracing::debug!(
+                target: "txmapd::verify",
                 entries = expected,
                 "built table checked by reading the file"
             );
@@ -1610,7 +1611,9 @@ fn incremental_blocking(
         }
         check(&got)?;
     }
+    // Logged under txmapd's target: these run in txmapd, whose debug lines the tests read.
     tracing::debug!(
+        target: "txmapd::verify",
         keys = ask.len(),
         by = if confirmed {
             "reading the file"
@@ -1646,7 +1649,9 @@ fn native_lookups(
         Ok(got)
     };
     read()
-        .map_err(|e| tracing::debug!(error = %e, "the staged table is checked by Postfix"))
+        .map_err(|e| {
+            tracing::debug!(target: "txmapd::verify", error = %e, "the staged table is checked by Postfix")
+        })
         .ok()
 }
 
@@ -1672,7 +1677,9 @@ fn native_digest(t: &TableConfig, staged: &Staged, hasher: &EntryHasher) -> Opti
         Ok(d)
     };
     read()
-        .map_err(|e| tracing::debug!(error = %e, "the staged table is checked by Postfix"))
+        .map_err(|e| {
+            tracing::debug!(target: "txmapd::verify", error = %e, "the staged table is checked by Postfix")
+        })
         .ok()
 }
 

@@ -1138,7 +1138,10 @@ impl Schedule {
                             .into_iter()
                             .map(|p| (p, draw_spec(&mut rng, 3)))
                             .collect(),
-                        commits: rng.range(1, 2),
+                        // Two to four: a percentage spec needs its chances (with one or two
+                        // commits, the CI profile's six such faults all missed in one run once
+                        // commits got faster).
+                        commits: rng.range(2, 4),
                         kill_after_ms: decision.then(|| rng.range(0, 150)),
                         hold_ms: if decision {
                             rng.range(1500, 3000)
