@@ -490,7 +490,8 @@ fn the_power_profile_catches_a_missing_directory_fsync_after_the_install_renames
 /// Where [`cut_at`] stops the commit and cuts a node's power.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum At {
-    /// node2: the staged source is written and fsynced; its `postmap` has not started.
+    /// node2: the staged source is written (its fsync runs beside the build); its `postmap`
+    /// has not started.
     BeforeBuild,
     /// node2: `postmap` built the staged `.db` (Berkeley DB fsyncs the file as it closes it);
     /// txmapd has not fsynced it nor the table directory.

@@ -1132,7 +1132,13 @@ impl<'a> Runner<'a> {
                 if !armed {
                     self.note(kind, "some refused to start armed (crash-only)");
                 }
-                for _ in 0..*commits {
+                for k in 0..*commits {
+                    if k > 0 {
+                        // New content for each commit: the same content again is served at
+                        // once ("no work for no change") and would never reach the armed
+                        // points.
+                        self.new_version_with(s.churn, true)?;
+                    }
                     match kill_after_ms {
                         None => {
                             self.commit(s, s.coordinator, &[])?;

@@ -1138,9 +1138,9 @@ impl Schedule {
                             .into_iter()
                             .map(|p| (p, draw_spec(&mut rng, 3)))
                             .collect(),
-                        // Two to four: a percentage spec needs its chances (with one or two
-                        // commits, the CI profile's six such faults all missed in one run once
-                        // commits got faster).
+                        // Two to four, each of new content: a percentage spec needs its
+                        // chances (with one or two commits of one content, the CI profile's
+                        // six such faults all missed in two runs once commits got faster).
                         commits: rng.range(2, 4),
                         kill_after_ms: decision.then(|| rng.range(0, 150)),
                         hold_ms: if decision {
