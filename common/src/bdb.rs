@@ -81,6 +81,9 @@ enum Item {
     Off { pgno: u32, len: u32 },
 }
 
+/// What a chain walk calls for each (key, data) pair; `Ok(false)` stops the walk.
+type Visit<'a> = dyn FnMut(&[u8], &[u8]) -> Result<bool, BdbError> + 'a;
+
 /// An open hash file.
 #[derive(Debug)]
 pub struct HashDb {
@@ -319,7 +322,7 @@ impl HashDb {
         &self,
         first: u32,
         budget: &mut Budget,
-        each: &mut dyn FnMut(&[u8], &[u8]) -> Result<bool, BdbError>,
+        each: &mut Visit<'_>,
     ) -> Result<(), BdbError> {
         let mut next = first;
         while next != 0 {
@@ -491,7 +494,7 @@ mod tests {
         let mut next = rng(7);
         let mut src = String::new();
         for i in 0..6000u64 {
-            let long = next() % 50 == 0;
+            let long = next().is_multiple_of(50);
             let value = if long {
                 format!("v{i}-{}", "x".repeat(3000 + (next() % 9000) as usize))
             } else {
@@ -568,7 +571,7 @@ mod tests {
                 let at = (next() % b.len() as u64) as usize;
                 b[at] = next() as u8;
             }
-            if next() % 10 == 0 {
+            if next().is_multiple_of(10) {
                 b.truncate((next() % b.len() as u64) as usize);
             }
             std::fs::write(&bad, &b).unwrap();
