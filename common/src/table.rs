@@ -1188,8 +1188,8 @@ pub async fn verify(
             .ok()
             .flatten()
     };
-    if let Some(got) = native {
-        if got.count == expected && want.count == expected && want.matches(&got) {
+    let native_refused = match native {
+        Some(got) if got.count == expected && want.count == expected && want.matches(&got) => {
             tracing::debug!(
                 target: "txmapd::verify",
                 entries = expected,
@@ -1197,7 +1197,9 @@ pub async fn verify(
             );
             return Ok(());
         }
-    }
+        Some(_) => true,
+        None => false,
+    };
     let mut got = EntryDigest::default();
     let b = t.builder;
     let mut each = |line: &[u8]| {
@@ -1225,6 +1227,9 @@ pub async fn verify(
                  values differ from the source's"
             ),
         });
+    }
+    if native_refused {
+        reader_disagrees(staged, "postmap -s");
     }
     Ok(())
 }
@@ -1600,7 +1605,8 @@ fn incremental_blocking(
     };
     // The file itself answers first (a `hash:` table read in place: no process); only what it
     // cannot confirm is asked of Postfix, whose answer decides.
-    let confirmed = native_lookups(t, staged, &ask).is_some_and(|got| check(&got).is_ok());
+    let native = native_lookups(t, staged, &ask).map(|got| check(&got).is_ok());
+    let confirmed = native == Some(true);
     if !confirmed {
         let out = run_with_stdin(postfix, t, &["-q", "-"], staged, &query)?;
         let mut got: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
@@ -1610,6 +1616,9 @@ fn incremental_blocking(
             }
         }
         check(&got)?;
+        if native == Some(false) {
+            reader_disagrees(staged, "postmap -q");
+        }
     }
     // Logged under txmapd's target: these run in txmapd, whose debug lines the tests read.
     tracing::debug!(
@@ -1624,6 +1633,17 @@ fn incremental_blocking(
     );
     synced.wait()?;
     Ok(from_spare)
+}
+
+/// Says, loudly, that reading the staged file found other content than Postfix's own tool
+/// (`tool`), whose answer was used: a bug of [`crate::bdb`], or a file changed between the two
+/// reads.
+fn reader_disagrees(staged: &Staged, tool: &str) {
+    tracing::warn!(
+        target: "txmapd::verify",
+        file = %staged.indexed.display(),
+        "reading the staged table found other content than {tool}; {tool}'s answer is used (please report this)"
+    );
 }
 
 /// What a lookup of each key of `ask` (as written) finds in a staged `hash:` table, read in
