@@ -43,6 +43,8 @@ const H_KEYDATA: u8 = 1;
 const H_OFFPAGE: u8 = 3;
 /// Size of a page header (no checksum, no encryption).
 const PAGE_HEADER: usize = 26;
+/// The largest key or value this reader reassembles (no Postfix table line comes near it).
+const MAX_ITEM: usize = 16 << 20;
 /// `CHARKEY` with its NUL, whose hash the meta page records.
 const CHARKEY: &[u8] = b"%$sniglet^&\0";
 
@@ -283,6 +285,10 @@ impl HashDb {
                     return Err(BdbError::Corrupt(format!(
                         "an item of {len} bytes in a smaller file"
                     )));
+                }
+                if len > MAX_ITEM {
+                    // Memory stays bounded whatever the file says; Postfix's tools decide.
+                    return Err(BdbError::Unsupported(format!("an item of {len} bytes")));
                 }
                 let mut out = Vec::with_capacity(len.min(1 << 20));
                 let mut next = *pgno;
