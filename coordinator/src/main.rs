@@ -143,7 +143,11 @@ fn cmd_commit(
             let (name, source) = (name.clone(), source.clone());
             tokio::task::spawn_blocking(move || snaps.take_from_path(&name, &source, max))
         };
+        let began = std::time::Instant::now();
         let (_, taken) = tokio::join!(c.dial_early(), taken);
+        // The report's time counts from here: a node that cannot be reached costs its connect
+        // deadline in `dial_early`, before the commit itself starts.
+        let before_ms = began.elapsed().as_millis() as u64;
         let snapshot = match taken {
             Ok(Ok(p)) => p,
             Ok(Err(e)) => {
@@ -158,7 +162,10 @@ fn cmd_commit(
         let run = commit::commit_tracked_with(c, table, &snapshot, force, None);
         tokio::pin!(run);
         tokio::select! {
-            r = &mut run => Ok(r),
+            r = &mut run => Ok(commit::CommitReport {
+                elapsed_ms: r.elapsed_ms + before_ms,
+                ..r
+            }),
             _ = tokio::signal::ctrl_c() => {
                 // Cancel the change before this process lets go of it: its pending record
                 // goes first (txmapd would otherwise take it over and commit it), then the
