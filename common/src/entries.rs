@@ -209,11 +209,16 @@ pub fn parse_output_line(builder: Builder, line: &[u8]) -> Option<(&[u8], &[u8])
     let (mut key, value) = (&line[..tab], &line[tab + 1..]);
     if builder == Builder::Postalias {
         key = key.strip_suffix(b":").unwrap_or(key);
-        if POSTALIAS_EXTRA_KEYS.iter().any(|k| k.as_bytes() == key) {
-            return None;
-        }
+    }
+    if builder_own_key(builder, key) {
+        return None;
     }
     Some((key, value))
+}
+
+/// True for a key the builder adds on its own (`postalias`'s [`POSTALIAS_EXTRA_KEYS`]).
+pub fn builder_own_key(builder: Builder, key: &[u8]) -> bool {
+    builder == Builder::Postalias && POSTALIAS_EXTRA_KEYS.iter().any(|k| k.as_bytes() == key)
 }
 
 /// Every entry of a source held in memory, key folded and value normalized, in source order.

@@ -1655,11 +1655,10 @@ fn native_lookups(
     staged: &Staged,
     ask: &[Vec<u8>],
 ) -> Option<std::collections::HashMap<Vec<u8>, Vec<u8>>> {
-    if t.kind != TableType::Hash || !ask.iter().all(|k| k.is_ascii()) {
+    if !ask.iter().all(|k| k.is_ascii()) {
         return None;
     }
-    let read = || -> Result<_, crate::bdb::BdbError> {
-        let db = crate::bdb::HashDb::open(&staged.indexed)?;
+    read_staged_hash(t, staged, |db| {
         let mut got = std::collections::HashMap::new();
         for k in ask {
             if let Some(v) = db.postfix_get(&k.to_ascii_lowercase())? {
@@ -1667,36 +1666,36 @@ fn native_lookups(
             }
         }
         Ok(got)
-    };
-    read()
-        .map_err(|e| {
-            tracing::debug!(target: "txmapd::verify", error = %e, "the staged table is checked by Postfix")
-        })
-        .ok()
+    })
 }
 
 /// The digest of every entry of a staged `hash:` table, read in place by [`crate::bdb`]
 /// (`postalias`'s own keys left out, as in [`crate::entries::parse_output_line`]); `None`
 /// when the reader does not handle the file.
 fn native_digest(t: &TableConfig, staged: &Staged, hasher: &EntryHasher) -> Option<EntryDigest> {
-    if t.kind != TableType::Hash {
-        return None;
-    }
-    let read = || -> Result<EntryDigest, crate::bdb::BdbError> {
-        let db = crate::bdb::HashDb::open(&staged.indexed)?;
+    read_staged_hash(t, staged, |db| {
         let mut d = EntryDigest::default();
         db.for_each(|k, v| {
-            let extra = t.builder == Builder::Postalias
-                && crate::entries::POSTALIAS_EXTRA_KEYS
-                    .iter()
-                    .any(|x| x.as_bytes() == k);
-            if !extra {
+            if !crate::entries::builder_own_key(t.builder, k) {
                 hasher.add(&mut d, k, v);
             }
         })?;
         Ok(d)
-    };
-    read()
+    })
+}
+
+/// `read` applied to the staged indexed file of a `hash:` table `t`; `None` for another map
+/// type, or (logged) when the reader does not handle the file: Postfix's tools then check it.
+fn read_staged_hash<T>(
+    t: &TableConfig,
+    staged: &Staged,
+    read: impl FnOnce(&crate::bdb::HashDb) -> Result<T, crate::bdb::BdbError>,
+) -> Option<T> {
+    if t.kind != TableType::Hash {
+        return None;
+    }
+    crate::bdb::HashDb::open(&staged.indexed)
+        .and_then(|db| read(&db))
         .map_err(|e| {
             tracing::debug!(target: "txmapd::verify", error = %e, "the staged table is checked by Postfix")
         })

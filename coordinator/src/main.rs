@@ -148,12 +148,8 @@ fn cmd_commit(
         // The report's time counts from here: a node that cannot be reached costs its connect
         // deadline in `dial_early`, before the commit itself starts.
         let before_ms = began.elapsed().as_millis() as u64;
-        let snapshot = match taken {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                eprintln!("txmap: cannot read source {}: {e}", source.display());
-                return Err(Stop::Code(exit::LOCAL));
-            }
+        let snapshot = match taken.unwrap_or_else(|e| Err(std::io::Error::other(e))) {
+            Ok(p) => p,
             Err(e) => {
                 eprintln!("txmap: cannot read source {}: {e}", source.display());
                 return Err(Stop::Code(exit::LOCAL));
