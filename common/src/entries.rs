@@ -232,23 +232,35 @@ impl EntryHasher {
     /// and [`norm_value`] do, without allocating for an ASCII key).
     pub fn add(&self, d: &mut EntryDigest, key: &[u8], value: &[u8]) {
         use std::hash::Hasher;
-        let mut hv = self.0.build_hasher();
-        let vlen = write_mapped(&mut hv, value, |b| {
-            (!is_space(b) && b != b'\\').then_some(b)
-        });
-        hv.write_usize(vlen);
-        let v = hv.finish();
-        // The key's hash covers the value's: folded key, value hash, key length (read from
-        // the end, that sequence has one parse).
-        let mut hk = self.0.build_hasher();
-        let klen = match key.is_ascii() {
-            true => write_mapped(&mut hk, key, |b| Some(b.to_ascii_lowercase())),
-            false => write_mapped(&mut hk, &fold_key(key), Some),
+        // One keyed hash over: normalized value, its length, folded key, its length. Its
+        // state after the value gives the value's own hash. (Read from the end, that sequence
+        // has one parse.) SipHash streams: how the bytes are split into writes does not
+        // matter, so bytes that need no change are written as they are.
+        let mut h = self.0.build_hasher();
+        let vlen = match value.iter().any(|b| is_space(*b) || *b == b'\\') {
+            false => {
+                h.write(value);
+                value.len()
+            }
+            true => write_mapped(&mut h, value, |b| (!is_space(b) && b != b'\\').then_some(b)),
         };
-        hk.write_u64(v);
-        hk.write_usize(klen);
+        h.write_usize(vlen);
+        let v = h.finish();
+        let klen = match (key.is_ascii(), key.iter().any(u8::is_ascii_uppercase)) {
+            (true, false) => {
+                h.write(key);
+                key.len()
+            }
+            (true, true) => write_mapped(&mut h, key, |b| Some(b.to_ascii_lowercase())),
+            (false, _) => {
+                let k = fold_key(key);
+                h.write(&k);
+                k.len()
+            }
+        };
+        h.write_usize(klen);
         d.values = d.values.wrapping_add(v);
-        d.sum = d.sum.wrapping_add(hk.finish());
+        d.sum = d.sum.wrapping_add(h.finish());
         d.count += 1;
         d.non_ascii |= !key.is_ascii();
     }
@@ -260,8 +272,8 @@ impl EntryHasher {
     }
 }
 
-/// Writes `f` of each byte of `bytes` (those it keeps) to `h`, through a stack buffer so the
-/// calls depend only on the bytes written; returns how many were written.
+/// Writes `f` of each byte of `bytes` (those it keeps) to `h`, through a stack buffer; returns
+/// how many were written.
 fn write_mapped(
     h: &mut impl std::hash::Hasher,
     bytes: &[u8],
