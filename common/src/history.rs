@@ -43,8 +43,8 @@ impl History {
         self.dir.join(generation.to_string())
     }
 
-    /// Links the staged source of `txid` aside (called once it is built, verified and
-    /// fsynced), or copies it when a link is not possible (another filesystem). Every
+    /// Links the staged source of `txid` aside (called once its content is received and
+    /// checked, beside its build; the prepare joins it before answering), or copies it when a link is not possible (another filesystem). Every
     /// directory is private (0700); a copy is 0600, made without following links (`O_NOFOLLOW`
     /// on the staged file, `O_EXCL` on the copy) and fsynced; the directory is fsynced.
     pub fn stage(&self, txid: TxId, staged: &Staged) -> std::io::Result<()> {

@@ -61,6 +61,13 @@ impl Journal {
         }
     }
 
+    /// The sha256 of the content a table's journal in `state_dir` records as live, read
+    /// without creating anything; `None` when there is no readable journal for it.
+    pub fn recorded_sha256(state_dir: &Path, table: &str) -> Option<crate::proto::Sha256> {
+        let bytes = std::fs::read(state_dir.join("tables").join(format!("{table}.json"))).ok()?;
+        serde_json::from_slice::<TableState>(&bytes).ok()?.sha256
+    }
+
     /// Durably replaces a table's state. A staging transaction is recorded as absent: only
     /// prepared and later phases survive a crash.
     pub fn store(&self, table: &str, state: &TableState) -> Result<(), JournalError> {

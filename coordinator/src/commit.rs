@@ -162,6 +162,20 @@ async fn plan_delta(
     digest: &table::SourceDigest,
     own_base: Option<Sha256>,
 ) -> Option<delta::Plan> {
+    start_plan(cluster, table_name, source, digest, own_base)?
+        .await
+        .ok()
+        .flatten()
+}
+
+/// [`plan_delta`] started on a blocking thread, to be awaited when the prepares are sent.
+fn start_plan(
+    cluster: &Cluster,
+    table_name: &str,
+    source: &Path,
+    digest: &table::SourceDigest,
+    own_base: Option<Sha256>,
+) -> Option<tokio::task::JoinHandle<Option<delta::Plan>>> {
     let cfg = &cluster.cfg;
     let t = cfg.table(table_name)?;
     if cfg.delta_max_percent == 0 {
@@ -182,14 +196,24 @@ async fn plan_delta(
         let fnew = std::fs::File::open(&new)?;
         delta::plan_files(&fb, &fnew, limits, own_base.map(|s| s.0))
     };
-    match tokio::task::spawn_blocking(run).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
+    Some(tokio::task::spawn_blocking(move || match run() {
+        Ok(p) => p,
+        Err(e) => {
             debug!(error = %e, "no delta: cannot read this node's live copy");
             None
         }
-        Err(_) => None,
-    }
+    }))
+}
+
+/// The delta script of a commit: started early from this node's journal (beside the status
+/// round and the open record), or computed when the prepares go out.
+enum EarlyPlan {
+    /// Being computed against this recorded base.
+    Running(Sha256, tokio::task::JoinHandle<Option<delta::Plan>>),
+    /// Computed (or found unnecessary).
+    Done(Option<delta::Plan>),
+    /// Not started: this node's journal could not be read.
+    None,
 }
 
 /// Why a decision was not acknowledged by a node.
@@ -318,6 +342,20 @@ pub async fn commit_with(
             local_failure(&mut report, format!("source: {e}"));
             return report;
         }
+    };
+    // The delta script does not wait for the status round: this node's journal says which
+    // content its live copy is (its status answer would say the same).
+    let mut early = match txmap_common::journal::Journal::recorded_sha256(
+        &cluster.cfg.state_dir,
+        table_name,
+    ) {
+        // This node serves this very content: no script to plan (and no read of both files).
+        Some(base) if base.0 == digest.sha256 => EarlyPlan::Done(None),
+        Some(base) => match start_plan(cluster, table_name, source, &digest, Some(base)) {
+            Some(h) => EarlyPlan::Running(base, h),
+            None => EarlyPlan::Done(None),
+        },
+        None => EarlyPlan::None,
     };
     // Deadlines fit the table: a big one needs longer to upload and build.
     let prepare_limit = t.prepare_for(digest.len, true);
@@ -492,7 +530,7 @@ pub async fn commit_with(
                         &live_sha,
                         &mut whole_only,
                         &prepare,
-                        (source, &digest),
+                        (source, &digest, &mut early),
                         deadline,
                         &mut report,
                     )
@@ -714,7 +752,7 @@ async fn send_prepares(
     live_sha: &[Option<Sha256>],
     whole_only: &mut std::collections::HashSet<String>,
     prepare: &Prepare,
-    (source, digest): (&Path, &table::SourceDigest),
+    (source, digest, early): (&Path, &table::SourceDigest, &mut EarlyPlan),
     deadline: Deadline,
     report: &mut CommitReport,
 ) -> Vec<Vote> {
@@ -736,7 +774,26 @@ async fn send_prepares(
                 .iter()
                 .position(|(n, _)| n.name == cluster.cfg.node)
                 .and_then(|i| live_sha[i]);
-            plan_delta(cluster, table_name, source, digest, own).await
+            match std::mem::replace(early, EarlyPlan::None) {
+                // Started on the base this node still serves: the same script.
+                EarlyPlan::Running(base, h) if Some(base) == own => {
+                    *early = EarlyPlan::Done(h.await.ok().flatten());
+                }
+                // A later attempt: still this node's base (or no script possible).
+                EarlyPlan::Done(p)
+                    if p.as_ref().is_none_or(|p| Some(Sha256(p.base_sha256)) == own) =>
+                {
+                    *early = EarlyPlan::Done(p)
+                }
+                EarlyPlan::Running(..) | EarlyPlan::Done(_) | EarlyPlan::None => {
+                    *early =
+                        EarlyPlan::Done(plan_delta(cluster, table_name, source, digest, own).await);
+                }
+            }
+            match early {
+                EarlyPlan::Done(p) => p.clone(),
+                _ => None,
+            }
         }
         false => None,
     };

@@ -162,14 +162,53 @@ impl Node {
                 None => Refusal::ContentMismatch { detail },
             });
         }
+        // The history copy (a link and a directory fsync) is made beside the build; it is
+        // joined whatever the build's outcome, so an aborted prepare's cleanup never races it.
+        let history = {
+            let (h, txid, st) = (
+                History::new(&self.cfg.state_dir, &t.name),
+                p.txid,
+                staged.clone(),
+            );
+            tokio::task::spawn_blocking(move || h.stage(txid, &st))
+        };
+        let built = self
+            .build_checked(slot, p, &staged, change, (check, got.entries), source_sync, t_upload)
+            .await;
+        match history.await {
+            Ok(Ok(())) => {}
+            // History is for operators; it never fails a transaction.
+            Ok(Err(e)) => warn!(error = %e, "cannot copy the new table into history"),
+            Err(e) => warn!(error = %e, "cannot copy the new table into history"),
+        }
+        built?;
+        fail::fail_point!("participant::after_stage");
+        Ok(())
+    }
+
+    /// Builds (incrementally when `change` allows), verifies and fsyncs a staged table whose
+    /// source is received and checked.
+    #[allow(clippy::too_many_arguments)]
+    async fn build_checked(
+        &self,
+        slot: &Slot,
+        p: &Prepare,
+        staged: &table::Staged,
+        change: Option<delta::Applied>,
+        (check, entries): (table::Check, u64),
+        source_sync: table::Syncing,
+        t_upload: std::time::Instant,
+    ) -> Result<(), Refusal> {
+        let t = &slot.table;
+        let delta = change.is_some();
         let t_received = std::time::Instant::now();
         let incremental = match change {
-            Some(applied) => self.build_incremental(slot, p, &staged, &applied).await,
+            Some(applied) => self.build_incremental(slot, p, staged, &applied).await,
             None => false,
         };
         if !incremental {
             crate::spare::discard(&slot.spare);
-            table::build(&self.cfg.postfix, t, &staged).await?;
+            table::build(&self.cfg.postfix, t, staged).await?;
         }
         #[cfg(feature = "failpoints")]
         if std::env::var("TXMAP_CHAOS_BROKEN").as_deref() == Ok("rename-before-durable") {
@@ -185,13 +224,13 @@ impl Node {
         let t_built = std::time::Instant::now();
         if !incremental {
             let check = match delta {
-                Some(_) => table::check_of(t, &staged.source)?,
-                None => check,
+                true => table::check_of(t, &staged.source)?,
+                false => check,
             };
             // The `.db`'s fsync runs beside its verification (an incremental build does the
             // same inside).
             let db_sync = table::sync_path_beside(&staged.indexed)?;
-            table::verify(&self.cfg.postfix, t, &staged, got.entries, check).await?;
+            table::verify(&self.cfg.postfix, t, staged, entries, check).await?;
             db_sync.wait()?;
         }
         let t_verified = std::time::Instant::now();
@@ -199,10 +238,6 @@ impl Node {
         let t_source_synced = std::time::Instant::now();
         table::fsync_path(&staged.indexed)?;
         table::fsync_dir(t.dir())?;
-        if let Err(e) = History::new(&self.cfg.state_dir, &t.name).stage(p.txid, &staged) {
-            // History is for operators; it never fails a transaction.
-            warn!(error = %e, "cannot copy the new table into history");
-        }
         let ms = |a: std::time::Instant, b: std::time::Instant| (b - a).as_secs_f64() * 1000.0;
         debug!(
             finish_ms = ms(t_upload, t_received),
@@ -212,7 +247,6 @@ impl Node {
             fsync_ms = ms(t_source_synced, std::time::Instant::now()),
             "staged"
         );
-        fail::fail_point!("participant::after_stage");
         Ok(())
     }
 
