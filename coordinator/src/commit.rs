@@ -345,18 +345,16 @@ pub async fn commit_with(
     };
     // The delta script does not wait for the status round: this node's journal says which
     // content its live copy is (its status answer would say the same).
-    let mut early = match txmap_common::journal::Journal::recorded_sha256(
-        &cluster.cfg.state_dir,
-        table_name,
-    ) {
-        // This node serves this very content: no script to plan (and no read of both files).
-        Some(base) if base.0 == digest.sha256 => EarlyPlan::Done(None),
-        Some(base) => match start_plan(cluster, table_name, source, &digest, Some(base)) {
-            Some(h) => EarlyPlan::Running(base, h),
-            None => EarlyPlan::Done(None),
-        },
-        None => EarlyPlan::None,
-    };
+    let mut early =
+        match txmap_common::journal::Journal::recorded_sha256(&cluster.cfg.state_dir, table_name) {
+            // This node serves this very content: no script to plan (and no read of both files).
+            Some(base) if base.0 == digest.sha256 => EarlyPlan::Done(None),
+            Some(base) => match start_plan(cluster, table_name, source, &digest, Some(base)) {
+                Some(h) => EarlyPlan::Running(base, h),
+                None => EarlyPlan::Done(None),
+            },
+            None => EarlyPlan::None,
+        };
     // Deadlines fit the table: a big one needs longer to upload and build.
     let prepare_limit = t.prepare_for(digest.len, true);
     let deadline = Deadline(started + t.total + (prepare_limit - t.prepare));
@@ -781,7 +779,8 @@ async fn send_prepares(
                 }
                 // A later attempt: still this node's base (or no script possible).
                 EarlyPlan::Done(p)
-                    if p.as_ref().is_none_or(|p| Some(Sha256(p.base_sha256)) == own) =>
+                    if p.as_ref()
+                        .is_none_or(|p| Some(Sha256(p.base_sha256)) == own) =>
                 {
                     *early = EarlyPlan::Done(p)
                 }

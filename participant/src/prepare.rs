@@ -173,7 +173,15 @@ impl Node {
             tokio::task::spawn_blocking(move || h.stage(txid, &st))
         };
         let built = self
-            .build_checked(slot, p, &staged, change, (check, got.entries), source_sync, t_upload)
+            .build_checked(
+                slot,
+                p,
+                &staged,
+                change,
+                (check, got.entries),
+                source_sync,
+                t_upload,
+            )
             .await;
         match history.await {
             Ok(Ok(())) => {}
