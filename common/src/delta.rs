@@ -658,6 +658,31 @@ fn take_u64(p: &mut &[u8], what: &str) -> Result<u64, DeltaError> {
     Ok(u64::from_le_bytes(a))
 }
 
+/// What a script changes, told from the script alone: how many base records it drops, and
+/// how many bytes it inserts. `None` for a script that is not well formed ([`apply`] says
+/// what is wrong).
+pub fn summary(script: &[u8]) -> Option<(u64, u64)> {
+    let (mut dropped, mut inserted) = (0u64, 0u64);
+    let mut p = script;
+    while let Some((&tag, rest)) = p.split_first() {
+        p = rest;
+        match tag {
+            KEEP => {
+                take_u64(&mut p, "count").ok()?;
+            }
+            DROP => dropped = dropped.checked_add(take_u64(&mut p, "count").ok()?)?,
+            INSERT => {
+                let len = take_u64(&mut p, "length").ok()?;
+                take(&mut p, usize::try_from(len).ok()?, "insert").ok()?;
+                inserted = inserted.checked_add(len)?;
+            }
+            REST => return p.is_empty().then_some((dropped, inserted)),
+            _ => return None,
+        }
+    }
+    Some((dropped, inserted))
+}
+
 /// Applies `script` to `base`, writing the new source to `out`. Fails, having written a prefix
 /// only, when the script is malformed or does not cover the base exactly.
 /// At most `max_changed` bytes of records may be dropped and inserted in all (they are held for

@@ -1479,21 +1479,22 @@ pub enum IncrementalError {
 /// staged name, deletes the keys of `dropped` records (`postmap -d -`) and adds the `inserted`
 /// records (`postmap -i`), then checks every changed key with `postmap -q -`: each added key
 /// answers its new value, each deleted key that was not added again is gone. The unchanged part
-/// is a byte copy of a table txmap built and verified: the `spare` copy of it when valid (see
-/// [`Spare`]), else a copy made now. True when the spare was used.
+/// is a byte copy of a table txmap built and verified: the spare copy of it when valid (see
+/// [`Spare`]; with [`StagedCopy::Placed`] it is in place already and the first builder
+/// started), else a copy made now. True when the spare was used.
 pub async fn build_incremental(
     postfix: &PostfixSettings,
     t: &TableConfig,
     staged: &Staged,
     stamp: FileStamp,
-    spare: Option<Spare>,
+    copy: StagedCopy,
     dropped: &[u8],
     inserted: &[u8],
 ) -> Result<bool, IncrementalError> {
     let (postfix, t, staged) = (postfix.clone(), t.clone(), staged.clone());
     let (dropped, inserted) = (dropped.to_vec(), inserted.to_vec());
     tokio::task::spawn_blocking(move || {
-        incremental_blocking(&postfix, &t, &staged, stamp, spare, &dropped, &inserted)
+        incremental_blocking(&postfix, &t, &staged, stamp, copy, &dropped, &inserted)
     })
     .await
     .map_err(|e| {
@@ -1503,12 +1504,21 @@ pub async fn build_incremental(
     })?
 }
 
+/// Where an incremental build's copy of the live indexed file comes from.
+#[derive(Debug)]
+pub enum StagedCopy {
+    /// Already at the staged name, with the first builder started on it.
+    Placed(Prestarted),
+    /// The spare copy, if any, else a copy of the live file made now.
+    Spare(Option<Spare>),
+}
+
 fn incremental_blocking(
     postfix: &PostfixSettings,
     t: &TableConfig,
     staged: &Staged,
     stamp: FileStamp,
-    spare: Option<Spare>,
+    copy: StagedCopy,
     dropped: &[u8],
     inserted: &[u8],
 ) -> Result<bool, IncrementalError> {
@@ -1528,7 +1538,13 @@ fn incremental_blocking(
             live.display()
         )));
     }
-    let from_spare = spare.is_some_and(|s| use_spare(s, stamp, &staged.indexed));
+    let (from_spare, mut pre) = match copy {
+        StagedCopy::Placed(p) => (true, Some(p)),
+        StagedCopy::Spare(spare) => (
+            spare.is_some_and(|s| use_spare(s, stamp, &staged.indexed)),
+            None,
+        ),
+    };
     if !from_spare {
         let mut dst = create_private(&staged.indexed).map_err(io("create", &staged.indexed))?;
         let _ = std::os::unix::fs::fchown(&dst, Some(before.uid()), Some(before.gid()));
@@ -1558,19 +1574,29 @@ fn incremental_blocking(
     ll.feed(inserted, &mut each);
     ll.finish(&mut each);
     let want: HashMap<Vec<u8>, Vec<u8>> = added.iter().cloned().collect();
+    // The builder started early, when it is the one this step needs (else it is stopped).
+    let mut run = |args: &[&str], input: &[u8]| match pre.take() {
+        Some(mut p) if p.args() == args => match p.child.take() {
+            Some(child) => finish_builder(child, t, args, input),
+            None => run_with_stdin(postfix, t, args, staged, input),
+        },
+        _ => run_with_stdin(postfix, t, args, staged, input),
+    };
     if !del_keys.is_empty() {
         let mut stdin = Vec::new();
         for k in &del_keys {
             stdin.extend_from_slice(k);
             stdin.push(b'\n');
         }
-        run_with_stdin(postfix, t, &["-d", "-"], staged, &stdin)?;
+        run(&["-d", "-"], &stdin)?;
     }
     // Crash point: the copy is half updated (keys deleted, none added yet).
     fail::fail_point!("participant::mid_incremental_build");
     if !inserted.is_empty() {
-        run_with_stdin(postfix, t, &["-i"], staged, inserted)?;
+        run(&["-i"], inserted)?;
     }
+    // One started early that was not needed after all: stopped before the file is read.
+    drop(pre);
     // The updated file's fsync runs beside the check of its changed keys.
     let synced = sync_path_beside(&staged.indexed)?;
     // Check every changed key, asked as written.
@@ -1725,24 +1751,48 @@ fn run_with_stdin(
     staged: &Staged,
     stdin: &[u8],
 ) -> Result<Vec<u8>, TableError> {
+    let child = spawn_builder(postfix, t, args, staged)?;
+    finish_builder(child, t, args, stdin)
+}
+
+/// Starts the table's builder with `args` on the staged file, all three pipes open.
+fn spawn_builder(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    args: &[&str],
+    staged: &Staged,
+) -> Result<std::process::Child, TableError> {
+    let mut cmd = std_builder_command(postfix, t.builder);
+    cmd.args(args).arg(typed(t, &staged.source));
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    cmd.spawn().map_err(|e| TableError::BuildFailed {
+        program: format!("{} {}", t.builder.as_str(), args.join(" ")),
+        status: "not started".into(),
+        stderr: e.to_string(),
+    })
+}
+
+/// Feeds `stdin` to a builder started by [`spawn_builder`] with `args` and waits for it;
+/// returns its stdout. Any stderr output or a failure status is an error.
+fn finish_builder(
+    mut child: std::process::Child,
+    t: &TableConfig,
+    args: &[&str],
+    stdin: &[u8],
+) -> Result<Vec<u8>, TableError> {
     let what = format!("{} {}", t.builder.as_str(), args.join(" "));
     let fail = |status: String, stderr: String| TableError::BuildFailed {
         program: what.clone(),
         status,
         stderr,
     };
-    let mut cmd = std_builder_command(postfix, t.builder);
-    cmd.args(args).arg(typed(t, &staged.source));
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| fail("not started".into(), e.to_string()))?;
-    let mut input = child
-        .stdin
-        .take()
-        .ok_or_else(|| fail("no stdin".into(), String::new()))?;
+    let Some(mut input) = child.stdin.take() else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(fail("no stdin".into(), String::new()));
+    };
     let data = stdin.to_vec();
     let writer = std::thread::spawn(move || {
         let _ = input.write_all(&data);
@@ -1757,6 +1807,68 @@ fn run_with_stdin(
         return Err(fail(out.status.to_string(), clip(&out.stderr)));
     }
     Ok(out.stdout)
+}
+
+/// The first step of an incremental build, started while the new source is still being
+/// rebuilt: the spare copy of the live indexed file is in place at the staged name and the
+/// builder that applies the change (`postmap -d -`, or `postmap -i` when nothing is removed)
+/// runs on it, waiting for its input. [`build_incremental`] feeds it; dropping it kills the
+/// builder (the staged copy is then the caller's to remove).
+#[derive(Debug)]
+pub struct Prestarted {
+    child: Option<std::process::Child>,
+    deletes: bool,
+}
+
+impl Prestarted {
+    /// The builder's arguments.
+    fn args(&self) -> &'static [&'static str] {
+        match self.deletes {
+            true => &["-d", "-"],
+            false => &["-i"],
+        }
+    }
+}
+
+impl Drop for Prestarted {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Puts the spare copy of `t`'s live indexed file (the one stamped `stamp`) at the staged name
+/// and starts the builder that will apply the change on it (see [`Prestarted`]): `deletes` when
+/// the change removes records. `None`, having started nothing, when the live file is not the
+/// one recorded or the spare cannot be used (the build then copies the live file, or builds in
+/// full).
+pub fn prestart_incremental(
+    postfix: &PostfixSettings,
+    t: &TableConfig,
+    staged: &Staged,
+    stamp: FileStamp,
+    spare: Spare,
+    deletes: bool,
+) -> Option<Prestarted> {
+    let live_is_recorded = open_nofollow(&t.live_indexed())
+        .and_then(|f| f.metadata())
+        .is_ok_and(|m| m.file_type().is_file() && FileStamp::of(&m) == stamp);
+    if !live_is_recorded {
+        let _ = std::fs::remove_file(&spare.path);
+        return None;
+    }
+    if !use_spare(spare, stamp, &staged.indexed) {
+        return None;
+    }
+    let mut pre = Prestarted {
+        child: None,
+        deletes,
+    };
+    // A builder that does not start is started again, and fails again, in its turn.
+    pre.child = spawn_builder(postfix, t, pre.args(), staged).ok();
+    Some(pre)
 }
 
 /// Starts the fsync of the file at `path` on a thread of its own (see [`Syncing`]).

@@ -138,11 +138,11 @@ impl Node {
                 None
             }
             Some((base, len)) => {
-                let (back, applied) = self
-                    .receive_delta(slot, w, base, len, p.source_len, recv)
+                let (back, applied, pre) = self
+                    .receive_delta(slot, w, (base, len), p.source_len, &staged, recv)
                     .await?;
                 w = back;
-                Some(applied)
+                Some((applied, pre))
             }
         };
         let t_upload = std::time::Instant::now();
@@ -202,7 +202,7 @@ impl Node {
         slot: &Slot,
         p: &Prepare,
         staged: &table::Staged,
-        change: Option<delta::Applied>,
+        change: Option<(delta::Applied, Option<table::Prestarted>)>,
         (check, entries): (table::Check, u64),
         source_sync: table::Syncing,
         t_upload: std::time::Instant,
@@ -211,7 +211,7 @@ impl Node {
         let delta = change.is_some();
         let t_received = std::time::Instant::now();
         let incremental = match change {
-            Some(applied) => self.build_incremental(slot, p, staged, &applied).await,
+            Some((applied, pre)) => self.build_incremental(slot, p, staged, &applied, pre).await,
             None => false,
         };
         if !incremental {
@@ -265,11 +265,18 @@ impl Node {
         &self,
         slot: &Slot,
         mut writer: table::SourceWriter,
-        base: Sha256,
-        len: u64,
+        (base, len): (Sha256, u64),
         new_len: u64,
+        staged: &table::Staged,
         recv: &mut quinn::RecvStream,
-    ) -> Result<(table::SourceWriter, delta::Applied), Refusal> {
+    ) -> Result<
+        (
+            table::SourceWriter,
+            delta::Applied,
+            Option<table::Prestarted>,
+        ),
+        Refusal,
+    > {
         let t = &slot.table;
         // A delta is small by definition: beyond this node's own share of the table it is
         // refused before it is read (the coordinator then sends the whole table), so a peer
@@ -333,6 +340,9 @@ impl Node {
             && file
                 .metadata()
                 .is_ok_and(|m| Some(table::FileStamp::of(&m)) == source_stamp);
+        // The incremental build's first builder starts now: its start-up runs beside the
+        // rebuild.
+        let pre = self.prestart(slot, &script, staged).await;
         let reader = std::io::BufReader::with_capacity(256 * 1024, file);
         // The rebuild is CPU and disk work: off the async threads.
         let res = tokio::task::spawn_blocking(move || {
@@ -360,7 +370,38 @@ impl Node {
                 ),
             });
         }
-        Ok((writer, applied))
+        Ok((writer, applied, pre))
+    }
+
+    /// Puts the spare copy at the staged name and starts the builder the change needs first
+    /// ([`table::prestart_incremental`]) when the delta looks eligible for an incremental
+    /// build; [`Node::build_incremental`] decides, and stops it if not.
+    async fn prestart(
+        &self,
+        slot: &Slot,
+        script: &[u8],
+        staged: &table::Staged,
+    ) -> Option<table::Prestarted> {
+        let t = &slot.table;
+        if !crate::spare::wanted(&self.cfg, t) {
+            return None;
+        }
+        let (stamp, deltas) = {
+            let s = slot.state.lock().await;
+            (s.indexed_stamp?, s.deltas_since_full)
+        };
+        let (dropped, inserted) = delta::summary(script)?;
+        if deltas >= self.cfg.delta_full_every || (dropped == 0 && inserted == 0) {
+            return None;
+        }
+        let spare = crate::spare::take_ready(&slot.spare)?;
+        let (postfix, t, staged) = (self.cfg.postfix.clone(), t.clone(), staged.clone());
+        tokio::task::spawn_blocking(move || {
+            table::prestart_incremental(&postfix, &t, &staged, stamp, spare, dropped > 0)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// Tries the incremental build of a delta prepare; false when the full build must run
@@ -371,6 +412,7 @@ impl Node {
         p: &Prepare,
         staged: &table::Staged,
         applied: &delta::Applied,
+        pre: Option<table::Prestarted>,
     ) -> bool {
         let t = &slot.table;
         let (stamp, base_entries, deltas) = {
@@ -410,22 +452,31 @@ impl Node {
         };
         if let Some(why) = why_not {
             debug!(%why, "full build");
+            if let Some(pre) = pre {
+                // Its builder stopped first, then the spare copy it was given is removed.
+                drop(pre);
+                let _ = std::fs::remove_file(&staged.indexed);
+            }
             return false;
         }
         let Some(stamp) = stamp else { return false };
+        let prestarted = pre.is_some();
         match table::build_incremental(
             &self.cfg.postfix,
             t,
             staged,
             stamp,
-            crate::spare::take(&slot.spare),
+            match pre {
+                Some(pre) => table::StagedCopy::Placed(pre),
+                None => table::StagedCopy::Spare(crate::spare::take(&slot.spare)),
+            },
             &applied.dropped,
             &applied.inserted,
         )
         .await
         {
             Ok(from_spare) => {
-                debug!(from_spare, "incremental build");
+                debug!(from_spare, prestarted, "incremental build");
                 if let Some(a) = slot.state.lock().await.active.as_mut() {
                     a.incremental = true;
                 }

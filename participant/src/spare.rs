@@ -94,6 +94,18 @@ pub(crate) fn take(cell: &SpareCell) -> Option<Spare> {
     }
 }
 
+/// Takes the spare only when it is ready (a copy still being made goes on).
+pub(crate) fn take_ready(cell: &SpareCell) -> Option<Spare> {
+    let mut g = lock(cell);
+    match std::mem::take(&mut *g) {
+        SpareState::Ready(s) => Some(s),
+        other => {
+            *g = other;
+            None
+        }
+    }
+}
+
 /// Drops the spare (a prepare that builds in full does not use it, and it must not hold the
 /// space that build needs on a nearly full disk); made again once the table is idle.
 pub(crate) fn discard(cell: &SpareCell) {
