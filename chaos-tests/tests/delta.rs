@@ -665,6 +665,64 @@ fn one_spare(c: &TestCluster, i: usize) -> Result<PathBuf> {
     }
 }
 
+/// The builder started before the source is rebuilt is the one the change needs first: a
+/// change that removes records starts `postmap -d -`. When the records removed hold no key
+/// (the comment block before the first entry) it is stopped unused and `postmap -i` runs
+/// instead; a change that removes and adds runs both. What is served is the full build's.
+#[test]
+fn the_builder_started_early_is_used_or_stopped() -> Result<()> {
+    let c = TestCluster::start("delta-prestart", 3)?;
+    let body = transport_table("lists.example.org", 0..2000);
+    let mut src = format!("# sympa_transport, generation 1\n{body}");
+    c.write_source(&src);
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    let steps = [
+        // The header comment changes and one entry is added: the dropped record has no key.
+        (
+            "# sympa_transport, generation 2\n".to_string(),
+            "early1@lists.example.org\tsympa:early1@x\n",
+            false,
+        ),
+        // One entry removed and one added.
+        (
+            "# sympa_transport, generation 2\n".to_string(),
+            "early2@lists.example.org\tsympa:early2@x\n",
+            true,
+        ),
+    ];
+    for (n, (header, added, drop_one)) in steps.iter().enumerate() {
+        for i in 1..=3 {
+            one_spare(&c, i)?;
+        }
+        // Every line but the header, without the first entry when one is removed.
+        let entries: String = src
+            .lines()
+            .skip(if *drop_one { 2 } else { 1 })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        src = format!("{header}{entries}{added}");
+        c.write_source(&src);
+        let (code, r) = c.commit_json(1);
+        assert_eq!(code, Some(0), "step {n}: {r}");
+        assert_eq!(r["delta_nodes"], 3, "step {n}: {r}");
+        assert_served(&c, TABLE, "postmap", "hash", &src)?;
+        for i in 1..=3 {
+            assert_eq!(
+                deltas_since_full(&c, i, TABLE),
+                n as u64 + 1,
+                "node{i} step {n}: built incrementally"
+            );
+            let log = std::fs::read_to_string(c.log(i))?;
+            assert_eq!(
+                log.matches("prestarted=true").count(),
+                n + 1,
+                "node{i} step {n}: the builder was started early: {log}"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The spare copy of the live `.db` (made once the table is idle) is what the next incremental
 /// build starts from, only while neither it nor the live file changed; a changed one is removed
 /// and the live file copied instead, and the result is the same. A restart removes every spare
@@ -685,8 +743,8 @@ fn the_spare_copy_is_used_only_while_unchanged() -> Result<()> {
     assert_served(&c, TABLE, "postmap", "hash", &src)?;
     let log2 = std::fs::read_to_string(c.log(2))?;
     assert!(
-        log2.contains("from_spare=true"),
-        "node2 used its spare: {log2}"
+        log2.contains("from_spare=true prestarted=true"),
+        "node2 used its spare, its builder started before the source was rebuilt: {log2}"
     );
     let second = one_spare(&c, 2)?;
     assert_ne!(first, second, "a new spare for the new live file");
