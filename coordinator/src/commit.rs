@@ -206,13 +206,14 @@ fn start_plan(
 }
 
 /// The delta script of a commit: started early from this node's journal (beside the status
-/// round and the open record), or computed when the prepares go out.
+/// round and the open record), or computed when the prepares go out; kept for a later attempt
+/// while this node serves the same base.
 enum EarlyPlan {
     /// Being computed against this recorded base.
     Running(Sha256, tokio::task::JoinHandle<Option<delta::Plan>>),
-    /// Computed (or found unnecessary).
-    Done(Option<delta::Plan>),
-    /// Not started: this node's journal could not be read.
+    /// The script from this base (`None`: none possible, such as no change from it).
+    Done(Sha256, Option<delta::Plan>),
+    /// None yet (this node's journal could not be read, or delta commits are off).
     None,
 }
 
@@ -348,10 +349,10 @@ pub async fn commit_with(
     let mut early =
         match txmap_common::journal::Journal::recorded_sha256(&cluster.cfg.state_dir, table_name) {
             // This node serves this very content: no script to plan (and no read of both files).
-            Some(base) if base.0 == digest.sha256 => EarlyPlan::Done(None),
+            Some(base) if base.0 == digest.sha256 => EarlyPlan::Done(base, None),
             Some(base) => match start_plan(cluster, table_name, source, &digest, Some(base)) {
                 Some(h) => EarlyPlan::Running(base, h),
-                None => EarlyPlan::Done(None),
+                None => EarlyPlan::None,
             },
             None => EarlyPlan::None,
         };
@@ -772,27 +773,16 @@ async fn send_prepares(
                 .iter()
                 .position(|(n, _)| n.name == cluster.cfg.node)
                 .and_then(|i| live_sha[i]);
-            match std::mem::replace(early, EarlyPlan::None) {
-                // Started on the base this node still serves: the same script.
-                EarlyPlan::Running(base, h) if Some(base) == own => {
-                    *early = EarlyPlan::Done(h.await.ok().flatten());
-                }
-                // A later attempt: still this node's base (or no script possible).
-                EarlyPlan::Done(p)
-                    if p.as_ref()
-                        .is_none_or(|p| Some(Sha256(p.base_sha256)) == own) =>
-                {
-                    *early = EarlyPlan::Done(p)
-                }
-                EarlyPlan::Running(..) | EarlyPlan::Done(_) | EarlyPlan::None => {
-                    *early =
-                        EarlyPlan::Done(plan_delta(cluster, table_name, source, digest, own).await);
-                }
+            let plan = match std::mem::replace(early, EarlyPlan::None) {
+                // Started, or made by an earlier attempt, on the base this node still serves.
+                EarlyPlan::Running(base, h) if Some(base) == own => h.await.ok().flatten(),
+                EarlyPlan::Done(base, p) if Some(base) == own => p,
+                _ => plan_delta(cluster, table_name, source, digest, own).await,
+            };
+            if let Some(base) = own {
+                *early = EarlyPlan::Done(base, plan.clone());
             }
-            match early {
-                EarlyPlan::Done(p) => p.clone(),
-                _ => None,
-            }
+            plan
         }
         false => None,
     };
