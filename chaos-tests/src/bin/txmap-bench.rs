@@ -15,7 +15,10 @@
 //!   is then usually not ready and the live `.db` is copied during the prepare);
 //! - bytes the coordinator sent for the delta commit, as a share of the table;
 //! - `hook`: wall time of `txmap-sympa` for a one-list change (txmapd coordinates);
-//! - txmapd peak RSS (VmHWM) over the run.
+//! - txmapd peak RSS (VmHWM) over the run;
+//! - `delta, 1 node`: the `txmap delta` measure on a 1-node sandbox, what a commit costs when
+//!   its node has the machine to itself (the 3-node sandbox shares 2 cores among 3 nodes,
+//!   which a real cluster does not).
 //!
 //! Run: `cargo run --release -p txmap-chaos-tests --bin txmap-bench [-- ROUNDS SIZE...]`
 //! (default: 7 rounds, sizes 20000 and 1000000; sizes of 500,000 lines or more use 3 rounds).
@@ -85,6 +88,7 @@ struct Row {
     back_to_back: f64,
     hook: f64,
     rss_mib: f64,
+    one_node: f64,
 }
 
 fn set_delta(c: &mut TestCluster, on: bool) -> Result<()> {
@@ -212,6 +216,18 @@ fn bench(lines: usize, rounds: usize) -> Result<Row> {
         );
     }
     let rss_kb = peak_rss_kb(&c).max(hwm_full);
+    drop(c);
+    // The same one-list commits on a 1-node sandbox.
+    let mut one = TestCluster::create("bench1", 1)?;
+    one.start_node(1)?;
+    commit(&one, &a)?;
+    let mut t_one = Vec::new();
+    for r in 0..rounds {
+        std::thread::sleep(Duration::from_secs(2));
+        let (d, rep) = commit(&one, if r % 2 == 0 { &b } else { &a })?;
+        ensure!(rep["delta_nodes"] == 1, "not a delta commit: {rep}");
+        t_one.push(d);
+    }
     sent.sort();
     Ok(Row {
         lines,
@@ -224,6 +240,7 @@ fn bench(lines: usize, rounds: usize) -> Result<Row> {
         back_to_back: ms(median(t_b2b)),
         hook: ms(median(t_hook)),
         rss_mib: rss_kb as f64 / 1024.0,
+        one_node: ms(median(t_one)),
     })
 }
 
@@ -279,6 +296,12 @@ fn chart(rows: &[Row]) -> String {
         "txmap delta, one list (3 nodes)",
         3,
     );
+    s += &line(
+        &|r| r.one_node,
+        "#2980b9",
+        "txmap delta, one list (1 node)",
+        4,
+    );
     for r in rows {
         s += &format!(
             "<text x=\"{:.1}\" y=\"{}\" font-size=\"11\" text-anchor=\"middle\">{}</text>\n",
@@ -319,12 +342,12 @@ fn main() -> Result<()> {
         rows.push(bench(n, r)?);
     }
     println!(
-        "| lines | MB | local postmap ms | script (3 nodes) | txmap full | txmap delta (1 list) | delta bytes sent | delta back-to-back | hook (1 list) | txmapd peak RSS |"
+        "| lines | MB | local postmap ms | script (3 nodes) | txmap full | txmap delta (1 list) | delta bytes sent | delta back-to-back | hook (1 list) | txmapd peak RSS | delta, 1 node |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!(
-            "| {} | {:.1} | {:.0} | {:.0} ms = {:.2}x | {:.0} ms = {:.2}x | {:.0} ms = {:.3}x | {} B = {:.4} % | {:.0} ms = {:.3}x | {:.0} ms = {:.3}x | {:.1} MiB |",
+            "| {} | {:.1} | {:.0} | {:.0} ms = {:.2}x | {:.0} ms = {:.2}x | {:.0} ms = {:.3}x | {} B = {:.4} % | {:.0} ms = {:.3}x | {:.0} ms = {:.3}x | {:.1} MiB | {:.0} ms = {:.3}x |",
             r.lines,
             r.bytes as f64 / 1e6,
             r.local,
@@ -340,7 +363,9 @@ fn main() -> Result<()> {
             r.back_to_back / r.local,
             r.hook,
             r.hook / r.local,
-            r.rss_mib
+            r.rss_mib,
+            r.one_node,
+            r.one_node / r.local
         );
     }
     let svg = root.join("target").join("txmap-bench.svg");
