@@ -88,8 +88,13 @@ pub fn norm_value(value: &[u8]) -> Vec<u8> {
     value
         .iter()
         .copied()
-        .filter(|b| !is_space(*b) && *b != b'\\')
+        .filter(|b| kept_in_value(*b))
         .collect()
+}
+
+/// True for a byte a value keeps when compared (see [`norm_value`]).
+fn kept_in_value(b: u8) -> bool {
+    !is_space(b) && b != b'\\'
 }
 
 /// Assembles logical lines from a source streamed in chunks of any size.
@@ -237,12 +242,12 @@ impl EntryHasher {
         // has one parse.) SipHash streams: how the bytes are split into writes does not
         // matter, so bytes that need no change are written as they are.
         let mut h = self.0.build_hasher();
-        let vlen = match value.iter().any(|b| is_space(*b) || *b == b'\\') {
-            false => {
+        let vlen = match value.iter().all(|b| kept_in_value(*b)) {
+            true => {
                 h.write(value);
                 value.len()
             }
-            true => write_mapped(&mut h, value, |b| (!is_space(b) && b != b'\\').then_some(b)),
+            false => write_mapped(&mut h, value, |b| kept_in_value(b).then_some(b)),
         };
         h.write_usize(vlen);
         let v = h.finish();

@@ -1504,6 +1504,25 @@ pub async fn build_incremental(
     })?
 }
 
+/// Opens `t`'s live indexed file (never through a link, never blocking) and checks that it is
+/// the one txmap installed (`stamp`); an incremental build may start from no other.
+fn open_recorded_live(
+    t: &TableConfig,
+    stamp: FileStamp,
+) -> Result<(File, std::fs::Metadata), IncrementalError> {
+    let live = t.live_indexed();
+    let f = open_nofollow(&live)
+        .map_err(|e| IncrementalError::Drifted(format!("{}: {e}", live.display())))?;
+    let m = f.metadata().map_err(io("stat", &live))?;
+    if !m.file_type().is_file() || FileStamp::of(&m) != stamp {
+        return Err(IncrementalError::Drifted(format!(
+            "{} is not the file recorded at install",
+            live.display()
+        )));
+    }
+    Ok((f, m))
+}
+
 /// Where an incremental build's copy of the live indexed file comes from.
 #[derive(Debug)]
 pub enum StagedCopy {
@@ -1524,20 +1543,9 @@ fn incremental_blocking(
 ) -> Result<bool, IncrementalError> {
     use crate::entries::{fold_key, parse_output_line, split_entry, LogicalLines};
     use std::collections::HashMap;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    use std::os::unix::fs::MetadataExt;
     let live = t.live_indexed();
-    let mut src = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&live)
-        .map_err(|e| IncrementalError::Drifted(format!("{}: {e}", live.display())))?;
-    let before = src.metadata().map_err(io("stat", &live))?;
-    if !before.file_type().is_file() || FileStamp::of(&before) != stamp {
-        return Err(IncrementalError::Drifted(format!(
-            "{} is not the file recorded at install",
-            live.display()
-        )));
-    }
+    let (mut src, before) = open_recorded_live(t, stamp)?;
     let (from_spare, mut pre) = match copy {
         StagedCopy::Placed(p) => (true, Some(p)),
         StagedCopy::Spare(spare) => (
@@ -1852,10 +1860,7 @@ pub fn prestart_incremental(
     spare: Spare,
     deletes: bool,
 ) -> Option<Prestarted> {
-    let live_is_recorded = open_nofollow(&t.live_indexed())
-        .and_then(|f| f.metadata())
-        .is_ok_and(|m| m.file_type().is_file() && FileStamp::of(&m) == stamp);
-    if !live_is_recorded {
+    if open_recorded_live(t, stamp).is_err() {
         let _ = std::fs::remove_file(&spare.path);
         return None;
     }

@@ -120,6 +120,26 @@ fn commit(c: &TestCluster, content: &str) -> Result<(Duration, serde_json::Value
     Ok((d, serde_json::from_slice(&o.stdout).unwrap_or_default()))
 }
 
+/// Commits `a`, then `rounds` one-list changes 2 s apart (`b`, `a`, `b`, ...), each a delta to
+/// all `nodes`; returns their times and the bytes sent for each.
+fn delta_rounds(
+    c: &TestCluster,
+    nodes: u64,
+    rounds: usize,
+    (a, b): (&str, &str),
+) -> Result<(Vec<Duration>, Vec<u64>)> {
+    commit(c, a)?;
+    let (mut times, mut sent) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        std::thread::sleep(Duration::from_secs(2));
+        let (d, rep) = commit(c, if r % 2 == 0 { b } else { a })?;
+        ensure!(rep["delta_nodes"] == nodes, "not a delta commit: {rep}");
+        times.push(d);
+        sent.push(rep["bytes_sent"].as_u64().unwrap_or(0));
+    }
+    Ok((times, sent))
+}
+
 fn bench(lines: usize, rounds: usize) -> Result<Row> {
     let base = table(lines);
     let (a, b) = (one_list(&base, false), one_list(&base, true));
@@ -173,16 +193,7 @@ fn bench(lines: usize, rounds: usize) -> Result<Row> {
     let hwm_full = peak_rss_kb(&c);
     // txmap, delta commits (defaults), alternating adding and removing one list.
     set_delta(&mut c, true)?;
-    commit(&c, &a)?;
-    let mut t_delta = Vec::new();
-    let mut sent = Vec::new();
-    for r in 0..rounds {
-        std::thread::sleep(Duration::from_secs(2));
-        let (d, rep) = commit(&c, if r % 2 == 0 { &b } else { &a })?;
-        ensure!(rep["delta_nodes"] == 3, "not a delta commit: {rep}");
-        t_delta.push(d);
-        sent.push(rep["bytes_sent"].as_u64().unwrap_or(0));
-    }
+    let (t_delta, mut sent) = delta_rounds(&c, 3, rounds, (&a, &b))?;
     let mut t_b2b = Vec::new();
     for r in 0..rounds {
         // Continues the alternation (the previous loop ended on `b` when `rounds` is odd).
@@ -220,14 +231,7 @@ fn bench(lines: usize, rounds: usize) -> Result<Row> {
     // The same one-list commits on a 1-node sandbox.
     let mut one = TestCluster::create("bench1", 1)?;
     one.start_node(1)?;
-    commit(&one, &a)?;
-    let mut t_one = Vec::new();
-    for r in 0..rounds {
-        std::thread::sleep(Duration::from_secs(2));
-        let (d, rep) = commit(&one, if r % 2 == 0 { &b } else { &a })?;
-        ensure!(rep["delta_nodes"] == 1, "not a delta commit: {rep}");
-        t_one.push(d);
-    }
+    let (t_one, _) = delta_rounds(&one, 1, rounds, (&a, &b))?;
     sent.sort();
     Ok(Row {
         lines,
