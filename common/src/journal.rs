@@ -64,8 +64,10 @@ impl Journal {
     /// The sha256 of the content a table's journal in `state_dir` records as live, read
     /// without creating anything; `None` when there is no readable journal for it.
     pub fn recorded_sha256(state_dir: &Path, table: &str) -> Option<crate::proto::Sha256> {
-        let bytes = std::fs::read(state_dir.join("tables").join(format!("{table}.json"))).ok()?;
-        serde_json::from_slice::<TableState>(&bytes).ok()?.sha256
+        let journal = Journal {
+            dir: state_dir.join("tables"),
+        };
+        journal.load(table).ok()?.sha256
     }
 
     /// Durably replaces a table's state. A staging transaction is recorded as absent: only

@@ -581,16 +581,11 @@ impl Snapshots {
 
     /// Makes a finished temporary snapshot the current one of `table` (atomic rename, fsync).
     pub fn install(&self, table: &str, temp: &Path) -> std::io::Result<PathBuf> {
-        use std::os::unix::fs::OpenOptionsExt;
         let to = self.path(table);
         // The replaced snapshot is held open across the rename and let go on a thread of its
         // own: freeing its blocks (66 MB at 1,000,000 lines) then happens beside the commit,
         // not inside the rename it waits for.
-        let replaced = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(&to)
-            .ok();
+        let replaced = open_nofollow(&to).ok();
         std::fs::rename(temp, &to)?;
         File::open(&self.dir).and_then(|d| d.sync_all())?;
         if let Some(f) = replaced {
