@@ -11,6 +11,8 @@ command -v postmap >/dev/null 2>&1 || need+=(postfix)
 # The package test (chaos-tests/tests/package.rs) installs the .deb into a debootstrap root.
 command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap)
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3) # the power-loss tests' FUSE mounts
+# Clocks moved from outside the binaries (tests/lost_change.rs).
+[ -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ] || need+=(libfaketime)
 if ((${#need[@]})); then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -20,7 +22,7 @@ if ((${#need[@]})); then
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-    postfix postfix-cdb postfix-lmdb debootstrap fuse3 </dev/null >/dev/null
+    postfix postfix-cdb postfix-lmdb debootstrap fuse3 libfaketime </dev/null >/dev/null
 fi
 command -v postmap >/dev/null || { echo "setup: postmap still missing" >&2; exit 1; }
 # The dedicated user the tests run txmapd as (tests/privilege.rs, and the whole suite with

@@ -252,14 +252,16 @@ fn an_empty_source_or_a_big_shrink_is_refused_unless_forced() {
         describe(&out)
     );
     assert_eq!(c.generations(), before);
-    // Nothing was left pending to be retried.
+    // The refused change is held, visible as pending (never silently dropped), not retried.
     let status = c.status(1).to_string();
-    assert!(!status.contains("\"pending\":{"), "{status}");
-    // Forced, it goes through.
+    assert!(status.contains("refused by the content guard"), "{status}");
+    // Forced, it goes through, and nothing is left pending.
     let out = c.txmap(1, &["commit", TABLE, "--force"]);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
     let g = c.generations()[0].clone().expect("status").0;
     assert_eq!(Some(g), before[0].as_ref().map(|x| x.0 + 1));
+    let status = c.status(1).to_string();
+    assert!(!status.contains("\"pending\":{"), "{status}");
 }
 
 #[test]

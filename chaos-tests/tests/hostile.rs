@@ -216,7 +216,7 @@ fn hostile_requests_are_refused_and_change_nothing() {
                 sha256: Sha256(sha),
                 entries: 1,
                 nodes: vec!["node1".into(), "node2".into(), "node3".into()],
-                requested_ms: 0,
+                change: None,
             })
         };
         let sha = ring::digest::digest(&ring::digest::SHA256, &body);

@@ -243,10 +243,13 @@ pub struct Config {
     pub max_table_bytes: u64,
     /// Generations of each table kept in history (at least 1).
     pub history_keep: usize,
-    /// A commit that would remove more than this share (percent) of the live table's entries
-    /// is refused unless forced; 100 turns the guard off (an empty source is refused anyway
-    /// unless forced).
+    /// A commit that would remove more than this share (percent) of the live table's keys is
+    /// refused unless forced; 100 turns the share off (emptying a table of more than
+    /// `guard_free_keys` keys is refused anyway unless forced).
     pub max_shrink_percent: u64,
+    /// The content guard never refuses a change that removes at most this many keys
+    /// (Sympa's ordinary change, even one that empties the table).
+    pub guard_free_keys: u64,
     /// Delta commits: a change touching at most this share (percent) of the live entries is
     /// sent as a delta and built incrementally; 0 turns delta commits off (always whole tables).
     pub delta_max_percent: u64,
@@ -299,6 +302,7 @@ struct RawConfig {
     max_table_bytes: Option<u64>,
     history_keep: Option<usize>,
     max_shrink_percent: Option<u64>,
+    guard_free_keys: Option<u64>,
     delta_max_percent: Option<u64>,
     delta_full_every: Option<u32>,
     #[serde(default)]
@@ -813,6 +817,7 @@ impl Config {
             max_table_bytes: raw.max_table_bytes.unwrap_or(1 << 30),
             history_keep: raw.history_keep.unwrap_or(10),
             max_shrink_percent: raw.max_shrink_percent.unwrap_or(50),
+            guard_free_keys: raw.guard_free_keys.unwrap_or(20),
             delta_max_percent: raw.delta_max_percent.unwrap_or(10),
             delta_full_every: raw.delta_full_every.unwrap_or(100),
             nodes,

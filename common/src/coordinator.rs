@@ -16,7 +16,7 @@
 
 use crate::decision::Verdict;
 use crate::machine::{decide, Decision, Vote};
-use crate::proto::{OutcomeAnswer, Refusal, Response, Sha256, TableStatus};
+use crate::proto::{Change, OutcomeAnswer, Refusal, Response, Sha256, TableStatus};
 
 /// What the coordinator does once every vote is in.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,24 +69,59 @@ pub fn already_served(statuses: &[TableStatus], asked: usize, sha256: &Sha256) -
     (same && first.generation > 0).then_some(first.generation)
 }
 
-/// `Some(generation)` when a node serves content whose change was requested after this one
-/// (`requested_ms`): this change is superseded (a pending retry of an older change must never
-/// replace newer content, whichever node coordinated each).
-pub fn superseded(statuses: &[TableStatus], requested_ms: u64) -> Option<u64> {
-    statuses
-        .iter()
-        .filter(|s| s.generation > 0 && s.content_ms > requested_ms)
-        .map(|s| s.generation)
-        .max()
+/// A later change of the same source is live: the change asked for is superseded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Superseded {
+    /// The later change.
+    pub by: Change,
+    /// The highest generation seen holding it (or a change after it).
+    pub generation: u64,
+    /// Every asked node reported it: each serves that later change (or one after it).
+    pub everywhere: bool,
 }
 
-/// The content guard: `Err(why)` when the new source (`new_entries`) would empty the table or
-/// remove more than `max_shrink_percent` of the entries the nodes serve now (the largest live
-/// count among `statuses`). A forced commit skips it.
+/// `Some` when some node installed a change of the same source (the same origin node and
+/// table) later than `change`: this one is superseded and must never replace it. Only the
+/// source's own counter decides (see [`Change`]); no clock takes part, and a change of
+/// another origin never supersedes anything.
+pub fn superseded(
+    statuses: &[TableStatus],
+    asked: usize,
+    origin: &str,
+    change: &Change,
+) -> Option<Superseded> {
+    let later = |s: &TableStatus| {
+        s.newest
+            .iter()
+            .find(|n| n.origin == origin)
+            .map(|n| n.change)
+            .filter(|n| n.supersedes(change))
+    };
+    let holding: Vec<(u64, Change)> = statuses
+        .iter()
+        .filter_map(|s| later(s).map(|c| (s.generation, c)))
+        .collect();
+    let (generation, by) = holding.iter().max_by_key(|(g, c)| (*g, c.seq))?;
+    Some(Superseded {
+        by: *by,
+        generation: *generation,
+        everywhere: statuses.len() == asked && holding.len() == asked,
+    })
+}
+
+/// The content guard: `Err(why)` when the new source would remove more than
+/// `max_shrink_percent` of the entries the nodes serve now (the largest live count among
+/// `statuses`). It counts the keys that would go (`removed_keys`, when the live content could
+/// be compared key by key; otherwise the drop in the number of entries), not entry totals,
+/// and never refuses a change that removes at most `free_keys` keys: Sympa's ordinary change
+/// (a list created or closed, about ten entries) passes, even when it empties the table. A
+/// forced commit skips it.
 pub fn content_guard(
     statuses: &[TableStatus],
     new_entries: u64,
+    removed_keys: Option<u64>,
     max_shrink_percent: u64,
+    free_keys: u64,
 ) -> Result<(), String> {
     let live = statuses
         .iter()
@@ -94,18 +129,18 @@ pub fn content_guard(
         .map(|s| s.entries)
         .max()
         .unwrap_or(0);
-    if live == 0 {
+    let gone = removed_keys.unwrap_or_else(|| live.saturating_sub(new_entries));
+    if live == 0 || gone <= free_keys {
         return Ok(());
     }
     if new_entries == 0 {
         return Err(format!(
-            "the new source has no entries: all {live} entries of the live table would go (use --force if that is meant)"
+            "the new source has no entries: all {live} entries of the live table would go, more than guard_free_keys = {free_keys}"
         ));
     }
-    let gone = live.saturating_sub(new_entries);
     if gone * 100 > live * max_shrink_percent {
         return Err(format!(
-            "the new source would remove {gone} of the {live} live entries ({}%), more than max_shrink_percent = {max_shrink_percent} (use --force if that is meant)",
+            "the new source would remove {gone} of the {live} live keys ({}%), more than max_shrink_percent = {max_shrink_percent} and more than guard_free_keys = {free_keys}",
             gone * 100 / live
         ));
     }
@@ -321,7 +356,8 @@ mod tests {
             last_txid: None,
             coordinator: None,
             fenced: 0,
-            content_ms: 0,
+            content: None,
+            newest: Vec::new(),
             prepared: None,
             pending: None,
         }
@@ -429,39 +465,68 @@ mod tests {
     }
 
     #[test]
-    fn the_content_guard_refuses_an_empty_or_much_smaller_table() {
+    fn the_content_guard_counts_keys_that_go_and_lets_an_ordinary_change_through() {
         let st = |g: u64, entries: u64| TableStatus {
             entries,
             ..status(g)
         };
         let live = [st(3, 100), st(3, 100)];
-        assert!(content_guard(&live, 0, 50)
+        assert!(content_guard(&live, 0, None, 50, 20)
             .unwrap_err()
             .contains("all 100 entries"));
-        assert!(content_guard(&live, 40, 50)
+        assert!(content_guard(&live, 40, None, 50, 20)
             .unwrap_err()
             .contains("60 of the 100"));
-        assert!(content_guard(&live, 50, 50).is_ok());
-        assert!(content_guard(&live, 1, 100).is_ok());
+        assert!(content_guard(&live, 50, None, 50, 20).is_ok());
+        // Same count, every key replaced: the keys that go are counted, not the totals.
+        assert!(content_guard(&live, 100, Some(100), 50, 20)
+            .unwrap_err()
+            .contains("100 of the 100"));
+        assert!(content_guard(&live, 1, Some(99), 100, 20).is_ok());
         assert!(
-            content_guard(&live, 0, 100).is_err(),
-            "empty is refused even at 100"
+            content_guard(&live, 0, Some(100), 100, 20).is_err(),
+            "emptying a big table is refused even at 100"
         );
+        // Sympa closing its last list: a few keys, the table empties; never refused.
+        let small = [st(7, 9), st(7, 9)];
+        assert!(content_guard(&small, 0, Some(9), 50, 20).is_ok());
+        assert!(content_guard(&small, 0, None, 0, 20).is_ok());
+        assert!(content_guard(&small, 0, Some(9), 50, 5).is_err());
         // A table never committed by txmap has nothing to lose.
-        assert!(content_guard(&[st(0, 0)], 0, 50).is_ok());
+        assert!(content_guard(&[st(0, 0)], 0, Some(0), 50, 0).is_ok());
     }
 
     #[test]
-    fn an_older_change_never_replaces_content_requested_later() {
-        let st = |g: u64, content_ms: u64| TableStatus {
-            content_ms,
+    fn only_a_later_change_of_the_same_source_supersedes() {
+        let c = |epoch: u64, seq: u64| Change { epoch, seq };
+        let st = |g: u64, newest: &[(&str, Change)]| TableStatus {
+            newest: newest
+                .iter()
+                .map(|(o, change)| crate::proto::OriginChange {
+                    origin: o.to_string(),
+                    change: *change,
+                })
+                .collect(),
             ..status(g)
         };
-        assert_eq!(superseded(&[st(5, 1000), st(5, 1000)], 900), Some(5));
-        assert_eq!(superseded(&[st(5, 1000), st(4, 800)], 1000), None);
-        assert_eq!(superseded(&[st(5, 1000)], 2000), None);
-        // Content from before this field existed (0) never supersedes anything.
-        assert_eq!(superseded(&[st(5, 0)], 1), None);
+        let both = [st(5, &[("n1", c(9, 4))]), st(5, &[("n1", c(9, 4))])];
+        let s = superseded(&both, 2, "n1", &c(9, 3)).unwrap();
+        assert_eq!((s.generation, s.by, s.everywhere), (5, c(9, 4), true));
+        // The same change, or a later one, is not superseded.
+        assert_eq!(superseded(&both, 2, "n1", &c(9, 4)), None);
+        assert_eq!(superseded(&both, 2, "n1", &c(9, 5)), None);
+        // Another origin's changes never supersede, whatever their count (or clock).
+        assert_eq!(superseded(&both, 2, "n2", &c(9, 1)), None);
+        // Another epoch (a counter made anew) is not ordered against this one.
+        assert_eq!(superseded(&both, 2, "n1", &c(8, 1)), None);
+        // Seen on one node only (the other behind, or not answering): not everywhere.
+        let one = [st(5, &[("n1", c(9, 4))]), st(4, &[("n1", c(9, 2))])];
+        assert!(!superseded(&one, 2, "n1", &c(9, 3)).unwrap().everywhere);
+        assert!(
+            !superseded(&both[..1], 2, "n1", &c(9, 3))
+                .unwrap()
+                .everywhere
+        );
     }
 
     #[test]

@@ -11,9 +11,12 @@
 //!   first wins, and the loser sees the winner's decision. A decision is acted on only once it
 //!   is durable: whoever reads one ([`DecisionLog::get`]) first fsyncs the directory, so a
 //!   power cut can never take back a decision that somebody already acted on.
-//! - `pending/<table>.json`: a commit of this table that could not be completed (a node down,
-//!   a deadline passed). `txmapd` retries it with backoff until the cluster serves the newest
-//!   source.
+//! - `pending/<table>.<tag>.json`: a commit of this table that could not be completed (a node
+//!   down, a deadline passed). `txmapd` retries it with backoff until the cluster serves it or
+//!   a later change of its source.
+//! - `changes/<table>.json`: the table's change counter on this node (see
+//!   [`crate::proto::Change`]): every new change of the table made here takes the next count,
+//!   under the lock of `changes/<table>.lock`, durably before it is used.
 
 use crate::proto::TxId;
 use serde::{Deserialize, Serialize};
@@ -111,10 +114,11 @@ pub struct PendingRecord {
     /// Forced past the content guard (`txmap commit --force`): so are its retries.
     #[serde(default)]
     pub force: bool,
-    /// When the change was requested (ms since the epoch): a retry never replaces content
-    /// requested later (see `coordinator::superseded`).
+    /// Which change of this node's table it is: a retry is dropped once a later change of
+    /// the same source is live (see `coordinator::superseded`). `None` (a record of an older
+    /// txmap): the retry takes a new count.
     #[serde(default)]
-    pub requested_ms: u64,
+    pub change: Option<crate::proto::Change>,
     /// The last attempt's content was refused by a node's builder or verifier (content that
     /// `postmap` rejects): it is not retried until the source changes, or until
     /// `txmap pending retry`. Retrying the same bytes could only fail the same way.
@@ -419,6 +423,39 @@ impl DecisionLog {
         let _ = std::fs::remove_file(self.dir.join(format!("{txid}.open")));
     }
 
+    /// Takes the next change of `table` from this node's durable counter (created, with a new
+    /// random epoch, when there is none). Serialized by an exclusive `flock` between the
+    /// processes of this node that make changes (`txmapd`'s hook, `txmap commit`, `rollback`);
+    /// the new count is on disk (fsynced) before it is returned.
+    pub fn next_change(&self, table: &str) -> std::io::Result<crate::proto::Change> {
+        let dir = self.pending.with_file_name("changes");
+        crate::table::create_dir_durable(&dir, 0o700)?;
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(format!("{table}.lock")))?;
+        crate::table::adopt_owner(&lock, &dir)?;
+        fs4::FileExt::lock(&lock)?;
+        let name = format!("{table}.json");
+        let last: Option<crate::proto::Change> = read_json(&dir.join(&name))?;
+        let next = match last {
+            Some(c) => crate::proto::Change {
+                epoch: c.epoch,
+                seq: c.seq.checked_add(1).ok_or_else(|| {
+                    std::io::Error::other(format!("change counter of `{table}` exhausted"))
+                })?,
+            },
+            None => crate::proto::Change {
+                epoch: (TxId::random().0 as u64) | 1,
+                seq: 1,
+            },
+        };
+        write_atomic(&dir, &name, &serde_json::to_vec(&next)?, true)?;
+        Ok(next)
+    }
+
     /// The file of the pending change of `table` from `source`: one per (table, source), so
     /// a commit of one source never drops another source's undistributed change.
     fn pending_file(&self, table: &str, source: &Path) -> PathBuf {
@@ -447,8 +484,8 @@ impl DecisionLog {
         self.list_pending().into_iter().find(|p| p.table == table)
     }
 
-    /// Every pending change, oldest first (retried in that order, so the newest lands last and
-    /// wins).
+    /// Every pending change, in the order of their changes per table (a table's retries run
+    /// in that order, so its newest change lands last); records without a change come first.
     pub fn list_pending(&self) -> Vec<PendingRecord> {
         let Ok(rd) = std::fs::read_dir(&self.pending) else {
             return Vec::new();
@@ -458,7 +495,7 @@ impl DecisionLog {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".json"))
             .filter_map(|e| read_json(&e.path()).ok().flatten())
             .collect();
-        v.sort_by_key(|p: &PendingRecord| p.since_ms);
+        v.sort_by_key(|p: &PendingRecord| (p.change.map(|c| (c.epoch, c.seq)), p.since_ms));
         v
     }
 

@@ -335,9 +335,66 @@ pub fn entries_of(builder: Builder, source: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
     out
 }
 
+/// How many keys of `old` `new` no longer has, keys folded as Postfix folds them (the keys
+/// the builder adds on its own are not counted). Both are streamed; memory is one 64-bit hash
+/// per distinct key of `new` (a collision can only hide a removed key, about one in 2^64).
+pub fn removed_keys(
+    builder: Builder,
+    old: &mut impl std::io::Read,
+    new: &mut impl std::io::Read,
+) -> std::io::Result<u64> {
+    let hasher = std::hash::RandomState::new();
+    let key_hash = |l: &[u8]| hasher.hash_one(fold_key(split_entry(builder, l).0));
+    let mut kept = std::collections::HashSet::new();
+    each_logical(new, &mut |l| {
+        kept.insert(key_hash(l));
+    })?;
+    let mut gone = std::collections::HashSet::new();
+    each_logical(old, &mut |l| {
+        let k = split_entry(builder, l).0;
+        if !builder_own_key(builder, &fold_key(k)) && !kept.contains(&key_hash(l)) {
+            gone.insert(key_hash(l));
+        }
+    })?;
+    Ok(gone.len() as u64)
+}
+
+/// Every logical line of a reader, in 256 KiB reads.
+fn each_logical(r: &mut impl std::io::Read, each: &mut impl FnMut(&[u8])) -> std::io::Result<()> {
+    let mut ll = LogicalLines::default();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        ll.feed(&buf[..n], each);
+    }
+    ll.finish(each);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn removed_keys_counts_keys_not_entries() {
+        let n = |old: &str, new: &str, b| {
+            removed_keys(b, &mut old.as_bytes(), &mut new.as_bytes()).unwrap()
+        };
+        let p = Builder::Postmap;
+        assert_eq!(n("a 1\nb 2\nc 3\n", "a 9\nB 2\nc 3\n", p), 0);
+        assert_eq!(
+            n("a 1\nb 2\n", "x 1\ny 2\n", p),
+            2,
+            "same count, both keys replaced"
+        );
+        assert_eq!(n("a 1\n# c\n  more\nb 2\n", "", p), 2);
+        assert_eq!(n("a 1\na 2\n", "", p), 1, "a duplicate key goes once");
+        let a = Builder::Postalias;
+        assert_eq!(n("l: x\nm: y\n", "l: z\n", a), 1);
+    }
 
     fn logical(src: &[u8], chunk: usize) -> Vec<Vec<u8>> {
         let mut out = Vec::new();

@@ -125,7 +125,7 @@ mod tests {
                 sha256: Sha256([2; 32]),
                 entries: 1,
                 nodes: vec![],
-                requested_ms: 0,
+                change: None,
             },
             0,
         );

@@ -37,6 +37,7 @@ pub mod journal;
 pub mod machine;
 pub mod net;
 pub mod proto;
+pub mod requests;
 pub mod table;
 pub mod tls;
 

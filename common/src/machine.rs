@@ -18,7 +18,9 @@
 //! Only *Prepared* is journaled; a crash while *Staging* leaves no record, so restart removes
 //! the staged files (presumed abort) and the lock died with the process.
 
-use crate::proto::{OutcomeAnswer, PreparedInfo, Refusal, Response, Sha256, TableStatus, TxId};
+use crate::proto::{
+    Change, OriginChange, OutcomeAnswer, PreparedInfo, Refusal, Response, Sha256, TableStatus, TxId,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 
@@ -67,13 +69,17 @@ pub struct Active {
     /// Every node taking part (for cooperative termination).
     #[serde(default)]
     pub nodes: Vec<String>,
-    /// When its change was requested (ms since the epoch).
+    /// Which change of its coordinator's source it is (see [`crate::proto::Change`]).
     #[serde(default)]
-    pub requested_ms: u64,
+    pub change: Option<Change>,
     /// Staged by an incremental build (a delta applied to a copy of the live indexed file).
     #[serde(default)]
     pub incremental: bool,
 }
+
+/// Counters (sources) remembered per origin in [`TableState::newest`]: a node's table has one
+/// for its configured source, and one for each other file an operator committed it from.
+pub const EPOCHS_KEPT: usize = 8;
 
 /// Everything a participant knows about one table; the journal stores exactly this.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -98,9 +104,13 @@ pub struct TableState {
     /// No prepare of this generation or below is accepted (fences of aborted transactions).
     #[serde(default)]
     pub fenced: u64,
-    /// When the live content's change was requested (ms since the epoch; 0: unknown).
+    /// The live content's change (`None`: unknown or unordered).
     #[serde(default)]
-    pub content_ms: u64,
+    pub content: Option<OriginChange>,
+    /// The newest change installed from each origin and counter (bounded: only a configured
+    /// node may coordinate, as itself, and [`EPOCHS_KEPT`] counters are kept per origin).
+    #[serde(default)]
+    pub newest: Vec<OriginChange>,
     /// The live indexed file as installed (`None`: unknown, so never the base of an
     /// incremental build).
     #[serde(default)]
@@ -132,8 +142,8 @@ pub enum Event {
         entries: u64,
         /// Nodes taking part.
         nodes: Vec<String>,
-        /// When the change was requested.
-        requested_ms: u64,
+        /// Which change of the coordinator's source it is.
+        change: Option<Change>,
     },
     /// Staging finished: built, verified, fsynced.
     StageDone {
@@ -241,7 +251,8 @@ impl TableState {
             last_txid: self.last_txid,
             coordinator: self.coordinator.clone(),
             fenced: self.fenced,
-            content_ms: self.content_ms,
+            content: self.content.clone(),
+            newest: self.newest.clone(),
             prepared: self.active.as_ref().map(|a| PreparedInfo {
                 txid: a.txid,
                 generation: a.generation,
@@ -252,6 +263,37 @@ impl TableState {
                 nodes: a.nodes.clone(),
             }),
             pending: None,
+        }
+    }
+
+    /// The change installed here from `origin` that supersedes `change`, if any.
+    pub fn newer_than(&self, origin: &str, change: &Change) -> Option<Change> {
+        self.newest
+            .iter()
+            .filter(|n| n.origin == origin)
+            .map(|n| n.change)
+            .find(|n| n.supersedes(change))
+    }
+
+    /// Records `c` as installed: the newest count of its origin's counter (one entry per
+    /// origin and epoch, most recently installed last; at most [`EPOCHS_KEPT`] per origin).
+    fn note_installed(&mut self, c: OriginChange) {
+        let same = |n: &OriginChange| n.origin == c.origin && n.change.epoch == c.change.epoch;
+        let seq = self
+            .newest
+            .iter()
+            .filter(|n| same(n))
+            .map(|n| n.change.seq)
+            .fold(c.change.seq, u64::max);
+        self.newest.retain(|n| !same(n));
+        self.newest.push(OriginChange {
+            origin: c.origin.clone(),
+            change: Change { seq, ..c.change },
+        });
+        while self.newest.iter().filter(|n| n.origin == c.origin).count() > EPOCHS_KEPT {
+            if let Some(i) = self.newest.iter().position(|n| n.origin == c.origin) {
+                self.newest.remove(i);
+            }
         }
     }
 
@@ -309,7 +351,7 @@ impl TableState {
                 sha256,
                 entries,
                 nodes,
-                requested_ms,
+                change,
             } => {
                 match self.outcome_of(txid) {
                     Some(Outcome::Committed(g)) => {
@@ -338,6 +380,9 @@ impl TableState {
                         }),
                     ];
                 }
+                if let Some(newer) = change.and_then(|c| self.newer_than(&coordinator, &c)) {
+                    return vec![A::DiscardBody, refuse(Refusal::Superseded { newer })];
+                }
                 if generation <= self.floor() {
                     return vec![
                         A::DiscardBody,
@@ -357,7 +402,7 @@ impl TableState {
                     abort_requested: false,
                     since_ms: now_ms,
                     nodes,
-                    requested_ms,
+                    change,
                     incremental: false,
                 });
                 vec![A::Stage { txid }]
@@ -424,7 +469,13 @@ impl TableState {
                     self.committed_at_ms = Some(now_ms);
                     self.last_txid = Some(txid);
                     self.coordinator = Some(a.coordinator);
-                    self.content_ms = a.requested_ms;
+                    self.content = a
+                        .change
+                        .zip(self.coordinator.clone())
+                        .map(|(change, origin)| OriginChange { origin, change });
+                    if let Some(c) = &self.content {
+                        self.note_installed(c.clone());
+                    }
                     self.remember(txid, Outcome::Committed(a.generation));
                     vec![
                         A::Persist,
@@ -593,7 +644,7 @@ mod tests {
             sha256: Sha256([1; 32]),
             entries: 3,
             nodes: vec!["node1".into(), "node2".into()],
-            requested_ms: 0,
+            change: None,
         }
     }
 

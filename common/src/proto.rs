@@ -30,14 +30,17 @@
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
-/// ALPN protocol name of protocol version 2 (every message but [`Request::PrepareDelta`]); a
-/// peer speaking neither this nor [`ALPN_DELTA`] is refused during the handshake.
-pub const ALPN: &[u8] = b"txmap/1";
+/// ALPN protocol name of protocol version 4 (every message but [`Request::PrepareDelta`]); a
+/// peer speaking neither this nor [`ALPN_DELTA`] is refused during the handshake. Version 4
+/// orders changes by [`Change`] (a per-source counter) where versions 1 and 3 compared clocks:
+/// a node of those versions is refused, so a cluster moves to it all at once (see
+/// docs/operations.md, "Upgrading").
+pub const ALPN: &[u8] = b"txmap/4";
 
-/// ALPN protocol name of protocol version 3: version 2 plus [`Request::PrepareDelta`]. Both
-/// sides offer it first; a node of the previous version only knows [`ALPN`], and the handshake
-/// then settles on that (rolling upgrades: such a node keeps getting whole tables).
-pub const ALPN_DELTA: &[u8] = b"txmap/3";
+/// ALPN protocol name of protocol version 5: version 4 plus [`Request::PrepareDelta`]. Both
+/// sides offer it first; a node that knows only [`ALPN`] settles on that and keeps getting
+/// whole tables.
+pub const ALPN_DELTA: &[u8] = b"txmap/5";
 
 /// The ALPN names this build offers and accepts, best first. `TXMAP_TEST_PROTOCOL=2` (for the
 /// mixed-version tests) makes it speak only version 2, like the build before delta commits.
@@ -295,9 +298,49 @@ pub struct Prepare {
     pub entries: u64,
     /// Every node taking part (asked for the outcome if the coordinator's node is unreachable).
     pub nodes: Vec<String>,
-    /// When the change was requested (ms since the epoch, the requesting node's clock): a
-    /// pending retry of a change requested before the live content's never replaces it.
-    pub requested_ms: u64,
+    /// Which change of its source (this coordinator's node and the table) this content is:
+    /// a prepare of a change older than one this node installed from the same origin is
+    /// refused ([`Refusal::Superseded`]). `None`: not ordered (never superseded).
+    pub change: Option<Change>,
+}
+
+/// One change of one source, the source being a table on the node that coordinates it (the
+/// change's *origin*): the `seq`-th change counted by that node's durable counter for the
+/// table, in the counter's incarnation `epoch` (random, chosen when the counter is created, so
+/// a counter lost and made anew never looks older than the changes it counted before).
+///
+/// Changes are ordered only within one origin and one epoch, by `seq`; no clock takes part.
+/// Changes of different origins are not ordered at all: each is committed in turn, and the
+/// last commit wins, in generation order (docs/protocol.md, "Which change wins").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Change {
+    /// The counter's incarnation.
+    pub epoch: u64,
+    /// Its count.
+    pub seq: u64,
+}
+
+impl Change {
+    /// True when `self` is a later change of the same source (same origin assumed) than
+    /// `other`.
+    pub fn supersedes(&self, other: &Change) -> bool {
+        self.epoch == other.epoch && self.seq > other.seq
+    }
+}
+
+impl fmt::Display for Change {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{} (counter {:016x})", self.seq, self.epoch)
+    }
+}
+
+/// A change and its origin (the node that coordinated it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct OriginChange {
+    /// The node whose table changed (and which coordinated the change).
+    pub origin: String,
+    /// Which of its changes.
+    pub change: Change,
 }
 
 /// A participant's answer.
@@ -359,11 +402,15 @@ pub enum LocalRequest {
         source: String,
         /// Bytes of content following the frame (at most `max_table_bytes`).
         len: u64,
+        /// The order number of the copy the hook queued in `requests/` (`<table>@<order>`),
+        /// `None` when it could not queue one: the daemon removes that copy (and older ones)
+        /// once this content is served or durably pending, and never another's.
+        queued: Option<u64>,
     },
 }
 
-/// First line of a request file that `txmap-sympa` queues in `<state_dir>/requests/<table>`;
-/// the table's content follows it.
+/// First line of a request file that `txmap-sympa` queues in
+/// `<state_dir>/requests/<table>@<order>`; the table's content follows it.
 pub const QUEUED_REQUEST_MAGIC: &[u8] = b"txmap-request 1\n";
 
 /// The local `txmapd`'s answer to `txmap-sympa`.
@@ -432,8 +479,11 @@ pub struct TableStatus {
     pub coordinator: Option<String>,
     /// No prepare at or below this generation is accepted (fences of aborted transactions).
     pub fenced: u64,
-    /// When the live content's change was requested (ms since the epoch; 0: unknown).
-    pub content_ms: u64,
+    /// The live content's change (`None`: unknown, installed by an older txmap or unordered).
+    pub content: Option<OriginChange>,
+    /// The newest change installed here from each origin (one entry per origin): a change of
+    /// that origin older than its entry is superseded.
+    pub newest: Vec<OriginChange>,
     /// A transaction holding the table, if any.
     pub prepared: Option<PreparedInfo>,
     /// A commit this node coordinated that has not reached every node yet.
@@ -548,6 +598,11 @@ pub enum Refusal {
         /// What did not fit.
         detail: String,
     },
+    /// This node installed a later change of the same source: the offered one is superseded.
+    Superseded {
+        /// The later change installed here.
+        newer: Change,
+    },
 }
 
 impl Refusal {
@@ -555,7 +610,10 @@ impl Refusal {
     pub fn is_conflict(&self) -> bool {
         matches!(
             self,
-            Refusal::Busy { .. } | Refusal::StaleGeneration { .. } | Refusal::DeltaBase { .. }
+            Refusal::Busy { .. }
+                | Refusal::StaleGeneration { .. }
+                | Refusal::DeltaBase { .. }
+                | Refusal::Superseded { .. }
         )
     }
 }
@@ -600,6 +658,10 @@ impl fmt::Display for Refusal {
             Refusal::DeltaBase { detail } => {
                 write!(f, "delta does not fit this node's table: {detail}")
             }
+            Refusal::Superseded { newer } => write!(
+                f,
+                "superseded: this node installed a later change of the same source ({newer})"
+            ),
         }
     }
 }
@@ -651,7 +713,7 @@ mod tests {
             sha256: Sha256([9; 32]),
             entries: 2,
             nodes: vec!["node1".into()],
-            requested_ms: 5,
+            change: Some(Change { epoch: 7, seq: 5 }),
         });
         let f = crate::codec::encode(&p).unwrap();
         assert_eq!(crate::codec::decode::<Request>(&f).unwrap(), p);

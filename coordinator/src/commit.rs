@@ -33,7 +33,9 @@ use txmap_common::decision::{DecisionLog, DecisionRecord, PendingRecord, Verdict
 use txmap_common::exit;
 use txmap_common::machine::{next_generation, Vote};
 use txmap_common::net;
-use txmap_common::proto::{Prepare, PrepareDelta, Request, Response, Sha256, TableStatus, TxId};
+use txmap_common::proto::{
+    Change, Prepare, PrepareDelta, Request, Response, Sha256, TableStatus, TxId,
+};
 use txmap_common::{delta, now_ms, table};
 
 /// What happened on one node.
@@ -280,29 +282,79 @@ pub async fn deliver(
     Err(DeliverError::NotYet(last))
 }
 
+/// The keys of this node's live copy of the table that `source` no longer has (`None` when
+/// either cannot be read: the guard then counts entries). Both are opened as untrusted files,
+/// bounded by `max_table_bytes`.
+pub fn removed_keys(
+    cfg: &txmap_common::config::Config,
+    table_name: &str,
+    source: &Path,
+) -> Option<u64> {
+    let t = cfg.table(table_name)?;
+    let max = cfg.max_table_bytes;
+    // The live source has a second link: this node's history copy of it.
+    let live = txmap_common::history::History::new(&cfg.state_dir, table_name)
+        .open_live(&t.path, max)
+        .ok()?
+        .0;
+    let new = table::open_untrusted(source, max).ok()?.0;
+    let (mut old, mut new) = (std::io::BufReader::new(live), std::io::BufReader::new(new));
+    txmap_common::entries::removed_keys(t.builder, &mut old, &mut new).ok()
+}
+
 fn backoff(attempt: u32) -> Duration {
     let r = TxId::random().0 % 1000;
     let base = 20u64 << attempt.min(4);
     Duration::from_millis(base + (r as u64) * base / 1000)
 }
 
-/// Runs one whole commit of `table` from `source`, requested now, guarded (see
-/// [`commit_with`]).
+/// Runs one whole commit of `table` from `source`, a new change of the table's own counter on
+/// this node, guarded (see [`commit_with`]).
 pub async fn commit(cluster: &Cluster, table_name: &str, source: &Path) -> CommitReport {
-    commit_with(cluster, table_name, source, false, now_ms()).await
+    let change = match DecisionLog::new(&cluster.cfg.state_dir).next_change(table_name) {
+        Ok(c) => c,
+        Err(e) => return count_failed(cluster, table_name, e),
+    };
+    commit_with(cluster, table_name, source, false, Some(change)).await
+}
+
+/// The report of a change that could not be counted (its counter in the state directory):
+/// nothing is sent anywhere.
+pub fn count_failed(cluster: &Cluster, table_name: &str, e: std::io::Error) -> CommitReport {
+    CommitReport {
+        table: table_name.to_string(),
+        txid: None,
+        generation: None,
+        exit: exit::LOCAL,
+        attempts: 0,
+        elapsed_ms: 0,
+        nodes: vec![NodeReport {
+            node: cluster.cfg.node.clone(),
+            ok: false,
+            detail: format!(
+                "cannot count the change in {}: {e}; nothing was sent",
+                cluster.cfg.state_dir.join("changes").display()
+            ),
+        }],
+        refused_content: None,
+        bytes_sent: 0,
+        delta_nodes: 0,
+        content_rejected: false,
+    }
 }
 
 /// Runs one whole commit of `table` from `source`. Never panics; the report carries the exit.
 /// Unless `force`, a source that would empty the table or remove more than
 /// `max_shrink_percent` of its entries is refused before anything is sent (exit 2).
-/// `requested_ms` is when the change was asked for: when some node already serves content asked
-/// for later, this change is superseded and exits 0 without a transaction.
+/// `change` says which change of this node's source it is: when some node already installed a
+/// later change of the same source, this one is superseded and makes no transaction (exit 0
+/// once every node serves that later change, else 3: it is on its way). `None`: unordered.
 pub async fn commit_with(
     cluster: &Cluster,
     table_name: &str,
     source: &Path,
     force: bool,
-    requested_ms: u64,
+    change: Option<Change>,
 ) -> CommitReport {
     let started = Instant::now();
     let t = &cluster.cfg.timeouts;
@@ -434,24 +486,42 @@ pub async fn commit_with(
                     .collect();
                 break;
             }
-            if let Some(g) = superseded(&known, requested_ms) {
-                // Newest content wins: a change asked for after this one is live already.
+            if let Some(sup) =
+                change.and_then(|c| superseded(&known, links.len(), &cluster.cfg.node, &c))
+            {
+                // Only a later change of the same source wins; no clock is compared.
                 report.txid = None;
-                report.generation = Some(g);
-                report.exit = exit::OK;
+                report.generation = Some(sup.generation);
+                report.exit = if sup.everywhere {
+                    exit::OK
+                } else {
+                    exit::INCOMPLETE
+                };
                 report.nodes = vec![NodeReport {
                     node: cluster.cfg.node.clone(),
-                    ok: true,
+                    ok: sup.everywhere,
                     detail: format!(
-                        "superseded: generation {g}, live, holds a change requested after this one"
+                        "superseded: a later change of this source ({}) is live (generation {}){}",
+                        sup.by,
+                        sup.generation,
+                        if sup.everywhere {
+                            ""
+                        } else {
+                            "; not yet on every node"
+                        }
                     ),
                 }];
                 break;
             }
             if !force {
-                if let Err(why) =
-                    content_guard(&known, digest.entries, cluster.cfg.max_shrink_percent)
-                {
+                let removed = removed_keys(&cluster.cfg, table_name, source);
+                if let Err(why) = content_guard(
+                    &known,
+                    digest.entries,
+                    removed,
+                    cluster.cfg.max_shrink_percent,
+                    cluster.cfg.guard_free_keys,
+                ) {
                     report.txid = None;
                     report.exit = exit::USAGE;
                     report.nodes = vec![NodeReport {
@@ -488,7 +558,7 @@ pub async fn commit_with(
             sha256: sha,
             entries: digest.entries,
             nodes: names.clone(),
-            requested_ms,
+            change,
         };
         // From here the attempt is txmap's own state machine (`txmap_common::attempt`, the one
         // the model checker drives); this shell executes its actions and reports back.
@@ -893,20 +963,33 @@ pub async fn commit_tracked(cluster: &Cluster, table_name: &str, source: &Path) 
 
 /// [`commit_tracked`], forced past the content guard when `force` (kept in the pending record,
 /// so a retry is forced too).
-/// `requested_ms`: `None` for a new request (now); a pending retry passes its record's.
+/// `change`: `None` for a new change (it takes the next count of the source's counter, named
+/// after the snapshot `source`); a pending retry passes its record's.
 pub async fn commit_tracked_with(
     cluster: &Cluster,
     table_name: &str,
     source: &Path,
     force: bool,
-    requested_ms: Option<u64>,
+    change: Option<Change>,
 ) -> CommitReport {
-    let requested_ms = requested_ms.unwrap_or_else(now_ms);
     if may_coordinate(cluster).is_err() {
         // Nothing recorded: this node will never distribute it.
-        return commit_with(cluster, table_name, source, force, requested_ms).await;
+        return commit_with(cluster, table_name, source, force, change).await;
     }
     let log = DecisionLog::new(&cluster.cfg.state_dir);
+    let change = match change {
+        Some(c) => c,
+        None => {
+            let counter = source
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| table_name.to_string());
+            match log.next_change(&counter) {
+                Ok(c) => c,
+                Err(e) => return count_failed(cluster, table_name, e),
+            }
+        }
+    };
     // Held until this function returns: txmapd sees this process at work (or gone) by it.
     let _owner = log.own_pending(table_name).ok().flatten();
     let prev = log.pending_for(table_name, source);
@@ -925,21 +1008,32 @@ pub async fn commit_tracked_with(
             + (cluster.cfg.timeouts.total + cluster.cfg.timeouts.commit).as_millis() as u64,
         owner_pid: Some(std::process::id()),
         force: force || prev.as_ref().is_some_and(|p| p.force),
-        requested_ms,
+        change: Some(change),
         held: None,
     };
     if let Err(e) = log.set_pending(&intent) {
         warn!(error = %e, "cannot record the commit's intent as pending");
     }
-    let report = commit_with(cluster, table_name, source, intent.force, requested_ms).await;
+    let report = commit_with(cluster, table_name, source, intent.force, Some(change)).await;
     if report.exit == exit::OK {
         log.clear_pending(table_name, source);
         return report;
     }
     if let Some(why) = &report.refused_content {
-        // Retrying the same content cannot help: a person decides (`--force`).
-        warn!(table = %table_name, reason = %why, "content refused by the guard; not retried");
-        log.clear_pending(table_name, source);
+        // Retrying the same content cannot help: it is held, visible in `txmap pending` and
+        // `txmap check`, until the source changes or a person decides (`--force`, `cancel`).
+        warn!(table = %table_name, reason = %why, "content refused by the guard; held until the source changes, `txmap commit --force` or `txmap pending cancel`");
+        let rec = PendingRecord {
+            held: txmap_common::decision::HeldContent::of(source),
+            attempts: attempts + 1,
+            last_error: format!("refused by the content guard: {why}"),
+            next_ms: now_ms(),
+            owner_pid: None,
+            ..intent
+        };
+        if let Err(e) = log.set_pending(&rec) {
+            warn!(error = %e, "cannot record the refused change as held");
+        }
         return report;
     }
     if !source.exists() {

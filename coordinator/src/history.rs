@@ -217,8 +217,18 @@ pub async fn rollback(cluster: &Cluster, table: &str, to: Option<u64>) -> Commit
             ),
         );
     }
-    // A rollback restores an earlier content on purpose: past the content guard.
-    let report = commit_with(cluster, table, &tmp, true, txmap_common::now_ms()).await;
+    // A rollback restores an earlier content on purpose: past the content guard. It is a new
+    // change of this node's table (its own counter): a pending retry of an older change made
+    // here never undoes it.
+    let change =
+        match txmap_common::decision::DecisionLog::new(&cluster.cfg.state_dir).next_change(table) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return crate::commit::count_failed(cluster, table, e);
+            }
+        };
+    let report = commit_with(cluster, table, &tmp, true, Some(change)).await;
     let _ = std::fs::remove_file(&tmp);
     report
 }

@@ -226,6 +226,8 @@ fn cmd_dry_run(
         exit::LOCAL
     })?;
     let pct = cfg.max_shrink_percent;
+    let free = cfg.guard_free_keys;
+    let removed = commit::removed_keys(&cfg, table, &source);
     let (known, failed, asked) = with_cluster(cfg, async |c| {
         let nodes = c.cfg.active_nodes();
         let req = Request::Status {
@@ -265,7 +267,9 @@ fn cmd_dry_run(
         return Ok(exit::OK);
     }
     if !force {
-        if let Err(why) = txmap_common::coordinator::content_guard(&known, digest.entries, pct) {
+        if let Err(why) =
+            txmap_common::coordinator::content_guard(&known, digest.entries, removed, pct, free)
+        {
             eprintln!("txmap: dry run: the commit would be refused: {why}");
             return Ok(exit::USAGE);
         }
@@ -439,9 +443,16 @@ fn cmd_pending(config: Option<&Path>, cmd: Option<PendingCmd>, json: bool) -> Re
                 Ok(exit::USAGE)
             }
             Ok(v) => {
-                let queued =
-                    txmap_common::config::HookSettings::requests_dir(&cfg.state_dir).join(&table);
-                let _ = std::fs::remove_file(queued);
+                // The hook's queued requests of the table go too: marked served, then removed.
+                let dir = txmap_common::config::HookSettings::requests_dir(&cfg.state_dir);
+                let queued = txmap_common::requests::queued(&dir, &table);
+                if let Some(top) = queued.iter().map(|q| q.order).max() {
+                    if txmap_common::requests::publish_seen(&dir, &table, top).is_ok() {
+                        for q in &queued {
+                            let _ = std::fs::remove_file(&q.path);
+                        }
+                    }
+                }
                 println!(
                     "cancelled {} pending change(s) of {table}: txmapd no longer retries them; the nodes keep what they serve",
                     v.len()

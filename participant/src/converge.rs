@@ -56,11 +56,7 @@ impl Node {
                     continue;
                 }
                 let r = txmap_coordinator::commit::commit_tracked_with(
-                    &cluster,
-                    &p.table,
-                    &p.source,
-                    p.force,
-                    Some(p.requested_ms),
+                    &cluster, &p.table, &p.source, p.force, p.change,
                 )
                 .await;
                 if r.exit == txmap_common::exit::OK {

@@ -13,6 +13,16 @@
 //! Requests that arrive for a table while its commit runs are served together by the next
 //! commit, with the newest content (one transaction, not one each).
 //!
+//! # No request lost
+//!
+//! Each request is also queued by the hook as a file of its own (`requests/<table>@<order>`,
+//! see [`txmap_common::requests`]) before it is sent. The daemon removes a request's file, and
+//! the older ones of its table, only once the commit that carried its content (or a later
+//! one) is served everywhere or recorded as pending on a snapshot holding it, and only after
+//! publishing that order as `<table>@seen`. A crash at any point leaves the files of every
+//! request not yet covered, and the newest of them is distributed when the daemon runs again.
+//! A change takes its count ([`txmap_common::proto::Change`]) when the daemon accepts it.
+//!
 //! The socket serves at most [`MAX_CONNECTIONS`] connections at once (the rest wait in the
 //! kernel's backlog), reads each request within [`HEADER_TIMEOUT`], and backs off when
 //! `accept` fails (file descriptors exhausted) instead of spinning.
@@ -22,7 +32,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 use txmap_common::codec;
 use txmap_common::config::{Config, HookSettings};
@@ -87,7 +97,20 @@ struct TableQueue {
 #[derive(Debug, Default)]
 struct Latest {
     seq: u64,
-    temp: Option<(u64, PathBuf)>,
+    temp: Option<Accepted>,
+}
+
+/// A request's content, accepted and not yet taken by a commit.
+#[derive(Debug)]
+struct Accepted {
+    /// Its place among this daemon's requests for the table.
+    seq: u64,
+    /// Its temporary snapshot.
+    temp: PathBuf,
+    /// Its change of the table's source.
+    change: txmap_common::proto::Change,
+    /// The highest queue order among the requests it stands for.
+    order: Option<u64>,
 }
 
 impl HookState {
@@ -191,10 +214,10 @@ impl Node {
                 warn!(uid = %uid_text(uid), %detail, "hook request refused");
                 LocalResponse::Refused { detail }
             }
-            Ok((table, source, temp)) => {
-                info!(%table, %source, uid = %uid_text(uid), "distribution requested by the Sympa hook");
+            Ok((table, source, temp, queued)) => {
+                info!(%table, %source, uid = %uid_text(uid), ?queued, "distribution requested by the Sympa hook");
                 let _serving = Serving::start(&table);
-                self.distribute(cluster, state, &table, temp).await
+                self.distribute(cluster, state, &table, temp, queued).await
             }
         };
         if std_stream.set_nonblocking(true).is_err() {
@@ -215,7 +238,7 @@ impl Node {
     fn receive(
         &self,
         s: &std::os::unix::net::UnixStream,
-    ) -> Result<(String, String, PathBuf), String> {
+    ) -> Result<(String, String, PathBuf, Option<u64>), String> {
         s.set_nonblocking(false).map_err(|e| e.to_string())?;
         let mut r = Deadlined {
             s,
@@ -223,7 +246,12 @@ impl Node {
         };
         let req: LocalRequest =
             codec::read_frame_blocking(&mut r).map_err(|e| format!("bad request: {e}"))?;
-        let LocalRequest::Distribute { table, source, len } = req;
+        let LocalRequest::Distribute {
+            table,
+            source,
+            len,
+            queued,
+        } = req;
         let known = self.cfg.table(&table).is_some_and(|t| t.source.is_some());
         if !known {
             return Err(format!(
@@ -254,7 +282,7 @@ impl Node {
             Ok(n)
         });
         match got {
-            Ok(n) if n == len => Ok((table, source, temp)),
+            Ok(n) if n == len => Ok((table, source, temp, queued)),
             Ok(n) => {
                 let _ = std::fs::remove_file(&temp);
                 Err(format!(
@@ -275,15 +303,46 @@ impl Node {
         state: &HookState,
         table: &str,
         temp: PathBuf,
+        queued: Option<u64>,
     ) -> LocalResponse {
         let q = state.queue(table);
+        let log = DecisionLog::new(&self.cfg.state_dir);
+        // The change takes its count as it is accepted: a later request counts later.
+        let change = {
+            let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+            log.next_change(table)
+        };
+        let change = match change {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(&temp);
+                return LocalResponse::Done {
+                    table: table.to_string(),
+                    exit: txmap_common::exit::LOCAL,
+                    lines: vec![format!(
+                        "{}: cannot count the change in {}: {e}; the request stays queued",
+                        self.cfg.node,
+                        self.cfg.state_dir.join("changes").display()
+                    )],
+                };
+            }
+        };
         let mine = {
             let mut l = q.latest.lock().unwrap_or_else(|e| e.into_inner());
             l.seq += 1;
             let seq = l.seq;
-            if let Some((_, older)) = l.temp.replace((seq, temp)) {
-                let _ = std::fs::remove_file(older);
+            let mut order = queued;
+            if let Some(older) = l.temp.take() {
+                // Replaced by this newer content: it stands for the older request too.
+                let _ = std::fs::remove_file(&older.temp);
+                order = order.max(older.order);
             }
+            l.temp = Some(Accepted {
+                seq,
+                temp,
+                change,
+                order,
+            });
             seq
         };
         let mut run = q.run.lock().await;
@@ -299,7 +358,7 @@ impl Node {
             .unwrap_or_else(|e| e.into_inner())
             .temp
             .take();
-        let Some((seq, temp)) = taken else {
+        let Some(a) = taken else {
             return LocalResponse::Refused {
                 detail: format!("{table}: request lost (a bug); run the hook again"),
             };
@@ -307,22 +366,41 @@ impl Node {
         let snaps = Snapshots::new(&self.cfg.state_dir);
         let src = {
             let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-            snaps.install(table, &temp)
+            snaps.install(table, &a.temp)
         };
         let src = match src {
             Ok(p) => p,
             Err(e) => {
-                let _ = std::fs::remove_file(&temp);
+                let _ = std::fs::remove_file(&a.temp);
                 return LocalResponse::Refused {
-                    detail: format!("{table}: cannot keep a snapshot: {e}"),
+                    detail: format!(
+                        "{table}: cannot keep a snapshot: {e}; the request stays queued"
+                    ),
                 };
             }
         };
-        let r = txmap_coordinator::commit::commit_tracked(cluster, table, &src).await;
-        // Only now: until here the queued request covered a crash of this daemon; from here
-        // the pending record (if the commit failed) covers the retries.
-        let queued = HookSettings::requests_dir(&self.cfg.state_dir).join(table);
-        let _ = std::fs::remove_file(queued);
+        let r = txmap_coordinator::commit::commit_tracked_with(
+            cluster,
+            table,
+            &src,
+            false,
+            Some(a.change),
+        )
+        .await;
+        // A crash here, before the queue is tidied (chaos and regression tests).
+        fail::fail_point!("hook::after_commit");
+        // Only now, and only when this content (or a later one of its source) is served or
+        // durably pending: until here the queued requests covered a crash of this daemon.
+        let covered = r.exit == txmap_common::exit::OK
+            || log.pending_for(table, &src).is_some_and(|p| {
+                p.change
+                    .is_some_and(|c| c == a.change || c.supersedes(&a.change))
+            });
+        if covered {
+            if let Some(order) = a.order {
+                self.covered_requests(table, order);
+            }
+        }
         let resp = LocalResponse::Done {
             table: table.to_string(),
             exit: r.exit,
@@ -332,14 +410,35 @@ impl Node {
                 .map(|n| format!("{}: {}", n.node, n.detail))
                 .collect(),
         };
-        *run = Some((seq, resp.clone()));
+        *run = Some((a.seq, resp.clone()));
         resp
     }
 
-    /// Turns requests queued by `txmap-sympa` while this daemon was down into pending commits
-    /// of a private snapshot of their content. A queued file is first moved out of the
-    /// group-writable `requests/` into the private snapshot directory, then opened without
-    /// following links and checked (regular, one link, bounded) off the runtime.
+    /// Every request of `table` up to `order` is served or durably pending: publishes the mark,
+    /// then removes their files (the one at `order` only once the mark is published, so that
+    /// the hook's next order stays above it).
+    fn covered_requests(&self, table: &str, order: u64) {
+        let dir = HookSettings::requests_dir(&self.cfg.state_dir);
+        let published = match txmap_common::requests::publish_seen(&dir, table, order) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(%table, dir = %dir.display(), error = %e, "cannot publish the requests served; the newest stays queued (it is not distributed twice: its content is pending or served)");
+                false
+            }
+        };
+        for q in txmap_common::requests::queued(&dir, table) {
+            if q.order < order || (q.order == order && published) {
+                remove_request(&q.path);
+            }
+        }
+    }
+
+    /// Turns requests queued by `txmap-sympa` that no running request covers (queued while this
+    /// daemon was down, or left by a crash) into a pending commit of a private snapshot of the
+    /// newest one: of the requests of a table waiting, only the highest order is distributed
+    /// (it holds the newest content of the source). A request file is opened where it is,
+    /// without following links or blocking, and checked (regular, one link, bounded) off the
+    /// runtime; one this daemon cannot read is left where it is, with a warning that says why.
     pub(crate) fn adopt_queued_requests(&self) {
         let snaps = Snapshots::new(&self.cfg.state_dir);
         self.repoint_legacy_pending(&snaps);
@@ -349,42 +448,66 @@ impl Node {
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            // `DirEntry::metadata` does not follow links.
-            let modified = e.metadata().and_then(|m| m.modified()).ok();
-            let age = modified.and_then(|m| m.elapsed().ok());
             if name.starts_with('.') {
                 // A hook's temporary file; one left by a killed hook goes after a minute.
+                let age = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|m| m.elapsed().ok());
                 if age > Some(Duration::from_secs(60)) {
                     let _ = std::fs::remove_file(e.path());
                 }
+            }
+        }
+        let Ok(owner) = std::fs::metadata(&dir).map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        else {
+            return;
+        };
+        for t in self.cfg.tables.iter().filter(|t| t.source.is_some()) {
+            let seen = txmap_common::requests::read_seen(&dir, &t.name, owner);
+            let mut newest = None;
+            for q in txmap_common::requests::queued(&dir, &t.name) {
+                let stale = seen.is_some_and(|s| q.order <= s);
+                if stale || !q.regular {
+                    if !q.regular {
+                        warn!(path = %q.path.display(), "not a regular file in the request queue (planted?); removing it, never following it");
+                    }
+                    remove_request(&q.path);
+                    continue;
+                }
+                newest = Some(q);
+            }
+            let Some(q) = newest else {
+                continue;
+            };
+            // A request being served through the socket right now covers its own file; one
+            // just queued is most likely on its way through the socket (only an economy: a
+            // request adopted twice is distributed once, the second finds it served).
+            let fresh = std::fs::symlink_metadata(&q.path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age < Duration::from_secs(3));
+            if Serving::active(&t.name) || fresh {
                 continue;
             }
-            if self
-                .cfg
-                .table(&name)
-                .and_then(|t| t.source.as_ref())
-                .is_none()
+            if !ADOPTING
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(t.name.clone())
             {
                 continue;
             }
-            // A fresh request is being served through the socket right now.
-            if age < Some(Duration::from_secs(3)) || Serving::active(&name) {
-                continue;
-            }
-            if snaps.ensure().is_err() {
-                continue;
-            }
-            let taken = snaps
-                .dir()
-                .join(format!(".{name}.adopt-{}.tmp", TxId::random()));
-            if let Err(err) = std::fs::rename(e.path(), &taken) {
-                warn!(path = %e.path().display(), error = %err, "cannot take a queued request; removing it");
-                let _ = std::fs::remove_file(e.path());
-                continue;
-            }
             let cfg = self.cfg.clone();
-            let queued_at = modified.unwrap_or(SystemTime::UNIX_EPOCH);
-            tokio::task::spawn_blocking(move || adopt_one(&cfg, &name, &taken, queued_at));
+            let name = t.name.clone();
+            tokio::task::spawn_blocking(move || {
+                adopt_one(&cfg, &name, &q);
+                ADOPTING
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&name);
+            });
         }
     }
 
@@ -411,61 +534,115 @@ impl Node {
     }
 }
 
-/// Moves one queued request's content into the table's snapshot and records a pending commit.
-fn adopt_one(cfg: &Config, table_name: &str, taken: &Path, queued_at: SystemTime) {
+/// Tables whose queued request is being adopted right now.
+static ADOPTING: std::sync::Mutex<std::collections::BTreeSet<String>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Removes a request's file (a failure is only logged: the published mark keeps it from ever
+/// being distributed again, and the next pass removes it).
+fn remove_request(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(path = %path.display(), error = %e, "cannot remove a request already served; removed on a later pass");
+        }
+    }
+}
+
+/// Messages about request files this daemon cannot read, said once per file.
+static UNREADABLE: std::sync::Mutex<std::collections::BTreeSet<PathBuf>> =
+    std::sync::Mutex::new(std::collections::BTreeSet::new());
+
+/// Takes one queued request's content into the table's snapshot and records a pending commit
+/// of it, as a new change of the source; then every request of the table up to it is covered.
+fn adopt_one(cfg: &Config, table_name: &str, q: &txmap_common::requests::Queued) {
+    use std::os::unix::fs::MetadataExt;
     let snaps = Snapshots::new(&cfg.state_dir);
     let max = cfg.max_table_bytes + QUEUED_REQUEST_MAGIC.len() as u64;
-    let r = (|| -> std::io::Result<PathBuf> {
-        let (f, _) = table::open_untrusted(taken, max)?;
+    let opened = table::open_untrusted(&q.path, max);
+    let (f, _) = match opened {
+        Ok(x) => x,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            if UNREADABLE
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(q.path.clone())
+            {
+                let m = std::fs::symlink_metadata(&q.path).ok();
+                warn!(
+                    path = %q.path.display(),
+                    owner_uid = m.as_ref().map(|m| m.uid()),
+                    group_gid = m.as_ref().map(|m| m.gid()),
+                    mode = format!("{:o}", m.as_ref().map(|m| m.mode() & 0o7777).unwrap_or(0)),
+                    "txmapd's user cannot read this queued request: it must be readable by the queue directory's group (txmap-sympa makes it so; is txmapd's user a member of the hook's group?). It is kept and tried again"
+                );
+            }
+            return;
+        }
+        Err(e) => {
+            warn!(path = %q.path.display(), error = %e, "queued request refused (not a plain file of at most max_table_bytes); set aside as .refused");
+            set_aside(&q.path);
+            return;
+        }
+    };
+    let r = (|| -> std::io::Result<()> {
         let bytes = table::read_bounded(f, max)?;
         let Some(content) = bytes.strip_prefix(QUEUED_REQUEST_MAGIC) else {
-            return Err(std::io::Error::other(
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
                 "queued without its content (by an older txmap-sympa?); run the hook again",
             ));
         };
         let temp = snaps.write_temp(table_name, content)?;
+        let log = DecisionLog::new(&cfg.state_dir);
         let _g = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-        let current = snaps.path(table_name);
-        let newer = std::fs::metadata(&current)
-            .and_then(|m| m.modified())
-            .is_ok_and(|m| m > queued_at);
-        if newer {
-            // The hook already sent newer content through the socket.
-            let _ = std::fs::remove_file(&temp);
-            return Ok(current);
-        }
-        snaps.install(table_name, &temp)
-    })();
-    let _ = std::fs::remove_file(taken);
-    let source = match r {
-        Ok(p) => p,
-        Err(e) => {
-            warn!(table = %table_name, error = %e, "queued request refused");
-            return;
-        }
-    };
-    let log = DecisionLog::new(&cfg.state_dir);
-    if log.pending_for(table_name, &source).is_none() {
-        info!(table = %table_name, "adopting a distribution request txmap-sympa queued (txmapd was down, or the hook gave up waiting for it)");
+        let change = log.next_change(table_name)?;
+        let source = snaps.install(table_name, &temp)?;
+        info!(table = %table_name, order = q.order, %change, "adopting a distribution request txmap-sympa queued (txmapd was down, or stopped before it was served)");
+        let prev = log.pending_for(table_name, &source);
         let rec = txmap_common::decision::PendingRecord {
             table: table_name.to_string(),
             source,
-            since_ms: now_ms(),
+            since_ms: prev.as_ref().map(|p| p.since_ms).unwrap_or_else(now_ms),
             attempts: 0,
             last_error: "queued by txmap-sympa, not yet distributed".into(),
             next_ms: 0,
             owner_pid: None,
             force: false,
-            requested_ms: queued_at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_millis() as u64)
-                .unwrap_or(0),
+            change: Some(change),
             held: None,
         };
-        if let Err(e) = log.set_pending(&rec) {
-            warn!(error = %e, "cannot record the queued request");
+        log.set_pending(&rec)
+    })();
+    match r {
+        Ok(()) => {
+            let dir = HookSettings::requests_dir(&cfg.state_dir);
+            let published = txmap_common::requests::publish_seen(&dir, table_name, q.order);
+            if let Err(e) = &published {
+                warn!(table = %table_name, error = %e, "cannot publish the requests adopted; the newest stays queued");
+            }
+            for o in txmap_common::requests::queued(&dir, table_name) {
+                if o.order < q.order || (o.order == q.order && published.is_ok()) {
+                    remove_request(&o.path);
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            warn!(table = %table_name, path = %q.path.display(), error = %e, "queued request refused; set aside as .refused");
+            set_aside(&q.path);
+        }
+        // A storage error: the request stays queued and is tried again.
+        Err(e) => {
+            warn!(table = %table_name, path = %q.path.display(), error = %e, "cannot adopt a queued request yet; kept, tried again")
         }
     }
+}
+
+/// Renames a request that can never be distributed to `<name>.refused` (kept for the operator;
+/// no longer a request name).
+fn set_aside(path: &Path) {
+    let mut to = path.as_os_str().to_owned();
+    to.push(".refused");
+    let _ = std::fs::rename(path, to);
 }
 
 /// Binds the hook socket without ever following a link: the socket is created in a fresh
@@ -508,7 +685,9 @@ fn prepare_socket_dir(cfg: &Config) -> std::io::Result<()> {
     table::create_dir_durable(&dir, 0o700)?;
     let m = cfg.hook.mode;
     // Whoever may write to the socket may drop a request: rw bits of the socket, plus x.
-    let dir_mode = 0o1000 | m | ((m & 0o222) >> 1) | ((m & 0o444) >> 2);
+    // Sticky (nobody removes another's request), setgid (a request belongs to the directory's
+    // group, which txmapd's user reads it through).
+    let dir_mode = 0o3000 | m | ((m & 0o222) >> 1) | ((m & 0o444) >> 2);
     let d = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(table::NOFOLLOW_DIRECTORY)

@@ -150,6 +150,10 @@ fn prepare_state_dirs(state_dir: &std::path::Path) -> Option<String> {
         }
     };
     for e in std::fs::read_dir(state_dir).ok()?.flatten() {
+        // The hook's requests belong to its callers (the `sympa` user) by design.
+        if e.file_name() == "requests" {
+            continue;
+        }
         look(e.path());
         if e.file_type().is_ok_and(|t| t.is_dir()) {
             for f in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {

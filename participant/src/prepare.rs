@@ -61,7 +61,7 @@ impl Node {
             sha256: p.sha256,
             entries: p.entries,
             nodes: p.nodes.clone(),
-            requested_ms: p.requested_ms,
+            change: p.change,
         };
         let actions = slot.state.lock().await.step(event, now_ms());
         if actions.first() != Some(&Action::Stage { txid: p.txid }) {

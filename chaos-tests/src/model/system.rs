@@ -945,7 +945,7 @@ impl System {
                     sha256: Sha256([k as u8 + 1; 32]),
                     entries: 1,
                     nodes: members(),
-                    requested_ms: 0,
+                    change: None,
                 };
                 let actions = self.nodes[i].mem.step(ev, 0);
                 if actions.first() == Some(&Action::Stage { txid }) {

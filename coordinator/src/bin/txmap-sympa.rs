@@ -9,12 +9,13 @@
 //! 2. opens that file **itself, with its caller's rights**, never through a symbolic link
 //!    (`O_NOFOLLOW`) and without blocking (`O_NONBLOCK`), and reads it only if it is a regular
 //!    file with one link and at most `max_table_bytes` bytes (anything else: exit 2);
-//! 3. queues the content in `<state_dir>/requests/<table>` (a new 0600 file created with
-//!    `O_EXCL`, then renamed into place, so a link planted there is never written through), so
-//!    that a request made while `txmapd` is down is not lost: the daemon adopts it when it
-//!    starts;
-//! 4. sends the content to the local `txmapd` over its Unix socket and waits for the outcome
-//!    (at most `timeouts.total` + `timeouts.commit` + 1 s).
+//! 3. queues the content as a request of its own, `<state_dir>/requests/<table>@<order>` (see
+//!    `txmap_common::requests`: a new file created with `O_EXCL`, group-readable by the
+//!    directory's group, then linked in under a name no other request has), so that a request
+//!    made while `txmapd` is down, or while it dies, is not lost: the daemon distributes the
+//!    newest one it finds;
+//! 4. sends the content, with its order, to the local `txmapd` over its Unix socket and waits
+//!    for the outcome (at most `timeouts.total` + `timeouts.commit` + 1 s).
 //!
 //! The hook needs no key and no root: the socket's group and mode decide who may ask, and
 //! `txmapd` never opens the user's file, so the hook can change its table's content and
@@ -121,20 +122,24 @@ fn run() -> u8 {
             return exit::USAGE;
         }
     };
-    let queued = HookSettings::requests_dir(&cfg.state_dir).join(&table.name);
-    if let Err(e) = queue(&cfg, table, &content) {
-        eprintln!(
-            "txmap-sympa: warning: cannot queue the request in {}: {e}",
-            queued.display()
-        );
-    }
-    match ask(&cfg, table, path, &content) {
+    let dir = HookSettings::requests_dir(&cfg.state_dir);
+    let order = match queue(&cfg, table, &content) {
+        Ok(o) => Some(o),
+        Err(e) => {
+            eprintln!(
+                "txmap-sympa: warning: cannot queue the request in {}: {e}",
+                dir.display()
+            );
+            None
+        }
+    };
+    match ask(&cfg, table, path, &content, order) {
         Ok(LocalResponse::Done { table, exit, lines }) => {
             for l in &lines {
                 eprintln!("txmap-sympa: {table}: {l}");
             }
-            if exit != exit::OK {
-                eprintln!("txmap-sympa: {table}: not distributed everywhere (exit {exit}); txmapd retries it until it is");
+            if let Some(next) = what_next(exit) {
+                eprintln!("txmap-sympa: {table}: {next}");
             }
             exit
         }
@@ -143,31 +148,75 @@ fn run() -> u8 {
             exit::USAGE
         }
         Err(e) => {
+            let kept = match order {
+                Some(o) => format!(
+                    "the request stays queued as {} and is distributed when txmapd runs",
+                    dir.join(txmap_common::requests::file_name(&table.name, o))
+                        .display()
+                ),
+                None => {
+                    "the request could not be queued either: run the hook again once txmapd runs"
+                        .to_string()
+                }
+            };
             eprintln!(
-                "txmap-sympa: txmapd not reachable at {}: {e}; the request stays queued in {} and is distributed when txmapd runs",
+                "txmap-sympa: txmapd not reachable at {}: {e}; {kept}",
                 cfg.hook.socket.display(),
-                queued.display()
             );
             exit::LOCAL
         }
     }
 }
 
-/// Writes `requests/<table>` as a new private file under a temporary name (`O_EXCL`, never
-/// through a link) and renames it into place: a link planted at either name is replaced or
-/// refused, never written through. In the sticky directory, a file of another user at the
-/// final name makes the rename fail (a warning; the socket request still goes through).
-/// The file and then `requests/` are fsynced: a request reported queued survives a power cut.
-fn queue(cfg: &Config, table: &TableConfig, content: &[u8]) -> std::io::Result<()> {
+/// What happens to a change after a commit that ended with `exit` (`None`: nothing to add).
+fn what_next(exit: u8) -> Option<&'static str> {
+    match exit {
+        exit::OK => None,
+        exit::USAGE => Some("refused by the content guard (exit 2): held, not distributed; `txmap pending` shows it, `txmap commit TABLE --force` distributes it, a later change of the source replaces it"),
+        exit::INCOMPLETE => Some("decided (exit 3): the nodes that have not installed it yet get it from txmapd, on its own"),
+        exit::LOCAL => Some("not distributed (exit 6): txmapd could not take the change on (see its log); the request stays queued and is retried"),
+        e => Some(match e {
+            exit::BUSY => "not distributed yet (exit 4: busy): pending; txmapd retries it until every in-service node serves it or a later change of this source",
+            _ => "not distributed everywhere: pending; txmapd retries it until every in-service node serves it or a later change of this source",
+        }),
+    }
+}
+
+/// Queues the request as `requests/<table>@<order>`: written to a new file under a temporary
+/// name (`O_EXCL`, never through a link), group-readable by the directory's group (so that
+/// `txmapd`, a member, can read it as whatever user it runs as), fsynced, then hard-linked in
+/// under its order, which fails rather than replace anything (another request that took the
+/// same order makes it take the next one). The directory is fsynced: a request reported
+/// queued survives a power cut. Returns its order.
+fn queue(cfg: &Config, table: &TableConfig, content: &[u8]) -> std::io::Result<u64> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use txmap_common::requests;
     let dir = HookSettings::requests_dir(&cfg.state_dir);
     let tmp = dir.join(format!(".{}.{}", table.name, TxId::random()));
     let r = (|| {
+        let gid = std::fs::metadata(&dir)?.gid();
         let mut f = txmap_common::table::create_private(&tmp)?;
+        // As a member of the directory's group (the setgid directory gives it anyway).
+        let _ = std::os::unix::fs::fchown(&f, None, Some(gid));
+        f.set_permissions(std::fs::Permissions::from_mode(0o640))?;
         f.write_all(QUEUED_REQUEST_MAGIC)?;
         f.write_all(content)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, dir.join(&table.name))?;
-        std::fs::File::open(&dir)?.sync_all()
+        let mut order = requests::next_order(&dir, &table.name)?;
+        for _ in 0..64 {
+            match std::fs::hard_link(&tmp, dir.join(requests::file_name(&table.name, order))) {
+                Ok(()) => {
+                    std::fs::remove_file(&tmp)?;
+                    std::fs::File::open(&dir)?.sync_all()?;
+                    return Ok(order);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    order = order.checked_add(1).ok_or(e)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(std::io::Error::other("no free request name"))
     })();
     if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -180,6 +229,7 @@ fn ask(
     table: &TableConfig,
     path: &str,
     content: &[u8],
+    queued: Option<u64>,
 ) -> std::io::Result<LocalResponse> {
     let mut s = UnixStream::connect(&cfg.hook.socket)?;
     // The commit is bounded by `total`, plus `commit` to collect acknowledgements once decided.
@@ -190,6 +240,7 @@ fn ask(
         table: table.name.clone(),
         source: path.to_string(),
         len: content.len() as u64,
+        queued,
     })
     .map_err(std::io::Error::other)?;
     s.write_all(&frame)?;
