@@ -324,6 +324,7 @@ mod tests {
             content_ms: 0,
             prepared: None,
             pending: None,
+            cleanup: None,
         }
     }
 
