@@ -212,18 +212,21 @@ pub(crate) fn open_slot(
     // No spare copy is known valid after a restart (made again once the table is idle).
     table::remove_spares(t);
     // What cannot be removed now is retried in the background (see `cleanup`).
-    let cleanup = crate::cleanup::CleanupCell::default();
+    let mut failed = std::collections::BTreeMap::new();
     for (txid, path) in table::list_staged(t) {
         if Some(txid) != keep {
             info!(table = %t.name, %txid, path = %path.display(), "removing staged file of an unfinished transaction");
             match std::fs::remove_file(&path) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    let e = format!("remove {}: {e}", path.display());
-                    cleanup.failed(t, txid, &e, now_ms());
+                    failed.insert(txid, format!("remove {}: {e}", path.display()));
                 }
                 _ => {}
             }
         }
+    }
+    let cleanup = crate::cleanup::CleanupCell::default();
+    for (txid, e) in failed {
+        cleanup.failed(t, txid, &e, now_ms());
     }
     if let Some(a) = state.active.clone() {
         lock = Some(
