@@ -360,6 +360,7 @@ mod tests {
             newest: Vec::new(),
             prepared: None,
             pending: None,
+            cleanup: None,
         }
     }
 

@@ -263,6 +263,7 @@ impl TableState {
                 nodes: a.nodes.clone(),
             }),
             pending: None,
+            cleanup: None,
         }
     }
 

@@ -488,6 +488,25 @@ pub struct TableStatus {
     pub prepared: Option<PreparedInfo>,
     /// A commit this node coordinated that has not reached every node yet.
     pub pending: Option<PendingInfo>,
+    /// Staged files of finished transactions that this node failed to remove and retries
+    /// (with backoff) until they are gone; `None` when there are none.
+    pub cleanup: Option<CleanupInfo>,
+}
+
+/// Staged files a participant failed to remove (a storage error on `unlink`), retried in the
+/// background until they are gone.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CleanupInfo {
+    /// Staged files still on disk.
+    pub staged_files: u64,
+    /// Transactions they belong to.
+    pub transactions: u32,
+    /// First failure (ms since the Unix epoch).
+    pub since_ms: u64,
+    /// Failed attempts so far.
+    pub attempts: u32,
+    /// Why the last attempt failed.
+    pub last_error: String,
 }
 
 /// A transaction in progress on a participant.

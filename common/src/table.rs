@@ -129,7 +129,8 @@ pub fn list_staged(t: &TableConfig) -> Vec<(TxId, PathBuf)> {
 const BDB_TEMP_PREFIX: &str = "__db.";
 
 /// Removes the staged files of `txid` (missing files are fine), including a temporary file the
-/// builder left behind.
+/// builder left behind. Every file is tried; the first error is returned (what failed is then
+/// the caller's to retry).
 pub fn remove_staged(t: &TableConfig, txid: TxId) -> Result<(), TableError> {
     let s = staged_paths(t, txid);
     let bdb_temp = s
@@ -140,19 +141,31 @@ pub fn remove_staged(t: &TableConfig, txid: TxId) -> Result<(), TableError> {
                 .join(format!("{BDB_TEMP_PREFIX}{}", f.to_string_lossy()))
         })
         .unwrap_or_else(|| s.indexed.clone());
+    let mut first = None;
     for p in [
         &s.indexed,
         &s.source,
         &with_suffix(&s.source, ".cdb.tmp"),
         &bdb_temp,
     ] {
-        match std::fs::remove_file(p) {
+        match unlink_staged(p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("remove", p)(e)),
+            Err(e) => {
+                first.get_or_insert(io("remove", p)(e));
+            }
         }
     }
-    Ok(())
+    first.map_or(Ok(()), Err)
+}
+
+/// `unlink(2)` of one staged file.
+fn unlink_staged(p: &Path) -> std::io::Result<()> {
+    // A storage error on a file that exists (chaos and regression tests: `N*return`).
+    fail::fail_point!("table::remove_staged", p.symlink_metadata().is_ok(), |_| {
+        Err(std::io::Error::from_raw_os_error(libc::EIO))
+    });
+    std::fs::remove_file(p)
 }
 
 /// Counts the logical lines of a Postfix table source as it streams by: a line whose first

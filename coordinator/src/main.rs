@@ -615,6 +615,15 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
                         "", t.table, p.attempts, p.last_error
                     );
                 }
+                if let Some(c) = &t.cleanup {
+                    let since = humantime::format_rfc3339_seconds(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_millis(c.since_ms),
+                    );
+                    println!(
+                        "{:<10}   cleanup pending: {} staged file(s) of {} finished transaction(s) since {since}, {} failed attempt(s), last error: {}",
+                        "", c.staged_files, c.transactions, c.attempts, c.last_error
+                    );
+                }
             }
         }
     }

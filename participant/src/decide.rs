@@ -99,8 +99,11 @@ impl Node {
                     }
                 }
                 Action::RemoveStaged { txid } => {
-                    if let Err(e) = table::remove_staged(t, txid) {
-                        warn!(error = %e, "could not remove staged files");
+                    match table::remove_staged(t, txid) {
+                        Ok(()) => {
+                            slot.cleanup.done(txid);
+                        }
+                        Err(e) => slot.cleanup.failed(t, txid, &e, now_ms()),
                     }
                     History::new(&self.cfg.state_dir, &t.name).drop_staged(txid);
                 }
@@ -164,7 +167,9 @@ impl Node {
             if state.active.as_ref().is_some_and(|a| a.txid == txid) {
                 state.active = None;
             }
-            let _ = table::remove_staged(t, txid);
+            if let Err(e) = table::remove_staged(t, txid) {
+                slot.cleanup.failed(t, txid, &e, now_ms());
+            }
             if let Ok(mut l) = slot.lock.lock() {
                 *l = None;
             }

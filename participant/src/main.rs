@@ -3,6 +3,7 @@
 //! It only parses arguments, sets up logging and calls [`server::run`]; everything else is in
 //! the modules so that tests can reason about them.
 
+mod cleanup;
 mod converge;
 mod decide;
 mod hook;

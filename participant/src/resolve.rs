@@ -13,6 +13,12 @@ use txmap_common::now_ms;
 use txmap_common::proto::{OutcomeAnswer, Refusal, Request, Response, TxId};
 use txmap_coordinator::cluster::{ask, Cluster};
 
+/// How long a local retry (an install that failed, a cleanup that failed) waits after its
+/// `failures`-th failure (counted from 0): 1 s, doubling, at most 30 s.
+pub(crate) fn retry_wait_ms(failures: u32) -> u64 {
+    (1000u64 << failures.min(5)).min(30_000)
+}
+
 impl Node {
     /// What this node knows of `txid` (see [`Request::Outcome`]): its decision log first (it
     /// may be the coordinator's node; see [`log_answer`]), then its own participant state (see
@@ -126,7 +132,7 @@ impl Node {
                             info!(%table, txid = %a.txid, tries = tries + 1, "interrupted commit finished");
                             install_retry.remove(&table);
                         } else {
-                            let wait = (1000u64 << tries.min(5)).min(30_000);
+                            let wait = retry_wait_ms(tries);
                             warn!(%table, txid = %a.txid, answer = %resp, retry_ms = wait, "commit decided but not installed yet; retrying");
                             install_retry.insert(table, (now_ms() + wait, tries + 1));
                         }

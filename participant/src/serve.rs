@@ -210,7 +210,9 @@ impl Node {
         let log = DecisionLog::new(&self.cfg.state_dir);
         let mut out = Vec::new();
         for n in names {
-            let mut st = self.slots[n].state.lock().await.status(n);
+            let slot = &self.slots[n];
+            let mut st = slot.state.lock().await.status(n);
+            st.cleanup = slot.cleanup.info(&slot.table);
             st.pending = log.pending(n).map(|p| PendingInfo {
                 since_ms: p.since_ms,
                 attempts: p.attempts,

@@ -54,6 +54,8 @@ pub(crate) struct Slot {
     pub(crate) dirty: std::sync::atomic::AtomicBool,
     /// A spare copy of the live indexed file for the next incremental build.
     pub(crate) spare: crate::spare::SpareCell,
+    /// Staged files whose removal failed, retried in the background (see `cleanup`).
+    pub(crate) cleanup: crate::cleanup::CleanupCell,
 }
 
 /// Everything the daemon serves.
@@ -125,6 +127,7 @@ pub async fn run(
         tokio::spawn(Node::resolve_loop(live.clone())),
         tokio::spawn(Node::redrive_loop(live.clone())),
         tokio::spawn(Node::pending_loop(live.clone())),
+        tokio::spawn(Node::cleanup_loop(live.clone())),
         tokio::spawn(Node::hook_loop(live.clone())),
         tokio::spawn(crate::probe::health_loop(live.clone())),
         tokio::spawn(crate::probe::probe_loop(live.clone())),
@@ -208,11 +211,22 @@ pub(crate) fn open_slot(
     History::new(&cfg.state_dir, &t.name).drop_staged_except(keep);
     // No spare copy is known valid after a restart (made again once the table is idle).
     table::remove_spares(t);
+    // What cannot be removed now is retried in the background (see `cleanup`).
+    let mut failed = std::collections::BTreeMap::new();
     for (txid, path) in table::list_staged(t) {
         if Some(txid) != keep {
             info!(table = %t.name, %txid, path = %path.display(), "removing staged file of an unfinished transaction");
-            let _ = std::fs::remove_file(&path);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    failed.insert(txid, format!("remove {}: {e}", path.display()));
+                }
+                _ => {}
+            }
         }
+    }
+    let cleanup = crate::cleanup::CleanupCell::default();
+    for (txid, e) in failed {
+        cleanup.failed(t, txid, &e, now_ms());
     }
     if let Some(a) = state.active.clone() {
         lock = Some(
@@ -251,5 +265,6 @@ pub(crate) fn open_slot(
         lock: std::sync::Mutex::new(lock),
         dirty: std::sync::atomic::AtomicBool::new(false),
         spare: Default::default(),
+        cleanup,
     }))
 }
