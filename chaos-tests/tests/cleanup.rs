@@ -39,7 +39,7 @@ fn a_failed_unlink_of_aborted_staged_files_is_retried_without_a_restart_and_show
 
     // The coordinator dies once every node prepared, before any decision: the daemons resolve
     // the transaction as aborted, and node2 cannot unlink its staged copy.
-    c.write_source(&transport_table("b.example", 0..30));
+    c.write_source(&transport_table("a.example", 0..31));
     let out = c.txmap_with(
         1,
         &["commit", TABLE, "--json"],
