@@ -662,6 +662,81 @@ mod tests {
             .collect()
     }
 
+    /// Prepares, commits and installs transaction `t` at generation `g` from `origin`, as
+    /// change `c`; returns what the prepare answered when it was refused.
+    fn install(
+        s: &mut TableState,
+        t: u128,
+        g: u64,
+        origin: &str,
+        c: Change,
+    ) -> Option<Vec<Action>> {
+        let p = Event::Prepare {
+            txid: TxId(t),
+            generation: g,
+            coordinator: origin.into(),
+            sha256: Sha256([t as u8; 32]),
+            entries: 1,
+            nodes: vec![origin.into()],
+            change: Some(c),
+        };
+        let a = s.step(p, 0);
+        if a != vec![Action::Stage { txid: TxId(t) }] {
+            return Some(a);
+        }
+        s.step(Event::StageDone { txid: TxId(t) }, 0);
+        s.step(
+            Event::Commit {
+                txid: TxId(t),
+                generation: g,
+            },
+            0,
+        );
+        s.step(Event::InstallDone { txid: TxId(t) }, 0);
+        None
+    }
+
+    #[test]
+    fn a_prepare_of_a_change_older_than_one_installed_from_its_source_is_refused() {
+        let c = |epoch, seq| Change { epoch, seq };
+        let mut s = TableState::default();
+        assert_eq!(install(&mut s, 1, 1, "node1", c(7, 5)), None);
+        assert_eq!(
+            s.content,
+            Some(OriginChange {
+                origin: "node1".into(),
+                change: c(7, 5)
+            })
+        );
+        // An older change of the same source: refused, nothing staged.
+        let refused = install(&mut s, 2, 2, "node1", c(7, 4)).expect("refused");
+        assert!(
+            refused.contains(&Action::Reply(Response::Refused(Refusal::Superseded {
+                newer: c(7, 5)
+            })))
+        );
+        assert!(s.active.is_none() && s.generation == 1);
+        // A later one, another origin's (whatever its count), another epoch's: all installed.
+        assert_eq!(install(&mut s, 3, 2, "node1", c(7, 6)), None);
+        assert_eq!(install(&mut s, 4, 3, "node2", c(9, 1)), None);
+        assert_eq!(install(&mut s, 5, 4, "node1", c(8, 1)), None);
+        assert_eq!(s.generation, 4);
+        // The newest of each counter is kept: node1's epoch 7 still supersedes its seq 6.
+        assert_eq!(s.newer_than("node1", &c(7, 6)), None);
+        assert_eq!(s.newer_than("node1", &c(7, 2)), Some(c(7, 6)));
+        // At most EPOCHS_KEPT counters per origin.
+        for e in 0..20 {
+            assert_eq!(
+                install(&mut s, 100 + e, 5 + e as u64, "node1", c(100 + e as u64, 1)),
+                None
+            );
+        }
+        assert_eq!(
+            s.newest.iter().filter(|n| n.origin == "node1").count(),
+            EPOCHS_KEPT
+        );
+    }
+
     #[test]
     fn a_prepare_then_commit_installs_and_persists_before_replying() {
         let mut s = TableState::default();
