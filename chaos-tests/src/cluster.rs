@@ -168,6 +168,17 @@ impl TestCluster {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        // Tests replace whole contents as test data; the content guard's share is off here
+        // (emptying a table is still refused), and the guard's own tests turn it back on
+        // ([`TestCluster::set_shrink_percent`]).
+        for i in 1..=n {
+            let p = dir.0.join("sb").join(format!("node{i}")).join("txmap.toml");
+            let text = std::fs::read_to_string(&p)?;
+            std::fs::write(
+                &p,
+                crate::chaos::config_edit::set_key(&text, None, "max_shrink_percent", "100"),
+            )?;
+        }
         Ok(TestCluster {
             dir,
             n,
@@ -448,6 +459,16 @@ impl TestCluster {
     }
 
     /// Rewrites node `i`'s config with `f`.
+    /// Sets every node's `max_shrink_percent` (the content guard's share; 100 in a new test
+    /// cluster). A running txmapd takes it on SIGHUP; `txmap` reads it at once.
+    pub fn set_shrink_percent(&self, pct: u64) {
+        for i in 1..=self.n {
+            self.edit_config(i, |t| {
+                crate::chaos::config_edit::set_key(&t, None, "max_shrink_percent", &pct.to_string())
+            });
+        }
+    }
+
     pub fn edit_config(&self, i: usize, f: impl FnOnce(String) -> String) {
         let p = self.config(i);
         let text = std::fs::read_to_string(&p).expect("read config");
@@ -658,6 +679,18 @@ impl TestCluster {
     pub fn give_node_to(&self, i: usize, user: &str) -> Result<()> {
         ensure_user(user)?;
         let owner = format!("{user}:{user}");
+        // The hook's queued requests belong to the hook's caller (the `sympa` user) by design,
+        // as in production: they keep their owner and group.
+        let queued: Vec<(PathBuf, u32, u32)> = std::fs::read_dir(self.state_dir(i).join("requests"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                use std::os::unix::fs::MetadataExt;
+                let m = e.metadata().ok()?;
+                Some((e.path(), m.uid(), m.gid()))
+            })
+            .collect();
         for d in [
             self.table_dir(i),
             self.state_dir(i),
@@ -666,6 +699,9 @@ impl TestCluster {
             if d.exists() {
                 run_ok(Command::new("chown").args(["-R", "-h", &owner]).arg(&d))?;
             }
+        }
+        for (p, uid, gid) in queued {
+            std::os::unix::fs::lchown(&p, Some(uid), Some(gid))?;
         }
         Ok(())
     }

@@ -229,6 +229,7 @@ fn committing_the_content_every_node_serves_makes_no_new_generation() {
 #[test]
 fn an_empty_source_or_a_big_shrink_is_refused_unless_forced() {
     let c = TestCluster::start("guard", 3).unwrap();
+    c.set_shrink_percent(50);
     c.write_source(&transport_table("guard.example", 0..100));
     assert_eq!(c.commit(1).status.code(), Some(0));
     let before = c.generations();

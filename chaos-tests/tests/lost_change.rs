@@ -278,7 +278,11 @@ fn a_change_queued_while_txmapd_is_down_is_distributed_with_the_packaged_users()
 
 #[test]
 fn closing_the_last_list_is_distributed_and_a_change_of_most_keys_is_held_visibly() {
-    let c = TestCluster::start("lost-guard", 3).unwrap();
+    let mut c = TestCluster::create("lost-guard", 3).unwrap();
+    c.set_shrink_percent(50);
+    for i in 1..=3 {
+        c.start_node(i).unwrap();
+    }
     // Sympa's table with one list, then the list closed: a source with no entries.
     c.write_source(&("# sympa_transport\n".to_string() + &line("only") + &line("only-request")));
     let out = hook_as(&c, 1, None);
