@@ -195,8 +195,14 @@ fn a_commit_of_the_same_content_heals_a_drifted_node() {
     // One new generation, the same everywhere.
     let after = c.generations();
     let first = after[0].clone().expect("node1 status");
-    assert!(first.0 > gen1, "the generation grew: {before:?} -> {after:?}");
-    assert!(after.iter().all(|g| g.as_ref() == Some(&first)), "{after:?}");
+    assert!(
+        first.0 > gen1,
+        "the generation grew: {before:?} -> {after:?}"
+    );
+    assert!(
+        after.iter().all(|g| g.as_ref() == Some(&first)),
+        "{after:?}"
+    );
     // No drift left: status 0, check OK, verify 0.
     let st = c.txmap(1, &["status", TABLE]);
     assert_eq!(st.status.code(), Some(0), "{}", describe(&st));
@@ -232,9 +238,13 @@ fn check_warns_when_the_source_differs_from_what_is_served_with_nothing_pending(
     assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
     // Past it (a 1 s grace here): WARNING, naming the table and the command.
     std::thread::sleep(Duration::from_millis(1100));
-    let o = check_until(&c, 1, &["--source-grace", "1"], Duration::from_secs(12), |o| {
-        o.status.code() == Some(1)
-    });
+    let o = check_until(
+        &c,
+        1,
+        &["--source-grace", "1"],
+        Duration::from_secs(12),
+        |o| o.status.code() == Some(1),
+    );
     let line = String::from_utf8_lossy(&o.stdout).to_string();
     assert_eq!(o.status.code(), Some(1), "{}", describe(&o));
     assert!(line.contains(TABLE), "{line}");
@@ -243,9 +253,13 @@ fn check_warns_when_the_source_differs_from_what_is_served_with_nothing_pending(
     // Committed: OK again.
     let out = c.commit(1);
     assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
-    let o = check_until(&c, 1, &["--source-grace", "1"], Duration::from_secs(12), |o| {
-        o.status.code() == Some(0)
-    });
+    let o = check_until(
+        &c,
+        1,
+        &["--source-grace", "1"],
+        Duration::from_secs(12),
+        |o| o.status.code() == Some(0),
+    );
     assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
     assert!(
         wait_until(Duration::from_secs(5), || c.nothing_in_progress(1)),

@@ -252,6 +252,7 @@ impl TableState {
                 nodes: a.nodes.clone(),
             }),
             pending: None,
+            drifted: None,
         }
     }
 

@@ -88,6 +88,11 @@ pub enum Cmd {
         /// A pending change failing for more than SECS is CRITICAL (a WARNING before).
         #[arg(long, default_value_t = 3600, value_name = "SECS")]
         pending_crit: u64,
+        /// A table's configured source on this node that differs from what the in-service
+        /// nodes serve, with nothing pending or running for it, for more than SECS is a
+        /// WARNING (the catch-all for lost changes).
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        source_grace: u64,
     },
     /// List the changes this node still has to distribute; cancel or retry one.
     Pending {
