@@ -131,7 +131,7 @@ fn a_hand_edit_of_one_node_is_reported_by_status_check_and_verify() {
 
     // check: CRITICAL, naming node2 and the command that heals it.
     let o = check_until(&c, 1, &[], Duration::from_secs(12), |o| {
-        o.status.code() == Some(2)
+        o.status.code() == Some(2) && text(o).contains("drifted on node2")
     });
     let line = String::from_utf8_lossy(&o.stdout).to_string();
     assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
@@ -140,7 +140,7 @@ fn a_hand_edit_of_one_node_is_reported_by_status_check_and_verify() {
     assert!(line.contains(&format!("txmap commit {TABLE}")), "{line}");
     // Seen from another node the same.
     let o = check_until(&c, 3, &[], Duration::from_secs(12), |o| {
-        o.status.code() == Some(2)
+        o.status.code() == Some(2) && text(o).contains("drifted on node2")
     });
     assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
 

@@ -219,7 +219,9 @@ pub fn catch_all(
             .filter(|n| n.in_service && n.reachable)
             .filter_map(|n| n.tables.iter().find(|t| t.table == s.table))
             .collect();
-        let Some(first) = rows.first() else {
+        // A table txmap never committed (generation 0 everywhere) has nothing served to
+        // compare with: its first commit is the operator's.
+        let Some(first) = rows.first().filter(|t| t.generation > 0) else {
             continue;
         };
         let busy = rows.iter().any(|t| t.busy_since_ms.is_some());
