@@ -19,8 +19,8 @@ Exit codes (stable; Sympa and scripts read them):
   6  local error (source unreadable, state directory, certificates); txmap-sympa: txmapd
      unreachable, the request is queued and distributed when txmapd runs
   7  recover: the requested resolution was refused (it would contradict a decision)
-  8  status/verify: nodes agree but work is stuck (a pending change failed, or a transaction
-     has been in progress longer than in_doubt_ms)
+  8  status/verify: nodes agree but work is stuck (a pending change failed, a transaction
+     in progress longer than total_ms + commit_ms, or prepared and undecided past in_doubt_ms)
 `txmap check` uses the monitoring-plugin codes instead: 0 OK, 1 WARNING, 2 CRITICAL,
 3 UNKNOWN.";
 
