@@ -681,16 +681,17 @@ impl TestCluster {
         let owner = format!("{user}:{user}");
         // The hook's queued requests belong to the hook's caller (the `sympa` user) by design,
         // as in production: they keep their owner and group.
-        let queued: Vec<(PathBuf, u32, u32)> = std::fs::read_dir(self.state_dir(i).join("requests"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                use std::os::unix::fs::MetadataExt;
-                let m = e.metadata().ok()?;
-                Some((e.path(), m.uid(), m.gid()))
-            })
-            .collect();
+        let queued: Vec<(PathBuf, u32, u32)> =
+            std::fs::read_dir(self.state_dir(i).join("requests"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|e| {
+                    use std::os::unix::fs::MetadataExt;
+                    let m = e.metadata().ok()?;
+                    Some((e.path(), m.uid(), m.gid()))
+                })
+                .collect();
         for d in [
             self.table_dir(i),
             self.state_dir(i),

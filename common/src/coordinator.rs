@@ -56,13 +56,15 @@ pub fn on_votes(votes: &[Vote], prepare_sent: &[bool], past_deadline: bool) -> O
 }
 
 /// `Some(generation)` when every asked node already serves exactly this content (same sha256,
-/// same generation, nothing in progress): a commit then has nothing to do and makes no new
-/// generation.
+/// same generation, nothing in progress, live files as installed): a commit then has nothing to
+/// do and makes no new generation. A drifted node (its live files changed since it installed
+/// them) does not really serve the recorded content: the commit reinstalls it.
 pub fn already_served(statuses: &[TableStatus], asked: usize, sha256: &Sha256) -> Option<u64> {
     let first = statuses.first()?;
     let same = statuses.len() == asked
         && statuses.iter().all(|s| {
             s.prepared.is_none()
+                && s.drifted.is_none()
                 && s.sha256.as_ref() == Some(sha256)
                 && s.generation == first.generation
         });
@@ -361,6 +363,7 @@ mod tests {
             prepared: None,
             pending: None,
             cleanup: None,
+            drifted: None,
         }
     }
 
@@ -463,6 +466,12 @@ mod tests {
         assert_eq!(already_served(&[st(4, 7), st(3, 7)], 2, &sha), None);
         assert_eq!(already_served(&[st(4, 7)], 2, &sha), None);
         assert_eq!(already_served(&[st(4, 7), st(4, 8)], 2, &sha), None);
+        // A drifted node does not really serve it: the commit reinstalls it.
+        let drifted = TableStatus {
+            drifted: Some("/x/t changed".into()),
+            ..st(4, 7)
+        };
+        assert_eq!(already_served(&[st(4, 7), drifted], 2, &sha), None);
     }
 
     #[test]

@@ -15,7 +15,9 @@ pub const USAGE: u8 = 2;
 pub const INCOMPLETE: u8 = 3;
 /// Other transactions kept the table busy past the retry deadline; nothing changed.
 pub const BUSY: u8 = 4;
-/// `status`: some node is unreachable, or nodes disagree on the generation.
+/// `status`/`verify`: some in-service node is unreachable, nodes disagree on the generation,
+/// or a node drifted (its live files changed since it installed them); see
+/// [`crate::view`].
 pub const DISAGREE: u8 = 5;
 /// A local failure on this node (cannot read the source, state directory, certificates).
 pub const LOCAL: u8 = 6;
@@ -23,6 +25,7 @@ pub const LOCAL: u8 = 6;
 /// nobody can know the decision yet). Nothing was changed.
 pub const REFUSED: u8 = 7;
 /// `status`/`verify`: every in-service node is reachable and they agree, but work is stuck: a
-/// pending change has failed at least once, or a transaction has been in progress longer than
-/// `timeouts.in_doubt_ms`.
+/// pending change has failed at least once, a transaction has been in progress longer than
+/// `timeouts.total_ms` + `timeouts.commit_ms`, or a prepared one has waited for its decision
+/// longer than `timeouts.in_doubt_ms`.
 pub const STUCK: u8 = 8;

@@ -40,6 +40,7 @@ pub mod proto;
 pub mod requests;
 pub mod table;
 pub mod tls;
+pub mod view;
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
 pub fn now_ms() -> u64 {

@@ -264,6 +264,7 @@ impl TableState {
             }),
             pending: None,
             cleanup: None,
+            drifted: None,
         }
     }
 

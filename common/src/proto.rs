@@ -488,6 +488,10 @@ pub struct TableStatus {
     pub prepared: Option<PreparedInfo>,
     /// A commit this node coordinated that has not reached every node yet.
     pub pending: Option<PendingInfo>,
+    /// The live files are not what this node installed (their stamps changed since: a hand
+    /// edit, a `postmap` run by hand): what changed. `None`: as installed, or unknown. Such a
+    /// node does not really serve the recorded content; the next commit reinstalls it.
+    pub drifted: Option<String>,
     /// Staged files of finished transactions that this node failed to remove and retries
     /// (with backoff) until they are gone; `None` when there are none.
     pub cleanup: Option<CleanupInfo>,

@@ -1335,6 +1335,46 @@ pub fn stamp_installed_source(held: Option<File>, t: &TableConfig) -> Option<Fil
     (live.dev == mine.dev && live.ino == mine.ino).then_some(mine)
 }
 
+/// Whether the live files of `t` are still the ones a node installed, by their stamps
+/// (`lstat` of the two paths, no read): `Some(what changed)` when a recorded stamp and the live
+/// file differ in device, inode, size or mtime (a write, a `postmap` run, a replacement), or the
+/// file is gone or not a regular file; `None` when both are as installed, or nothing is
+/// recorded (unknown). The inode change time is not compared: a `chmod`, or the link count of
+/// the source's history copy, changes it without changing the content.
+pub fn drift(
+    t: &TableConfig,
+    source: Option<FileStamp>,
+    indexed: Option<FileStamp>,
+) -> Option<String> {
+    let same = |a: &FileStamp, b: &FileStamp| {
+        (a.dev, a.ino, a.size, a.mtime_ns) == (b.dev, b.ino, b.size, b.mtime_ns)
+    };
+    let live_indexed = t.live_indexed();
+    for (path, recorded) in [
+        (live_indexed.as_path(), indexed),
+        (t.path.as_path(), source),
+    ] {
+        let Some(recorded) = recorded else {
+            continue;
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if !m.file_type().is_file() => {
+                return Some(format!("{} is not a regular file any more", path.display()))
+            }
+            Ok(m) if !same(&FileStamp::of(&m), &recorded) => {
+                return Some(format!("{} changed since it was installed", path.display()))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Some(format!("{} is missing", path.display()))
+            }
+            // Cannot tell (permissions): not reported as drift.
+            Err(_) => {}
+        }
+    }
+    None
+}
+
 /// The stamp of the live indexed file of `t` (never through a link).
 pub fn live_stamp(t: &TableConfig) -> std::io::Result<FileStamp> {
     let m = std::fs::symlink_metadata(t.live_indexed())?;

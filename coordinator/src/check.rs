@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 pub const HEALTH_INTERVAL_MS: u64 = 3000;
 
 /// Version of [`Health`]; a client refuses another.
-pub const HEALTH_VERSION: u32 = 1;
+pub const HEALTH_VERSION: u32 = 2;
 
 /// What the local `txmapd` knows about the cluster's health.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +48,20 @@ pub struct Health {
     pub pending: Vec<PendingHealth>,
     /// This node's certificate and the CA's.
     pub certs: Vec<CertHealth>,
+    /// The configured sources of this node's tables, as txmapd last saw them (`lstat` only).
+    pub sources: Vec<SourceHealth>,
+}
+
+/// A table's configured source on this node, as the health loop saw it (by `lstat`, never
+/// opened: txmapd does not read a file a less privileged user controls for the probe).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceHealth {
+    /// Table.
+    pub table: String,
+    /// Since when the source has had its current stamp, as first seen by this txmapd (ms
+    /// since the epoch, this node's clock; `None`: not seen, e.g. missing). The catch-all's
+    /// grace period runs from the later of this and the file's mtime.
+    pub unchanged_since_ms: Option<u64>,
 }
 
 /// One node as seen from here.
@@ -82,6 +96,8 @@ pub struct TableHealth {
     pub in_doubt: bool,
     /// That transaction was decided commit and its install is being retried.
     pub installing: bool,
+    /// The node's live files changed since it installed them (see `TableStatus::drifted`).
+    pub drifted: Option<String>,
 }
 
 /// A pending change on this node.
@@ -119,6 +135,9 @@ pub struct Thresholds {
     pub cert_crit_days: u64,
     /// A pending change failing for longer than this (seconds): CRITICAL (WARNING before).
     pub pending_crit_s: u64,
+    /// A source differing from what is served, with nothing pending or running for it, for
+    /// longer than this (seconds): WARNING (the catch-all for lost changes).
+    pub source_grace_s: u64,
 }
 
 impl Default for Thresholds {
@@ -127,8 +146,116 @@ impl Default for Thresholds {
             cert_warn_days: 30,
             cert_crit_days: 7,
             pending_crit_s: 3600,
+            source_grace_s: 60,
         }
     }
+}
+
+/// A table's configured source as `txmap check` read it itself (with the monitoring user's
+/// rights, as an untrusted file).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSource {
+    /// Table.
+    pub table: String,
+    /// Path.
+    pub path: String,
+    /// sha256 (hex) and mtime (ms since the epoch), or why it could not be read.
+    pub read: Result<(String, u64), String>,
+}
+
+impl LocalSource {
+    /// Reads `path` as an untrusted file (no link followed, no FIFO, one link, at most `max`
+    /// bytes) and digests it.
+    pub fn read(table: &str, path: &std::path::Path, max: u64) -> LocalSource {
+        let read = txmap_common::table::open_untrusted(path, max)
+            .and_then(|(f, _)| {
+                let mtime = f
+                    .metadata()?
+                    .modified()?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                let bytes = txmap_common::table::read_bounded(f, max)?;
+                let d = txmap_common::table::digest_reader(&mut bytes.as_slice())?;
+                Ok((txmap_common::table::hex(&d.sha256), mtime))
+            })
+            .map_err(|e| e.to_string());
+        LocalSource {
+            table: table.to_string(),
+            path: path.display().to_string(),
+            read,
+        }
+    }
+}
+
+/// The catch-all for lost changes: a WARNING per table whose source here differs (sha256) from
+/// what the in-service nodes agree to serve while nothing is pending or running for it, past
+/// the grace period; a note (OK) per source that could not be read. The grace runs from the
+/// later of the source's mtime and the time txmapd first saw the source as it is now
+/// ([`SourceHealth::unchanged_since_ms`]), and the summary must have been made after it ended:
+/// so the summary's "nothing pending" is a view from after the grace, not one from before a
+/// hook could have queued the change.
+pub fn catch_all(
+    h: &Health,
+    sources: &[LocalSource],
+    grace_ms: u64,
+    now_ms: u64,
+) -> Vec<(State, String)> {
+    let mut out = Vec::new();
+    for s in sources {
+        let (sha, mtime) = match &s.read {
+            Ok(r) => r,
+            Err(e) => {
+                out.push((
+                    State::Ok,
+                    format!("source of {} not checked ({}: {e})", s.table, s.path),
+                ));
+                continue;
+            }
+        };
+        let rows: Vec<&TableHealth> = h
+            .nodes
+            .iter()
+            .filter(|n| n.in_service && n.reachable)
+            .filter_map(|n| n.tables.iter().find(|t| t.table == s.table))
+            .collect();
+        // A table txmap never committed (generation 0 everywhere) has nothing served to
+        // compare with: its first commit is the operator's.
+        let Some(first) = rows.first().filter(|t| t.generation > 0) else {
+            continue;
+        };
+        let busy = rows.iter().any(|t| t.busy_since_ms.is_some());
+        let pending = h
+            .pending
+            .iter()
+            .any(|p| p.table == s.table || p.table.starts_with(&format!("{}@", s.table)));
+        let agreed = rows.iter().all(|t| t.sha256 == first.sha256);
+        if busy || pending || !agreed || first.sha256.as_deref() == Some(sha.as_str()) {
+            continue;
+        }
+        let seen = h
+            .sources
+            .iter()
+            .find(|x| x.table == s.table)
+            .and_then(|x| x.unchanged_since_ms)
+            .unwrap_or(h.started_ms);
+        let since = (*mtime).max(seen);
+        if h.as_of_ms < since.saturating_add(grace_ms) || now_ms < since.saturating_add(grace_ms) {
+            continue;
+        }
+        out.push((
+            State::Warning,
+            format!(
+                "{}: source {} differs from what the in-service nodes serve (generation {}) with nothing pending or running, for {}; `txmap commit {}` distributes it",
+                s.table,
+                s.path,
+                first.generation,
+                secs(now_ms.saturating_sub(since)),
+                s.table
+            ),
+        ));
+    }
+    out
 }
 
 /// The four plugin states.
@@ -214,8 +341,42 @@ fn secs(ms: u64) -> String {
     }
 }
 
-/// Judges a health summary at `now_ms`.
+/// The nodes of a summary as [`txmap_common::view`] takes them.
+fn observed(h: &Health) -> Vec<txmap_common::view::NodeObs> {
+    h.nodes
+        .iter()
+        .map(|n| txmap_common::view::NodeObs {
+            node: n.node.clone(),
+            in_service: n.in_service,
+            tables: match n.reachable {
+                false => Err(n.error.clone().unwrap_or_else(|| "no answer".into())),
+                true => Ok(n
+                    .tables
+                    .iter()
+                    .map(|t| txmap_common::view::TableObs {
+                        table: t.table.clone(),
+                        generation: t.generation,
+                        sha256: t.sha256.clone(),
+                        busy: t.busy_since_ms.map(|since_ms| txmap_common::view::Busy {
+                            since_ms,
+                            in_doubt: t.in_doubt,
+                            installing: t.installing,
+                        }),
+                        drifted: t.drifted.clone(),
+                    })
+                    .collect()),
+            },
+        })
+        .collect()
+}
+
+/// Judges a health summary at `now_ms` (without the sources: see [`evaluate_with`]).
 pub fn evaluate(h: &Health, t: &Thresholds, now_ms: u64) -> Verdict {
+    evaluate_with(h, t, now_ms, &[])
+}
+
+/// Judges a health summary and this node's sources, as read by `txmap check`, at `now_ms`.
+pub fn evaluate_with(h: &Health, t: &Thresholds, now_ms: u64, sources: &[LocalSource]) -> Verdict {
     let mut reasons: Vec<(State, String)> = Vec::new();
     let serving: Vec<&NodeHealth> = h.nodes.iter().filter(|n| n.in_service).collect();
     let stale = now_ms.saturating_sub(h.as_of_ms);
@@ -240,71 +401,40 @@ pub fn evaluate(h: &Health, t: &Thresholds, now_ms: u64) -> Verdict {
             ),
         ));
     }
-    // Tables: drift between reachable in-service nodes with nothing in progress; work stuck.
-    let mut names: Vec<&str> = serving
-        .iter()
-        .flat_map(|n| n.tables.iter().map(|t| t.table.as_str()))
-        .collect();
-    names.sort();
-    names.dedup();
+    // Tables: the one rule of `txmap_common::view` (status and verify apply it too).
+    let view = txmap_common::view::ClusterView::of(
+        &observed(h),
+        txmap_common::view::Bounds {
+            in_doubt_ms: h.in_doubt_ms,
+            commit_bound_ms: h.commit_bound_ms,
+        },
+        now_ms,
+    );
+    let names: Vec<&str> = view.tables.iter().map(|(n, _)| n.as_str()).collect();
+    for (name, v) in &view.tables {
+        use txmap_common::view::TableView;
+        let state = match v {
+            TableView::Agree { .. } | TableView::Busy { .. } => continue,
+            TableView::Stuck { .. } => State::Warning,
+            TableView::Disagree { .. } | TableView::Drifted { .. } | TableView::InDoubt { .. } => {
+                State::Critical
+            }
+        };
+        if let Some(line) = v.describe(name) {
+            reasons.push((state, line));
+        }
+    }
     let mut in_doubt = 0u64;
     let mut oldest_busy = 0u64;
-    for name in &names {
-        let rows: Vec<(&str, &TableHealth)> = serving
-            .iter()
-            .filter(|n| n.reachable)
-            .filter_map(|n| {
-                n.tables
-                    .iter()
-                    .find(|t| t.table == *name)
-                    .map(|t| (n.node.as_str(), t))
-            })
-            .collect();
-        let busy = rows.iter().any(|(_, t)| t.busy_since_ms.is_some());
-        let differ = rows
-            .windows(2)
-            .any(|w| (w[0].1.generation, &w[0].1.sha256) != (w[1].1.generation, &w[1].1.sha256));
-        if differ && !busy {
-            let gens: Vec<String> = rows
-                .iter()
-                .map(|(n, t)| format!("{n} gen {}", t.generation))
-                .collect();
-            reasons.push((
-                State::Critical,
-                format!("{name}: nodes disagree ({})", gens.join(", ")),
-            ));
-        }
-        for (n, t) in &rows {
+    for n in serving.iter().filter(|n| n.reachable) {
+        for t in &n.tables {
             let Some(since) = t.busy_since_ms else {
                 continue;
             };
             let age = now_ms.saturating_sub(since);
             oldest_busy = oldest_busy.max(age);
-            if t.in_doubt && age > h.in_doubt_ms {
+            if t.in_doubt && age > h.in_doubt_ms.min(h.commit_bound_ms) {
                 in_doubt += 1;
-                reasons.push((
-                    State::Critical,
-                    format!(
-                        "{name}: {n} in doubt for {} (prepared, no decision)",
-                        secs(age)
-                    ),
-                ));
-            } else if t.installing && age > h.commit_bound_ms {
-                reasons.push((
-                    State::Warning,
-                    format!(
-                        "{name}: {n} decided commit not installed for {} (storage?)",
-                        secs(age)
-                    ),
-                ));
-            } else if age > h.commit_bound_ms {
-                if t.in_doubt {
-                    in_doubt += 1;
-                }
-                reasons.push((
-                    State::Warning,
-                    format!("{name}: {n} transaction in progress for {}", secs(age)),
-                ));
             }
         }
     }
@@ -376,6 +506,14 @@ pub fn evaluate(h: &Health, t: &Thresholds, now_ms: u64) -> Verdict {
             check_cert(format!("certificate of {}", n.node), Ok(until));
         }
     }
+    // The catch-all for lost changes; notes (OK) go after the summary line.
+    let mut notes = Vec::new();
+    for (s, r) in catch_all(h, sources, t.source_grace_s.saturating_mul(1000), now_ms) {
+        match s {
+            State::Ok => notes.push((s, r)),
+            _ => reasons.push((s, r)),
+        }
+    }
     let state = reasons.iter().map(|(s, _)| *s).max().unwrap_or(State::Ok);
     if reasons.is_empty() {
         let gens: Vec<String> = names
@@ -403,6 +541,7 @@ pub fn evaluate(h: &Health, t: &Thresholds, now_ms: u64) -> Verdict {
             ),
         ));
     }
+    reasons.extend(notes);
     let perf = vec![
         ("nodes_in_service".to_string(), serving.len() as u64, ""),
         (
@@ -605,6 +744,7 @@ mod tests {
             busy_since_ms: None,
             in_doubt: false,
             installing: false,
+            drifted: None,
         }
     }
 
@@ -635,7 +775,88 @@ mod tests {
                 path: "/x".into(),
                 not_after_ms: Ok(1_000_000 + 365 * 86_400_000),
             }],
+            sources: vec![],
         }
+    }
+
+    #[test]
+    fn a_drifted_node_is_critical_and_names_the_healing_command() {
+        let mut h = health();
+        h.nodes[1].tables[0].drifted = Some("/x/t changed since it was installed".into());
+        let v = evaluate(&h, &Thresholds::default(), 1_000_500);
+        assert_eq!(v.state, State::Critical, "{}", v.line());
+        assert!(v.line().contains("drifted on b"), "{}", v.line());
+        assert!(v.line().contains("`txmap commit t`"), "{}", v.line());
+    }
+
+    #[test]
+    fn the_catch_all_warns_after_the_grace_when_nothing_is_pending() {
+        let mut h = health();
+        let src = |sha: u64, mtime: u64| LocalSource {
+            table: "t".into(),
+            path: "/src/t".into(),
+            read: Ok((format!("{sha:064}"), mtime)),
+        };
+        let t = Thresholds::default();
+        // The same content as served: OK.
+        let v = evaluate_with(&h, &t, 1_000_500, &[src(3, 0)]);
+        assert_eq!(v.state, State::Ok, "{}", v.line());
+        // Different, changed long ago: WARNING naming the command.
+        let v = evaluate_with(&h, &t, 1_000_500, &[src(4, 0)]);
+        assert_eq!(v.state, State::Warning, "{}", v.line());
+        assert!(
+            v.line().contains("`txmap commit t` distributes it"),
+            "{}",
+            v.line()
+        );
+        // Within the grace by its mtime, or by when txmapd first saw it: OK.
+        let v = evaluate_with(&h, &t, 1_000_500, &[src(4, 990_000)]);
+        assert_eq!(v.state, State::Ok, "{}", v.line());
+        h.sources.push(SourceHealth {
+            table: "t".into(),
+            unchanged_since_ms: Some(980_000),
+        });
+        let v = evaluate_with(&h, &t, 1_000_500, &[src(4, 0)]);
+        assert_eq!(v.state, State::Ok, "{}", v.line());
+        h.sources.clear();
+        // Pending or running: not the catch-all's business.
+        h.pending.push(PendingHealth {
+            table: "t".into(),
+            since_ms: 1_000_000,
+            attempts: 0,
+            last_error: String::new(),
+            held: false,
+        });
+        assert_eq!(
+            evaluate_with(&h, &t, 1_000_500, &[src(4, 0)]).state,
+            State::Ok
+        );
+        h.pending.clear();
+        h.nodes[0].tables[0].busy_since_ms = Some(1_000_000);
+        assert_eq!(
+            evaluate_with(&h, &t, 1_000_500, &[src(4, 0)]).state,
+            State::Ok
+        );
+        h.nodes[0].tables[0].busy_since_ms = None;
+        // Unreadable: a note, still OK.
+        let v = evaluate_with(
+            &h,
+            &t,
+            1_000_500,
+            &[LocalSource {
+                table: "t".into(),
+                path: "/src/t".into(),
+                read: Err("Permission denied".into()),
+            }],
+        );
+        assert_eq!(v.state, State::Ok, "{}", v.line());
+        assert!(
+            v.line()
+                .starts_with("TXMAP OK - 2 in-service node(s) agree"),
+            "{}",
+            v.line()
+        );
+        assert!(v.line().contains("source of t not checked"), "{}", v.line());
     }
 
     #[test]

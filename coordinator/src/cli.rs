@@ -19,8 +19,8 @@ Exit codes (stable; Sympa and scripts read them):
   6  local error (source unreadable, state directory, certificates); txmap-sympa: txmapd
      unreachable, the request is queued and distributed when txmapd runs
   7  recover: the requested resolution was refused (it would contradict a decision)
-  8  status/verify: nodes agree but work is stuck (a pending change failed, or a transaction
-     has been in progress longer than in_doubt_ms)
+  8  status/verify: nodes agree but work is stuck (a pending change failed, a transaction
+     in progress longer than total_ms + commit_ms, or prepared and undecided past in_doubt_ms)
 `txmap check` uses the monitoring-plugin codes instead: 0 OK, 1 WARNING, 2 CRITICAL,
 3 UNKNOWN.";
 
@@ -88,6 +88,11 @@ pub enum Cmd {
         /// A pending change failing for more than SECS is CRITICAL (a WARNING before).
         #[arg(long, default_value_t = 3600, value_name = "SECS")]
         pending_crit: u64,
+        /// A table's configured source on this node that differs from what the in-service
+        /// nodes serve, with nothing pending or running for it, for more than SECS is a
+        /// WARNING (the catch-all for lost changes).
+        #[arg(long, default_value_t = 60, value_name = "SECS")]
+        source_grace: u64,
     },
     /// List the changes this node still has to distribute; cancel or retry one.
     Pending {

@@ -455,10 +455,13 @@ pub async fn commit_with(
         for (i, s) in statuses.into_iter().enumerate() {
             match s {
                 Ok(Response::Status(v)) => {
-                    live_sha[i] = v
-                        .iter()
-                        .find(|s| s.table == table_name)
-                        .and_then(|s| s.sha256);
+                    let mine = v.iter().find(|s| s.table == table_name);
+                    live_sha[i] = mine.and_then(|s| s.sha256);
+                    // A drifted node's live files are not its recorded content: it gets the
+                    // whole table and a full build, never a delta against its drifted copy.
+                    if mine.is_some_and(|s| s.drifted.is_some()) {
+                        whole_only.insert(links[i].0.name.clone());
+                    }
                     known.extend(v)
                 }
                 Ok(Response::Refused(r)) => votes[i] = Some(Vote::Refused(r)),

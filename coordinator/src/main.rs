@@ -76,6 +76,7 @@ fn run(cli: Cli) -> u8 {
             cert_warn_days,
             cert_crit_days,
             pending_crit,
+            source_grace,
         } => Ok(cmd_probe(
             cli.config.as_deref(),
             prometheus,
@@ -84,6 +85,7 @@ fn run(cli: Cli) -> u8 {
                 cert_warn_days,
                 cert_crit_days,
                 pending_crit_s: pending_crit,
+                source_grace_s: source_grace,
             },
         )),
         Cmd::Pending { cmd, json } => cmd_pending(cli.config.as_deref(), cmd, json),
@@ -359,11 +361,14 @@ fn cmd_probe(
     t: check::Thresholds,
 ) -> u8 {
     let now = txmap_common::now_ms();
-    let socket = match socket {
-        Some(s) => Ok(s),
-        None => Config::load(&Config::resolve_path(config))
-            .map(|c| c.probe.socket)
-            .map_err(|e| e.to_string().replace('\n', " ")),
+    let cfg =
+        Config::load(&Config::resolve_path(config)).map_err(|e| e.to_string().replace('\n', " "));
+    let socket = match (socket, &cfg) {
+        (Some(s), _) => Ok(s),
+        (None, c) => c
+            .as_ref()
+            .map(|c| c.probe.socket.clone())
+            .map_err(Clone::clone),
     };
     let (health, verdict) = match socket {
         Err(e) => (
@@ -372,7 +377,20 @@ fn cmd_probe(
         ),
         Ok(sock) => match check::ask(&sock) {
             Ok(h) => {
-                let v = check::evaluate(&h, &t, now);
+                // The catch-all reads this node's configured sources itself, with the
+                // monitoring user's rights (an unreadable one is skipped with a note).
+                let sources: Vec<check::LocalSource> = match &cfg {
+                    Ok(c) => c
+                        .tables
+                        .iter()
+                        .filter_map(|tc| {
+                            let src = tc.source.as_ref()?;
+                            Some(check::LocalSource::read(&tc.name, src, c.max_table_bytes))
+                        })
+                        .collect(),
+                    Err(_) => vec![],
+                };
+                let v = check::evaluate_with(&h, &t, now, &sources);
                 (Some(h), v)
             }
             Err(e) => (None, check::Verdict::failed(check::State::Critical, e)),
@@ -492,7 +510,7 @@ struct NodeStatus {
 
 fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Result<u8, u8> {
     let cfg = load_with_table(config, table.as_deref())?;
-    let in_doubt_ms = cfg.timeouts.in_doubt.as_millis() as u64;
+    let bounds = bounds_of(&cfg);
     let in_service: std::collections::HashMap<String, bool> = cfg
         .nodes
         .iter()
@@ -531,24 +549,7 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
             .collect()
     })?;
     let serving: Vec<&NodeStatus> = nodes.iter().filter(|n| n.in_service).collect();
-    let all_reachable = serving.iter().all(|n| n.reachable && n.error.is_none());
-    let mut agree = true;
-    let mut names: Vec<&str> = nodes
-        .iter()
-        .flat_map(|n| n.tables.iter().map(|t| t.table.as_str()))
-        .collect();
-    names.sort();
-    names.dedup();
-    for name in &names {
-        let gens: Vec<(u64, Option<_>)> = serving
-            .iter()
-            .filter_map(|n| n.tables.iter().find(|t| t.table == *name))
-            .map(|t| (t.generation, t.sha256))
-            .collect();
-        if gens.windows(2).any(|w| w[0] != w[1]) || gens.len() != serving.len() {
-            agree = false;
-        }
-    }
+    let view = view_of(&nodes, bounds);
     if json {
         println!(
             "{}",
@@ -624,25 +625,70 @@ fn cmd_status(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
                         "", c.staged_files, c.transactions, c.attempts, c.last_error
                     );
                 }
+                if let Some(d) = &t.drifted {
+                    println!(
+                        "{:<10}   DRIFTED: {d}; it does not serve generation {} as committed (`txmap commit {}` reinstalls it)",
+                        "", t.generation, t.table
+                    );
+                }
             }
         }
     }
-    let stuck = stuck_work(&serving, in_doubt_ms);
+    for (name, v) in &view.tables {
+        if let Some(line) = v.describe(name) {
+            eprintln!("txmap: {line}");
+        }
+    }
+    let stuck = stuck_work(&serving);
     for w in &stuck {
         eprintln!("txmap: stuck: {w}");
     }
-    Ok(if !(all_reachable && agree) {
+    Ok(exit_of(&view, &stuck))
+}
+
+/// `timeouts.in_doubt_ms`, and `total_ms` + `commit_ms` (how long a commit may normally take).
+fn bounds_of(cfg: &Config) -> txmap_common::view::Bounds {
+    txmap_common::view::Bounds {
+        in_doubt_ms: cfg.timeouts.in_doubt.as_millis() as u64,
+        commit_bound_ms: (cfg.timeouts.total + cfg.timeouts.commit).as_millis() as u64,
+    }
+}
+
+/// The one rule for "the in-service nodes agree" ([`txmap_common::view`]) over the answers.
+fn view_of(
+    nodes: &[NodeStatus],
+    bounds: txmap_common::view::Bounds,
+) -> txmap_common::view::ClusterView {
+    let obs: Vec<txmap_common::view::NodeObs> = nodes
+        .iter()
+        .map(|n| txmap_common::view::NodeObs {
+            node: n.node.clone(),
+            in_service: n.in_service,
+            tables: match &n.error {
+                Some(e) => Err(e.clone()),
+                None if !n.reachable => Err("no answer".into()),
+                None => Ok(n.tables.iter().map(Into::into).collect()),
+            },
+        })
+        .collect();
+    txmap_common::view::ClusterView::of(&obs, bounds, txmap_common::now_ms())
+}
+
+/// `status`/`verify`: 5 when an in-service node is unreachable, disagrees or drifted; 8 when
+/// they agree but work is stuck (in the view, or a failing pending change); else 0.
+fn exit_of(view: &txmap_common::view::ClusterView, stuck: &[String]) -> u8 {
+    if !view.agree() {
         exit::DISAGREE
-    } else if !stuck.is_empty() {
+    } else if view.stuck() || !stuck.is_empty() {
         exit::STUCK
     } else {
         exit::OK
-    })
+    }
 }
 
-/// Work that should have finished: a pending change that failed at least once, a transaction
-/// older than `in_doubt_ms`.
-fn stuck_work(nodes: &[&NodeStatus], in_doubt_ms: u64) -> Vec<String> {
+/// Pending changes that failed at least once (transactions under way for too long are in the
+/// view, [`txmap_common::view::TableView::Stuck`] and `InDoubt`).
+fn stuck_work(nodes: &[&NodeStatus]) -> Vec<String> {
     let now = txmap_common::now_ms();
     let mut out = Vec::new();
     for n in nodes {
@@ -656,18 +702,6 @@ fn stuck_work(nodes: &[&NodeStatus], in_doubt_ms: u64) -> Vec<String> {
                         now.saturating_sub(p.since_ms) / 1000,
                         p.attempts,
                         p.last_error
-                    ));
-                }
-            }
-            if let Some(p) = &t.prepared {
-                let age = now.saturating_sub(p.since_ms);
-                if age > in_doubt_ms {
-                    out.push(format!(
-                        "{}: {} transaction {} in progress for {} s",
-                        n.node,
-                        t.table,
-                        p.txid,
-                        age / 1000
                     ));
                 }
             }
@@ -856,20 +890,20 @@ fn cmd_rollback(config: Option<&Path>, table: &str, to: Option<u64>, json: bool)
 
 fn cmd_verify(config: Option<&Path>, table: Option<String>, json: bool) -> Result<u8, u8> {
     let cfg = load_with_table(config, table.as_deref())?;
-    let in_doubt_ms = cfg.timeouts.in_doubt.as_millis() as u64;
+    let bounds = bounds_of(&cfg);
     let out_of_service: Vec<String> = cfg
         .nodes
         .iter()
         .filter(|n| !n.in_service)
         .map(|n| n.name.clone())
         .collect();
-    let (results, statuses) = with_cluster(cfg, async |c| {
+    let (results, mut statuses) = with_cluster(cfg, async |c| {
         let tables: Vec<String> = match &table {
             Some(t) => vec![t.clone()],
             None => c.cfg.tables.iter().map(|t| t.name.clone()).collect(),
         };
         let v = history::verify(c, &tables).await;
-        // Stuck work is found in the same places `status` looks.
+        // Agreement and stuck work are judged as `status` judges them (one rule).
         let req = Request::Status {
             table: table.clone(),
         };
@@ -882,20 +916,52 @@ fn cmd_verify(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
         let st: Vec<NodeStatus> = nodes
             .iter()
             .zip(answers)
-            .filter_map(|(n, a)| match a {
-                Ok(Response::Status(t)) => Some(NodeStatus {
+            .map(|(n, a)| {
+                let (reachable, error, tables) = match a {
+                    Ok(Response::Status(t)) => (true, None, t),
+                    Ok(Response::Refused(r)) => (true, Some(r.to_string()), vec![]),
+                    Ok(other) => (true, Some(format!("unexpected answer: {other}")), vec![]),
+                    Err(e) => (false, Some(e), vec![]),
+                };
+                NodeStatus {
                     node: n.name.clone(),
                     in_service: true,
-                    reachable: true,
-                    error: None,
-                    tables: t,
-                }),
-                _ => None,
+                    reachable,
+                    error,
+                    tables,
+                }
             })
             .collect();
         (v, st)
     })?;
+    // What the full verification found on a node is drift of that node, as its stamps say.
+    for v in results.iter().filter(|v| !v.problems.is_empty()) {
+        let Some(n) = statuses.iter_mut().find(|n| n.node == v.node) else {
+            continue;
+        };
+        match (
+            v.generation,
+            n.tables.iter_mut().find(|t| t.table == v.table),
+        ) {
+            (Some(_), Some(t)) => {
+                let found = v.problems.join("; ");
+                t.drifted = Some(match t.drifted.take() {
+                    Some(d) => format!("{d}; {found}"),
+                    None => found,
+                });
+            }
+            _ if n.error.is_none() => n.error = Some(v.problems.join("; ")),
+            _ => {}
+        }
+    }
     let counted = |v: &history::Verification| !out_of_service.contains(&v.node);
+    let stamp_drift = |v: &history::Verification| {
+        statuses
+            .iter()
+            .find(|n| n.node == v.node)
+            .and_then(|n| n.tables.iter().find(|t| t.table == v.table))
+            .and_then(|t| t.drifted.clone())
+    };
     if json {
         println!(
             "{}",
@@ -912,37 +978,37 @@ fn cmd_verify(config: Option<&Path>, table: Option<String>, json: bool) -> Resul
             } else {
                 " (out of service, not counted)"
             };
-            if v.problems.is_empty() {
-                println!("{}: {} {gen}: ok{note}", v.node, v.table);
-            } else if !counted(v) {
+            if !counted(v) {
                 for p in &v.problems {
                     println!("{}: {} {gen}: {p}{note}", v.node, v.table);
                 }
-            } else {
+                if v.problems.is_empty() {
+                    println!("{}: {} {gen}: ok{note}", v.node, v.table);
+                }
+            } else if !v.problems.is_empty() {
                 for p in &v.problems {
                     println!("{}: {} {gen}: DRIFT: {p}", v.node, v.table);
                 }
+            } else if let Some(d) = stamp_drift(v) {
+                // The content checks out, yet the files are not the ones installed.
+                println!("{}: {} {gen}: DRIFT: {d}", v.node, v.table);
+            } else {
+                println!("{}: {} {gen}: ok", v.node, v.table);
             }
         }
     }
+    let view = view_of(&statuses, bounds);
+    for (name, v) in &view.tables {
+        if let Some(line) = v.describe(name) {
+            eprintln!("txmap: {line}");
+        }
+    }
     let refs: Vec<&NodeStatus> = statuses.iter().collect();
-    let stuck = stuck_work(&refs, in_doubt_ms);
+    let stuck = stuck_work(&refs);
     for w in &stuck {
         eprintln!("txmap: stuck: {w}");
     }
-    Ok(
-        if !results
-            .iter()
-            .filter(|v| counted(v))
-            .all(|v| v.problems.is_empty())
-        {
-            exit::DISAGREE
-        } else if !stuck.is_empty() {
-            exit::STUCK
-        } else {
-            exit::OK
-        },
-    )
+    Ok(exit_of(&view, &stuck))
 }
 
 fn cmd_check_config(config: Option<&Path>) -> Result<u8, u8> {

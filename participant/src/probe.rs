@@ -15,7 +15,8 @@ use txmap_common::decision::DecisionLog;
 use txmap_common::now_ms;
 use txmap_common::proto::{Request, Response, TableStatus};
 use txmap_coordinator::check::{
-    CertHealth, Health, NodeHealth, PendingHealth, TableHealth, HEALTH_INTERVAL_MS, HEALTH_VERSION,
+    CertHealth, Health, NodeHealth, PendingHealth, SourceHealth, TableHealth, HEALTH_INTERVAL_MS,
+    HEALTH_VERSION,
 };
 use txmap_coordinator::cluster::{ask, join_all, Cluster};
 
@@ -49,12 +50,48 @@ fn tables(v: &[TableStatus]) -> Vec<TableHealth> {
                 .as_ref()
                 .is_some_and(|p| p.durable && !p.installing),
             installing: t.prepared.as_ref().is_some_and(|p| p.installing),
+            drifted: t.drifted.as_deref().map(short),
         })
         .collect()
 }
 
+/// Per table, the stamp its configured source had when last seen, and since when it has had
+/// it (this txmapd's view, for the catch-all's grace period).
+type SourcesSeen = std::collections::HashMap<String, (txmap_common::table::FileStamp, u64)>;
+
+/// `lstat`s every configured source (never opened, never followed) and updates `seen`.
+fn sources(node: &Node, seen: &mut SourcesSeen, now: u64) -> Vec<SourceHealth> {
+    let mut out = Vec::new();
+    for t in &node.cfg.tables {
+        let Some(src) = &t.source else {
+            continue;
+        };
+        let stamp = std::fs::symlink_metadata(src)
+            .ok()
+            .map(|m| txmap_common::table::FileStamp::of(&m));
+        let since = match stamp {
+            None => {
+                seen.remove(&t.name);
+                None
+            }
+            Some(st) => {
+                let e = seen.entry(t.name.clone()).or_insert((st, now));
+                if e.0 != st {
+                    *e = (st, now);
+                }
+                Some(e.1)
+            }
+        };
+        out.push(SourceHealth {
+            table: t.name.clone(),
+            unchanged_since_ms: since,
+        });
+    }
+    out
+}
+
 /// Makes one summary: this node's own state directly, every other node over QUIC.
-async fn summary(live: &Live, node: &Node, cluster: &Cluster) -> Health {
+async fn summary(live: &Live, node: &Node, cluster: &Cluster, seen: &mut SourcesSeen) -> Health {
     let cfg = &node.cfg;
     let req = Request::Status { table: None };
     let others = join_all(cfg.nodes.iter().map(|n| async {
@@ -120,6 +157,7 @@ async fn summary(live: &Live, node: &Node, cluster: &Cluster) -> Health {
         nodes,
         pending,
         certs,
+        sources: sources(node, seen, now_ms()),
     }
 }
 
@@ -127,10 +165,11 @@ async fn summary(live: &Live, node: &Node, cluster: &Cluster) -> Health {
 pub(crate) async fn health_loop(live: Arc<Live>) {
     let mut tick = tokio::time::interval(Duration::from_millis(HEALTH_INTERVAL_MS));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen = SourcesSeen::new();
     loop {
         tick.tick().await;
         let (node, cluster) = live.both();
-        let h = summary(&live, &node, &cluster).await;
+        let h = summary(&live, &node, &cluster, &mut seen).await;
         *live.health.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(h));
     }
 }

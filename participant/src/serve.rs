@@ -211,7 +211,18 @@ impl Node {
         let mut out = Vec::new();
         for n in names {
             let slot = &self.slots[n];
-            let mut st = slot.state.lock().await.status(n);
+            let mut st = {
+                let state = slot.state.lock().await;
+                let mut st = state.status(n);
+                // Drift is state: two `lstat`s against the stamps recorded at install, under
+                // the table's lock (an install changes files and stamps together). A decided
+                // commit whose install is retried has renamed some files already: not drift.
+                let installing = st.prepared.as_ref().is_some_and(|p| p.installing);
+                if !installing {
+                    st.drifted = table::drift(&slot.table, state.source_stamp, state.indexed_stamp);
+                }
+                st
+            };
             st.cleanup = slot.cleanup.info(&slot.table);
             st.pending = log.pending(n).map(|p| PendingInfo {
                 since_ms: p.since_ms,
