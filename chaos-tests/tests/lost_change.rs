@@ -75,6 +75,20 @@ fn hook_as(c: &TestCluster, i: usize, user: Option<(&str, &str)>) -> Output {
         .unwrap()
 }
 
+/// [`hook_as`] node 1, as the test's user, on a thread of its own.
+fn spawn_hook(c: &TestCluster) -> std::thread::JoinHandle<Output> {
+    let (cfg, src) = (c.config(1), c.source());
+    std::thread::spawn(move || {
+        Command::new("env")
+            .args(["-i", "PATH=/bin:/usr/bin"])
+            .arg(format!("TXMAP_CONFIG={}", cfg.display()))
+            .arg(&bins().txmap_sympa)
+            .arg(src)
+            .output()
+            .unwrap()
+    })
+}
+
 fn line(name: &str) -> String {
     format!("{name}@lists.example.org\tsympa:{name}@lists.example.org\n")
 }
@@ -162,19 +176,7 @@ fn a_request_waiting_behind_a_group_commit_survives_txmapd_killed_then() {
         .unwrap();
     let base = transport_table("lists.example.org", 0..5);
     c.write_source(&(base.clone() + &line("first")));
-    let first = std::thread::spawn({
-        let cfg = c.config(1);
-        let src = c.source();
-        move || {
-            Command::new("env")
-                .args(["-i", "PATH=/bin:/usr/bin"])
-                .arg(format!("TXMAP_CONFIG={}", cfg.display()))
-                .arg(&bins().txmap_sympa)
-                .arg(src)
-                .output()
-                .unwrap()
-        }
-    });
+    let first = spawn_hook(&c);
     assert!(wait_everywhere(
         &c,
         "first@lists.example.org",
@@ -183,19 +185,7 @@ fn a_request_waiting_behind_a_group_commit_survives_txmapd_killed_then() {
     ));
     // The first request's commit is done; txmapd sits in the pause. A second request comes.
     c.write_source(&(base.clone() + &line("first") + &line("second")));
-    let second = std::thread::spawn({
-        let cfg = c.config(1);
-        let src = c.source();
-        move || {
-            Command::new("env")
-                .args(["-i", "PATH=/bin:/usr/bin"])
-                .arg(format!("TXMAP_CONFIG={}", cfg.display()))
-                .arg(&bins().txmap_sympa)
-                .arg(src)
-                .output()
-                .unwrap()
-        }
-    });
+    let second = spawn_hook(&c);
     std::thread::sleep(Duration::from_millis(700));
     c.kill_node(1);
     let (a, b) = (first.join().unwrap(), second.join().unwrap());
