@@ -1616,6 +1616,13 @@ impl<'a> Runner<'a> {
         self.ensure_running();
         let n = self.opts.nodes;
         let nodes = in_service(&self.c, n);
+        // Changes made through different nodes are different sources, committed in turn (the
+        // last commit wins; no clock decides, docs/protocol.md "Which change wins"): as an
+        // operator would, the newest source is committed once through every in-service node,
+        // a later change of each node's own source, which supersedes what it still has pending.
+        for i in &nodes {
+            let _ = self.c.txmap(*i, &["commit", crate::cluster::TABLE]);
+        }
         let target = self.versions.last().context("no version was written")?;
         let sampler = self.sampler.take().context("sampler")?;
         let (conv, took, status) = convergence::wait_and_check(
