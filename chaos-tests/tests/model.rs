@@ -129,3 +129,55 @@ fn defect_6_finish_forgets_commit_is_found_with_a_late_question() {
     // arrives after the commit was finished (a delayed copy, one fault).
     expect_counterexample(one_fault(true), Defect::FinishForgetsCommit, "DURABILITY");
 }
+
+mod queue {
+    use txmap_chaos_tests::model::queue::{check_queue, QueueBounds, QueueDefect};
+
+    fn bounds(defects: Vec<QueueDefect>) -> QueueBounds {
+        QueueBounds {
+            changes: 3,
+            faults: 2,
+            defects,
+        }
+    }
+
+    #[test]
+    fn the_hook_queue_loses_no_change_under_two_faults() {
+        let r = check_queue(&bounds(vec![]));
+        if let Some((v, t)) = &r.counterexample {
+            panic!("{v}\n{}", t.join("\n"));
+        }
+        eprintln!("queue model: {} states, no violation", r.states);
+        assert!(
+            r.states > 1000,
+            "the model explored too little: {}",
+            r.states
+        );
+    }
+
+    fn expect(d: QueueDefect, property: &str) {
+        let r = check_queue(&bounds(vec![d]));
+        let (v, t) = r
+            .counterexample
+            .unwrap_or_else(|| panic!("{d:?} not found in {} states", r.states));
+        eprintln!("{d:?}: {v}\n{}", t.join("\n"));
+        assert!(v.contains(property), "{d:?}: {v}");
+    }
+
+    #[test]
+    fn removing_other_requests_after_a_commit_is_found() {
+        expect(QueueDefect::RemovesOthersRequests, "no lost update");
+    }
+
+    #[test]
+    fn ignoring_the_mark_is_found() {
+        // A request already served is distributed again, over a newer change: a hook's exit 0
+        // becomes untrue.
+        expect(QueueDefect::IgnoresTheMark, "exited 0");
+    }
+
+    #[test]
+    fn dropping_an_unreadable_request_is_found() {
+        expect(QueueDefect::DropsUnreadable, "no lost update");
+    }
+}

@@ -80,6 +80,50 @@ pub fn queued(dir: &Path, table: &str) -> Vec<Queued> {
     v
 }
 
+/// What to do with the queue of one table that no running request covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// Entries to remove: requests at or below the mark (served or pending already), and
+    /// anything that is not a regular file (planted).
+    pub remove: Vec<Queued>,
+    /// The newest request above the mark: it holds the newest content of the source and
+    /// supersedes the others, which go once it is adopted ([`after_cover`]).
+    pub adopt: Option<Queued>,
+}
+
+/// The plan for a table's queue (`queued` as [`queued`] lists it) under the mark `seen`.
+pub fn plan(queued: &[Queued], seen: Option<u64>) -> Plan {
+    let mut p = Plan::default();
+    for q in queued {
+        if !q.regular || seen.is_some_and(|s| q.order <= s) {
+            p.remove.push(q.clone());
+        } else if p.adopt.as_ref().is_none_or(|a| q.order > a.order) {
+            p.adopt = Some(q.clone());
+        }
+    }
+    p
+}
+
+/// The requests to remove once every request up to `order` is served or durably pending:
+/// those below it, and the one at it only when the mark was `published` (otherwise it stays,
+/// so that the hook's next order stays above `order`).
+pub fn after_cover(queued: &[Queued], order: u64, published: bool) -> Vec<Queued> {
+    queued
+        .iter()
+        .filter(|q| q.order < order || (q.order == order && published))
+        .cloned()
+        .collect()
+}
+
+/// The order a new request takes, one above every order visible: the files there and the mark.
+pub fn order_after(queued: &[Queued], seen: Option<u64>) -> Option<u64> {
+    queued
+        .iter()
+        .map(|q| q.order)
+        .fold(seen.unwrap_or(0), u64::max)
+        .checked_add(1)
+}
+
 /// The high-water mark of `table` in `dir`, when `<table>@seen` is a regular file owned by
 /// `owner` (the queue directory's owner, `txmapd`'s user): anything else there was planted
 /// and is ignored.
@@ -147,6 +191,43 @@ mod tests {
         assert_eq!(parse(".t.1234"), None);
         assert_eq!(parse("t@"), None);
         assert_eq!(parse("t@99999999999999999999999"), None, "past u64");
+    }
+
+    #[test]
+    fn the_plan_adopts_the_newest_request_above_the_mark_and_removes_the_rest() {
+        let q = |order, regular| Queued {
+            order,
+            path: PathBuf::from(format!("t@{order}")),
+            regular,
+        };
+        let all = [q(2, true), q(5, true), q(7, false), q(9, true), q(4, true)];
+        let p = plan(&all, Some(4));
+        assert_eq!(p.adopt, Some(q(9, true)));
+        let gone: Vec<u64> = p.remove.iter().map(|q| q.order).collect();
+        assert_eq!(
+            gone,
+            vec![2, 7, 4],
+            "at or below the mark, and the planted entry"
+        );
+        assert_eq!(plan(&all, None).adopt, Some(q(9, true)));
+        assert_eq!(plan(&all, Some(9)).adopt, None);
+        // A legacy request (order 0) is adopted only while no mark exists.
+        assert_eq!(plan(&[q(0, true)], None).adopt, Some(q(0, true)));
+        assert_eq!(plan(&[q(0, true)], Some(0)).adopt, None);
+        let gone = |published| -> Vec<u64> {
+            after_cover(&all, 5, published)
+                .iter()
+                .map(|q| q.order)
+                .collect()
+        };
+        assert_eq!(gone(true), vec![2, 5, 4]);
+        assert_eq!(
+            gone(false),
+            vec![2, 4],
+            "the newest covered stays as the order's marker"
+        );
+        assert_eq!(order_after(&all, Some(3)), Some(10));
+        assert_eq!(order_after(&[], Some(u64::MAX)), None);
     }
 
     #[test]

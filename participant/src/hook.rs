@@ -426,10 +426,9 @@ impl Node {
                 false
             }
         };
-        for q in txmap_common::requests::queued(&dir, table) {
-            if q.order < order || (q.order == order && published) {
-                remove_request(&q.path);
-            }
+        let queued = txmap_common::requests::queued(&dir, table);
+        for q in txmap_common::requests::after_cover(&queued, order, published) {
+            remove_request(&q.path);
         }
     }
 
@@ -466,19 +465,15 @@ impl Node {
         };
         for t in self.cfg.tables.iter().filter(|t| t.source.is_some()) {
             let seen = txmap_common::requests::read_seen(&dir, &t.name, owner);
-            let mut newest = None;
-            for q in txmap_common::requests::queued(&dir, &t.name) {
-                let stale = seen.is_some_and(|s| q.order <= s);
-                if stale || !q.regular {
-                    if !q.regular {
-                        warn!(path = %q.path.display(), "not a regular file in the request queue (planted?); removing it, never following it");
-                    }
-                    remove_request(&q.path);
-                    continue;
+            let plan =
+                txmap_common::requests::plan(&txmap_common::requests::queued(&dir, &t.name), seen);
+            for q in &plan.remove {
+                if !q.regular {
+                    warn!(path = %q.path.display(), "not a regular file in the request queue (planted?); removing it, never following it");
                 }
-                newest = Some(q);
+                remove_request(&q.path);
             }
-            let Some(q) = newest else {
+            let Some(q) = plan.adopt else {
                 continue;
             };
             // A request being served through the socket right now covers its own file; one
@@ -620,10 +615,9 @@ fn adopt_one(cfg: &Config, table_name: &str, q: &txmap_common::requests::Queued)
             if let Err(e) = &published {
                 warn!(table = %table_name, error = %e, "cannot publish the requests adopted; the newest stays queued");
             }
-            for o in txmap_common::requests::queued(&dir, table_name) {
-                if o.order < q.order || (o.order == q.order && published.is_ok()) {
-                    remove_request(&o.path);
-                }
+            let queued = txmap_common::requests::queued(&dir, table_name);
+            for o in txmap_common::requests::after_cover(&queued, q.order, published.is_ok()) {
+                remove_request(&o.path);
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {

@@ -78,6 +78,37 @@ pub struct Options {
     pub defects: Option<String>,
 }
 
+/// libfaketime, as Debian's `libfaketime` package installs it: every node's processes run with
+/// a wall clock off by [`clock_offset_s`] when it is present (no clock may order changes).
+const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1";
+
+/// Node `i`'s wall-clock offset in seconds for a run with `seed`: node1 is on time, the others
+/// drawn in -7..=7 s from the seed (the same seed gives the same clocks).
+pub fn clock_offset_s(seed: u64, i: usize) -> i64 {
+    if i <= 1 {
+        return 0;
+    }
+    let h = seed
+        .wrapping_add(i as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .rotate_left(17);
+    (h % 15) as i64 - 7
+}
+
+/// The environment that puts node `i`'s processes on its clock (empty without libfaketime).
+fn clock_env(seed: u64, i: usize) -> Vec<(&'static str, String)> {
+    let off = clock_offset_s(seed, i);
+    if off == 0 || !std::path::Path::new(FAKETIME).exists() {
+        return Vec::new();
+    }
+    vec![
+        ("LD_PRELOAD", FAKETIME.to_string()),
+        ("FAKETIME", format!("{off:+}s")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_string()),
+        ("FAKETIME_NO_CACHE", "1".to_string()),
+    ]
+}
+
 /// Name of the power checker (profiles with `power`).
 pub const POWER: &str = "power: acknowledged commits kept, tables whole";
 
@@ -175,6 +206,12 @@ impl Report {
                 .map(|b| format!(", BROKEN participant on node{b}"))
                 .unwrap_or_default()
         ));
+        if std::path::Path::new(FAKETIME).exists() {
+            let clocks: Vec<String> = (1..=sch.nodes)
+                .map(|i| format!("node{i} {:+} s", clock_offset_s(sch.seed, i)))
+                .collect();
+            s.push_str(&format!("wall clocks: {}\n", clocks.join(", ")));
+        }
         s.push_str(&format!(
             "wall time {:.1} s; final generation {}; transactions seen in journals: {} committed, {} aborted\n",
             self.elapsed.as_secs_f64(),
@@ -599,7 +636,8 @@ impl<'a> Runner<'a> {
 
     /// Starts node `i` with `FAILPOINTS=<fp>` (any action), as [`Runner::start`] does.
     fn start_fp(&mut self, i: usize, fp: Option<&str>) -> bool {
-        let mut env: Vec<(&str, &str)> = Vec::new();
+        let clock = clock_env(self.opts.seed, i);
+        let mut env: Vec<(&str, &str)> = clock.iter().map(|(k, v)| (*k, v.as_str())).collect();
         if let Some(f) = fp {
             env.push(("FAILPOINTS", f));
         }
@@ -643,7 +681,9 @@ impl<'a> Runner<'a> {
     /// start with them armed (a journal write at start-up failed: crash-only) is not stuck:
     /// `false`, and the caller starts it clean.
     fn start_armed(&mut self, i: usize, env: &str) -> bool {
-        let mut e: Vec<(&str, &str)> = vec![("FAILPOINTS", env)];
+        let clock = clock_env(self.opts.seed, i);
+        let mut e: Vec<(&str, &str)> = clock.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        e.push(("FAILPOINTS", env));
         if self.opts.broken == Some(i) {
             e.push(("TXMAP_CHAOS_BROKEN", "rename-before-durable"));
         }
@@ -797,6 +837,9 @@ impl<'a> Runner<'a> {
             .env("NO_COLOR", "1");
         if let Some(d) = &self.opts.defects {
             cmd.env("TXMAP_DEFECTS", d);
+        }
+        for (k, v) in clock_env(self.opts.seed, node) {
+            cmd.env(k, v);
         }
         for (k, v) in env {
             cmd.env(k, v);
@@ -1621,7 +1664,11 @@ impl<'a> Runner<'a> {
         // operator would, the newest source is committed once through every in-service node,
         // a later change of each node's own source, which supersedes what it still has pending.
         for i in &nodes {
-            let _ = self.c.txmap(*i, &["commit", crate::cluster::TABLE]);
+            let clock = clock_env(self.opts.seed, *i);
+            let env: Vec<(&str, &str)> = clock.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            let _ = self
+                .c
+                .txmap_with(*i, &["commit", crate::cluster::TABLE], &env);
         }
         let target = self.versions.last().context("no version was written")?;
         let sampler = self.sampler.take().context("sampler")?;

@@ -14,6 +14,9 @@
 //!   steps; the safety and quiescence properties.
 //! - [`explore`]: breadth-first search over hashed states, the fault-free drain (termination),
 //!   and readable counterexample traces.
+//! - [`queue`]: the layer around the commit on the Sympa node (the hook's queue, group
+//!   commit, pending records, the change order), with its own small explorer and the "no
+//!   lost update" property.
 //!
 //! Why not `stateright`: its model API would fit, but it brings a web explorer and several
 //! dependencies to a 2-core CI machine, and txmap's steps need nested nondeterminism (a step
@@ -23,6 +26,7 @@
 
 pub mod explore;
 pub mod oracle;
+pub mod queue;
 pub mod system;
 
 pub use explore::{check, Counterexample, Report};
