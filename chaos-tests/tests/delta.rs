@@ -305,8 +305,9 @@ fn every_fallback_is_taken_and_correct() -> Result<()> {
     assert_eq!(r["delta_nodes"], 2, "node3 got the whole table: {r}");
     assert_served(&c, TABLE, "postmap", "hash", &src)?;
 
-    // Drifted live .db on node2 (touched): the incremental build refuses its copy and the full
-    // build runs; the result is the same.
+    // Drifted live .db on node2 (touched): its status says so (drift is state), so it gets the
+    // whole table and builds it in full; the result is the same. (A file that drifts after the
+    // status round is still refused by the incremental build's own check.)
     let before = deltas_since_full(&c, 2, TABLE);
     let db2 = c.table_dir(2).join(format!("{TABLE}.db"));
     let f = std::fs::OpenOptions::new().append(true).open(&db2)?;
@@ -316,7 +317,7 @@ fn every_fallback_is_taken_and_correct() -> Result<()> {
     c.write_source(&src);
     let (code, r) = c.commit_json(2);
     assert_eq!(code, Some(0), "{r}");
-    assert_eq!(r["delta_nodes"], 3, "{r}");
+    assert_eq!(r["delta_nodes"], 2, "node2 got the whole table: {r}");
     assert_eq!(
         deltas_since_full(&c, 2, TABLE),
         0,
@@ -328,10 +329,7 @@ fn every_fallback_is_taken_and_correct() -> Result<()> {
     );
     assert_served(&c, TABLE, "postmap", "hash", &src)?;
     let log2 = std::fs::read_to_string(c.log(2))?;
-    assert!(
-        log2.contains("changed since txmap installed it"),
-        "node2 says why: {log2}"
-    );
+    assert!(!log2.contains("panicked"), "{log2}");
 
     // A big change (more than delta_max_percent = 10 % of the entries): whole tables.
     src = transport_table("lists.example.org", 300..1300);

@@ -284,7 +284,7 @@ pub async fn deliver(
 
 /// The keys of this node's live copy of the table that `source` no longer has (`None` when
 /// either cannot be read: the guard then counts entries). Both are opened as untrusted files,
-/// bounded by `max_table_bytes`.
+/// bounded by `max_table_bytes`; only the region where they differ is split into keys.
 pub fn removed_keys(
     cfg: &txmap_common::config::Config,
     table_name: &str,
@@ -298,8 +298,7 @@ pub fn removed_keys(
         .ok()?
         .0;
     let new = table::open_untrusted(source, max).ok()?.0;
-    let (mut old, mut new) = (std::io::BufReader::new(live), std::io::BufReader::new(new));
-    txmap_common::entries::removed_keys(t.builder, &mut old, &mut new).ok()
+    txmap_common::entries::removed_keys_of_files(t.builder, &live, &new).ok()
 }
 
 fn backoff(attempt: u32) -> Duration {
