@@ -155,6 +155,25 @@ mod queue {
         );
     }
 
+    /// A deeper bound, by hand: `cargo test -p txmap-chaos-tests --test model queue::deeper --
+    /// --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn deeper_queue_bound_by_hand() {
+        let r = check_queue(&QueueBounds {
+            changes: 4,
+            faults: 3,
+            defects: vec![],
+        });
+        if let Some((v, t)) = &r.counterexample {
+            panic!("{v}\n{}", t.join("\n"));
+        }
+        eprintln!(
+            "queue model, 4 changes, 3 faults: {} states, no violation",
+            r.states
+        );
+    }
+
     fn expect(d: QueueDefect, property: &str) {
         let r = check_queue(&bounds(vec![d]));
         let (v, t) = r
