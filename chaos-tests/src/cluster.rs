@@ -459,6 +459,26 @@ impl TestCluster {
     }
 
     /// Rewrites node `i`'s config with `f`.
+    /// `txmap check` through node `i` as `nobody` when root (a monitoring user without key or
+    /// write access), else as the test's user.
+    pub fn check_as_nobody(&self, i: usize, extra: &[&str]) -> Output {
+        let mut cmd = if is_root() {
+            let mut cmd = Command::new("setpriv");
+            cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+                .arg(&bins().txmap);
+            cmd
+        } else {
+            Command::new(&bins().txmap)
+        };
+        cmd.arg("--config")
+            .arg(self.config(i))
+            .arg("check")
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run txmap check")
+    }
+
     /// Sets every node's `max_shrink_percent` (the content guard's share; 100 in a new test
     /// cluster). A running txmapd takes it on SIGHUP; `txmap` reads it at once.
     pub fn set_shrink_percent(&self, pct: u64) {

@@ -8,11 +8,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers: a panic is a test failure
 
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use txmap_chaos_tests::cluster::{
-    bins, describe, is_root, transport_table, wait_until, TestCluster, TABLE,
-};
+use txmap_chaos_tests::cluster::{describe, transport_table, wait_until, TestCluster, TABLE};
 
 const DOMAIN: &str = "drift.example";
 /// The key the hand edit adds on node2.
@@ -30,25 +28,6 @@ fn keys(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| format!("list{i}@{DOMAIN}")).collect()
 }
 
-/// `txmap check` (as `nobody` when root: a monitoring user without key or write access).
-fn check(c: &TestCluster, i: usize, extra: &[&str]) -> Output {
-    let mut cmd = if is_root() {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-            .arg(&bins().txmap);
-        cmd
-    } else {
-        Command::new(&bins().txmap)
-    };
-    cmd.arg("--config")
-        .arg(c.config(i))
-        .arg("check")
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run txmap check")
-}
-
 /// Polls `txmap check` until `want` holds (or `limit` passes); returns the last output.
 fn check_until(
     c: &TestCluster,
@@ -59,7 +38,7 @@ fn check_until(
 ) -> Output {
     let until = Instant::now() + limit;
     loop {
-        let o = check(c, i, extra);
+        let o = c.check_as_nobody(i, extra);
         if want(&o) || Instant::now() > until {
             return o;
         }
@@ -234,7 +213,7 @@ fn check_warns_when_the_source_differs_from_what_is_served_with_nothing_pending(
     // pending (whatever lost it).
     c.write_source(&transport_table(DOMAIN, 0..41));
     // Inside the grace period (the default, 60 s): still OK.
-    let o = check(&c, 1, &[]);
+    let o = c.check_as_nobody(1, &[]);
     assert_eq!(o.status.code(), Some(0), "{}", describe(&o));
     // Past it (a 1 s grace here): WARNING, naming the table and the command.
     std::thread::sleep(Duration::from_millis(1100));

@@ -7,9 +7,7 @@ use anyhow::Result;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use txmap_chaos_tests::cluster::{
-    bins, describe, is_root, transport_table, wait_until, TestCluster, TABLE,
-};
+use txmap_chaos_tests::cluster::{bins, describe, transport_table, wait_until, TestCluster, TABLE};
 
 fn text(o: &Output) -> String {
     format!(
@@ -17,25 +15,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// `txmap check` as `nobody` (no key, no write access), or as the test's user when not root.
-fn check_as_nobody(c: &TestCluster, i: usize, extra: &[&str]) -> Output {
-    let mut cmd = if is_root() {
-        let mut cmd = Command::new("setpriv");
-        cmd.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
-            .arg(&bins().txmap);
-        cmd
-    } else {
-        Command::new(&bins().txmap)
-    };
-    cmd.arg("--config")
-        .arg(c.config(i))
-        .arg("check")
-        .args(extra)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run txmap check")
 }
 
 /// Polls `txmap check` until its line satisfies `want`; returns the last output.
@@ -47,7 +26,7 @@ fn check_until(
 ) -> Output {
     let until = Instant::now() + limit;
     loop {
-        let o = check_as_nobody(c, i, &[]);
+        let o = c.check_as_nobody(i, &[]);
         if want(&o) || Instant::now() > until {
             return o;
         }
@@ -140,7 +119,7 @@ fn check_as_an_unprivileged_user_sees_ok_in_doubt_stuck_and_down() {
     let line = String::from_utf8_lossy(&o.stdout).to_string();
     assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
     assert!(line.contains("node3 unreachable"), "{line}");
-    let prom = check_as_nobody(&c, 1, &["--prometheus"]);
+    let prom = c.check_as_nobody(1, &["--prometheus"]);
     let body = String::from_utf8_lossy(&prom.stdout).to_string();
     assert_eq!(prom.status.code(), Some(0), "{}", describe(&prom));
     assert!(
@@ -149,7 +128,7 @@ fn check_as_an_unprivileged_user_sees_ok_in_doubt_stuck_and_down() {
     );
     assert!(body.contains("txmap_check_state 2\n"), "{body}");
     // Its own txmapd down: CRITICAL, not a crash of the plugin.
-    let o = check_as_nobody(&c, 3, &[]);
+    let o = c.check_as_nobody(3, &[]);
     assert_eq!(o.status.code(), Some(2), "{}", describe(&o));
     assert!(
         text(&o).contains("txmapd not answering"),
