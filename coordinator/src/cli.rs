@@ -10,9 +10,10 @@ Exit codes (stable; Sympa and scripts read them):
      nothing stuck)
   1  aborted: nothing changed anywhere; one line per node says why
   2  usage or configuration error (unknown table, bad config, no such generation, a no-op
-     rollback); commit: content refused by the guard (empty source, or more than
-     max_shrink_percent of the entries removed; --force to commit it anyway); txmap-sympa:
-     the source is missing or refused (nothing queued)
+     rollback); commit: content refused by the guard (more than guard_free_keys keys and
+     more than max_shrink_percent of the live keys removed; held as pending; --force to
+     commit it anyway); txmap-sympa: the source is missing or refused (nothing queued), or
+     the change is held by the guard
   3  commit decided but not yet acknowledged by every node (it completes on its own)
   4  busy: other transactions held the table past the retry deadline; nothing changed
   5  status/verify/history/recover: some in-service node unreachable, disagreeing, or drifted
@@ -44,8 +45,8 @@ pub enum Cmd {
         /// Read the new content from FILE instead of the table's configured `source`.
         #[arg(long)]
         source: Option<PathBuf>,
-        /// Commit even a source that would empty the table or remove more than
-        /// `max_shrink_percent` of its entries (refused otherwise, exit 2).
+        /// Commit even a source that would remove more than `guard_free_keys` keys and more
+        /// than `max_shrink_percent` of the live ones (refused and held otherwise, exit 2).
         #[arg(long)]
         force: bool,
         /// Print the report as JSON.

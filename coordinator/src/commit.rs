@@ -343,8 +343,8 @@ pub fn count_failed(cluster: &Cluster, table_name: &str, e: std::io::Error) -> C
 }
 
 /// Runs one whole commit of `table` from `source`. Never panics; the report carries the exit.
-/// Unless `force`, a source that would empty the table or remove more than
-/// `max_shrink_percent` of its entries is refused before anything is sent (exit 2).
+/// Unless `force`, a source that would remove more than `guard_free_keys` keys and more than
+/// `max_shrink_percent` of the live ones is refused before anything is sent (exit 2).
 /// `change` says which change of this node's source it is: when some node already installed a
 /// later change of the same source, this one is superseded and makes no transaction (exit 0
 /// once every node serves that later change, else 3: it is on its way). `None`: unordered.

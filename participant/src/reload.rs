@@ -1,7 +1,7 @@
 //! `SIGHUP` (`systemctl reload txmapd`): re-read the config without a restart.
 //!
 //! What takes effect: tables added or removed, `in_service` flags, timeouts, `postfix`
-//! programs, `max_table_bytes`, `history_keep`, `max_shrink_percent`, sources. What needs a
+//! programs, `max_table_bytes`, `history_keep`, `max_shrink_percent`, `guard_free_keys`, sources. What needs a
 //! restart, logged as such and kept at its old value until then: `node`, `listen`,
 //! `state_dir`, the TLS files, the hook and probe sockets, and the settings of a table that
 //! stays configured (its path, type, builder...: its state machine and lock belong to the old
