@@ -1,4 +1,4 @@
-//! Cleanup that fails is retried and shows in `status` (issue 21, defect 6), with real
+//! Cleanup that fails is retried and shows in `status`, with real
 //! processes: an abort on a node whose `unlink` of the staged files fails (EIO, injected with
 //! the `table::remove_staged` failpoint in its txmapd) leaves the staged copy only until a
 //! background retry removes it, without a restart, and `txmap status` shows it meanwhile.

@@ -1,4 +1,4 @@
-//! Drift is state (issue 21, defect 5), with real processes: a hand edit of one node's live
+//! Drift is state, with real processes: a hand edit of one node's live
 //! table (a line appended to the live source, then the real `postmap` run on it) is reported by
 //! `status` (non-zero exit, naming the node), `check` (CRITICAL) and `verify`; the next
 //! `txmap commit` of the same content reinstalls it there (a real transaction, a full build);

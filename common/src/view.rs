@@ -1,5 +1,5 @@
 //! One rule for "the in-service nodes agree", shared by `txmap status`, `txmap verify` and
-//! `txmap check` (issue 21: they used to apply two different rules, and none looked at drift).
+//! `txmap check`, drift included.
 //!
 //! [`ClusterView::of`] is a pure function of what the nodes answered (their table statuses,
 //! or why they did not answer), two time bounds and the time. Per table it says one of:
