@@ -736,3 +736,64 @@ fn a_txmap_commit_run_by_root_leaves_a_non_root_txmapd_able_to_serve_the_hook() 
     );
     assert_eq!(code, Some(0), "{text}");
 }
+
+/// `txmap` run by root, with a timeout (None: it was still running and was killed).
+fn root_txmap_within(c: &TestCluster, args: &[&str], limit: Duration) -> (Option<i32>, String) {
+    let mut child = Command::new(&bins().txmap)
+        .arg("--config")
+        .arg(c.config(1))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            let out = child.wait_with_output().unwrap();
+            return (out.status.code(), describe(&out));
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            return (None, describe(&out));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn txmap_commit_run_by_root_never_follows_a_planted_link_nor_blocks_on_a_fifo() {
+    let Some(c) = cluster("priv-root-commit") else {
+        return;
+    };
+    let (secret, marker, skip) = secret_file(&c);
+    let source = give_sources_to_nobody(&c);
+    plant_link(secret.to_str().unwrap(), source.to_str().unwrap());
+    for args in [
+        &["commit", TABLE][..],
+        &["commit", TABLE, "--dry-run"],
+        &["diff", TABLE],
+    ] {
+        let (code, text) = root_txmap_within(&c, args, Duration::from_secs(20));
+        assert!(
+            code.is_some() && code != Some(0),
+            "{args:?} must refuse the link: {text}"
+        );
+        assert!(text.contains("symbolic link"), "{args:?}: {text}");
+        assert!(!text.contains(&marker), "{args:?} printed the secret: {text}");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_secret_nowhere(&c, &marker, skip);
+    // A FIFO there: refused at once, never waited on.
+    std::fs::remove_file(&source).unwrap();
+    let out = as_user("nobody", "nogroup", &["mkfifo", source.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", describe(&out));
+    for args in [&["commit", TABLE][..], &["commit", TABLE, "--dry-run"]] {
+        let (code, text) = root_txmap_within(&c, args, Duration::from_secs(10));
+        assert!(code.is_some(), "{args:?} hung on a FIFO: {text}");
+        assert_ne!(code, Some(0), "{args:?}: {text}");
+        assert!(text.contains("FIFO"), "{args:?}: {text}");
+    }
+}

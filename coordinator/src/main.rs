@@ -223,12 +223,20 @@ fn cmd_dry_run(
         eprintln!("txmap: table `{table}` has no `source`; pass --source FILE");
         return Err(exit::USAGE);
     };
-    let digest = txmap_common::table::digest_file(&source).map_err(|e| {
+    // Read as `txmap commit` reads it: never through a link, never blocking on a FIFO.
+    let new_bytes = txmap_common::table::open_untrusted(&source, cfg.max_table_bytes)
+        .and_then(|(f, _)| txmap_common::table::read_bounded(f, cfg.max_table_bytes))
+        .map_err(|e| {
+            eprintln!("txmap: cannot read source {}: {e}", source.display());
+            exit::LOCAL
+        })?;
+    let digest = txmap_common::table::digest_reader(&mut &new_bytes[..]).map_err(|e| {
         eprintln!("txmap: cannot read source {}: {e}", source.display());
         exit::LOCAL
     })?;
     let pct = cfg.max_shrink_percent;
     let free = cfg.guard_free_keys;
+    let (state_dir, max) = (cfg.state_dir.clone(), cfg.max_table_bytes);
     let removed = commit::removed_keys(&cfg, table, &source);
     let (known, failed, asked) = with_cluster(cfg, async |c| {
         let nodes = c.cfg.active_nodes();
@@ -251,10 +259,12 @@ fn cmd_dry_run(
         }
         (known, failed, nodes.len())
     })?;
-    if let Ok(live) = std::fs::read_to_string(&tcfg.path) {
-        if let Ok(new) = std::fs::read_to_string(&source) {
-            print!("{}", diff::Diff::of(&live, &new, tcfg.builder).render(10));
-        }
+    let live = txmap_common::history::History::new(&state_dir, table)
+        .open_live(&tcfg.path, max)
+        .and_then(|(f, _)| txmap_common::table::read_bounded(f, max));
+    if let (Ok(live), Ok(new)) = (live, String::from_utf8(new_bytes)) {
+        let live = String::from_utf8_lossy(&live);
+        print!("{}", diff::Diff::of(&live, &new, tcfg.builder).render(10));
     }
     if !failed.is_empty() {
         eprintln!(
