@@ -282,3 +282,52 @@ fn hostile_requests_are_refused_and_change_nothing() {
     assert!(!c.root().join("x").exists() && !c.root().join("node2/x").exists());
     assert_eq!(c.generations(), gens);
 }
+
+/// Peak resident memory of a process (`VmHWM`, KiB).
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// `postmap` prints about 110 bytes of warning per bad line: a source of 300,000 bad lines
+/// makes it print over 30 MiB. Every node refuses the build, naming the first lines, and no
+/// txmapd holds more than a bounded part of that output (it kept all of it: 80 MiB peak here,
+/// against about 22 MiB now).
+#[test]
+fn a_builder_that_prints_30_mib_of_warnings_costs_bounded_memory() {
+    // postmap takes seconds to print that much: the prepare may take as long.
+    let mut c = TestCluster::start_edited("hostile-stderr", 3, |_, t| {
+        t.replace("prepare_ms = 5000", "prepare_ms = 60000\ntotal_ms = 90000")
+    })
+    .unwrap();
+    c.write_source(&transport_table("a.example", 0..10));
+    assert_eq!(c.commit(1).status.code(), Some(0));
+    // Fresh daemons: their peak memory is this commit's.
+    for i in 1..=3 {
+        c.kill_node(i);
+        c.start_node(i).unwrap();
+    }
+    let mut bad = String::with_capacity(4 << 20);
+    for k in 0..300_000 {
+        bad.push_str(&format!("bad{k}\n"));
+    }
+    c.write_source(&bad);
+    let out = c.txmap(1, &["commit", TABLE, "--force"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("expected format"), "{text}");
+    for i in 1..=3 {
+        let kib = peak_rss_kib(c.pid(i).unwrap());
+        assert!(kib > 0, "node{i}: no VmHWM");
+        eprintln!("node{i}: txmapd peak RSS {kib} KiB");
+        assert!(
+            kib < 48 * 1024,
+            "node{i}: txmapd peaked at {} MiB for a failed build",
+            kib / 1024
+        );
+    }
+}

@@ -782,7 +782,10 @@ fn txmap_commit_run_by_root_never_follows_a_planted_link_nor_blocks_on_a_fifo() 
             "{args:?} must refuse the link: {text}"
         );
         assert!(text.contains("symbolic link"), "{args:?}: {text}");
-        assert!(!text.contains(&marker), "{args:?} printed the secret: {text}");
+        assert!(
+            !text.contains(&marker),
+            "{args:?} printed the secret: {text}"
+        );
     }
     std::thread::sleep(Duration::from_secs(3));
     assert_secret_nowhere(&c, &marker, skip);

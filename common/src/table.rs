@@ -917,19 +917,63 @@ pub async fn build(
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     let program = t.builder.as_str().to_string();
-    let out = cmd.output().await.map_err(|e| TableError::BuildFailed {
+    let failed = |status: String, stderr: String| TableError::BuildFailed {
         program: program.clone(),
-        status: "not started".into(),
-        stderr: format!("cannot run {program}: {e}"),
-    })?;
-    if !out.status.success() || (!out.stderr.is_empty() && !t.allow_warnings) {
-        return Err(TableError::BuildFailed {
-            program,
-            status: out.status.to_string(),
-            stderr: clip(&out.stderr),
-        });
+        status,
+        stderr,
+    };
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| failed("not started".into(), format!("cannot run {program}: {e}")))?;
+    // `postmap` prints about 110 bytes per bad line: what it says costs at most
+    // `CHILD_OUTPUT_KEPT` bytes of memory, however long the source.
+    let err = match child.stderr.take() {
+        Some(e) => read_capped(e, CHILD_OUTPUT_KEPT).await,
+        None => Vec::new(),
+    };
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| failed("wait".into(), e.to_string()))?;
+    if !status.success() || (!err.is_empty() && !t.allow_warnings) {
+        return Err(failed(status.to_string(), clip(&err)));
     }
     Ok(())
+}
+
+/// What txmap keeps of a child's stderr (the start: the first lines say what is wrong).
+pub const CHILD_OUTPUT_KEPT: usize = 64 * 1024;
+
+/// Reads `r` to its end, keeping at most `keep` bytes; the rest is read and dropped, so the
+/// child never blocks on a full pipe and its output costs bounded memory.
+pub async fn read_capped<R: tokio::io::AsyncRead + Unpin>(mut r: R, keep: usize) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                let room = keep.saturating_sub(kept.len()).min(n);
+                kept.extend_from_slice(&buf[..room]);
+            }
+        }
+    }
+}
+
+/// [`read_capped`] for a blocking reader.
+pub fn read_capped_blocking<R: Read>(mut r: R, keep: usize) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => return kept,
+            Ok(n) => {
+                let room = keep.saturating_sub(kept.len()).min(n);
+                kept.extend_from_slice(&buf[..room]);
+            }
+        }
+    }
 }
 
 /// Streams the entries of a built table (`postmap -s`) to `each`, one output line at a time
@@ -974,12 +1018,7 @@ pub async fn dump_built(
             each(&line);
         }
     };
-    let errs = async move {
-        use tokio::io::AsyncReadExt;
-        let mut v = Vec::new();
-        let _ = (&mut stderr).take(64 * 1024).read_to_end(&mut v).await;
-        v
-    };
+    let errs = async move { read_capped(&mut stderr, CHILD_OUTPUT_KEPT).await };
     let (n, err_text) = tokio::join!(lines, errs);
     n.map_err(|e| fail("read".into(), e.to_string()))?;
     let status = child
@@ -1098,11 +1137,7 @@ fn lookup_lines(
         err?;
         out.flush()
     });
-    let errors = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(stderr, 64 * 1024), &mut v);
-        v
-    });
+    let errors = std::thread::spawn(move || read_capped_blocking(stderr, CHILD_OUTPUT_KEPT));
     let mut r = std::io::BufReader::new(stdout);
     let mut line = Vec::new();
     loop {
@@ -1838,16 +1873,27 @@ fn finish_builder(
     let writer = std::thread::spawn(move || {
         let _ = input.write_all(&data);
     });
-    let out = child
-        .wait_with_output()
+    // stderr bounded (a warning per bad line); stdout answers the keys fed in, so it is
+    // bounded by the input, and kept whole.
+    let errs = child
+        .stderr
+        .take()
+        .map(|e| std::thread::spawn(move || read_capped_blocking(e, CHILD_OUTPUT_KEPT)));
+    let mut stdout = Vec::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_end(&mut stdout);
+    }
+    let err = errs.and_then(|h| h.join().ok()).unwrap_or_default();
+    let status = child
+        .wait()
         .map_err(|e| fail("wait".into(), e.to_string()))?;
     let _ = writer.join();
     // `-q` exits 1 when no key at all was found: an answer, not a failure.
-    let nothing_found = args.first() == Some(&"-q") && out.status.code() == Some(1);
-    if !(out.status.success() || nothing_found) || !out.stderr.is_empty() {
-        return Err(fail(out.status.to_string(), clip(&out.stderr)));
+    let nothing_found = args.first() == Some(&"-q") && status.code() == Some(1);
+    if !(status.success() || nothing_found) || !err.is_empty() {
+        return Err(fail(status.to_string(), clip(&err)));
     }
-    Ok(out.stdout)
+    Ok(stdout)
 }
 
 /// The first step of an incremental build, started while the new source is still being
@@ -2050,11 +2096,7 @@ fn lookup_keys<R>(
     use std::io::BufRead;
     let (mut child, mut stdin, stdout, stderr) = spawn_lookup(postfix, t, path)?;
     let counter = std::thread::spawn(move || std::io::BufReader::new(stdout).split(b'\n').count());
-    let errors = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = std::io::Read::read_to_end(&mut std::io::Read::take(stderr, 64 * 1024), &mut v);
-        v
-    });
+    let errors = std::thread::spawn(move || read_capped_blocking(stderr, CHILD_OUTPUT_KEPT));
     let fed = feed(&mut stdin);
     drop(stdin);
     let _ = child.wait();
