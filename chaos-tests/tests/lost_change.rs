@@ -53,8 +53,8 @@ fn wait_everywhere(c: &TestCluster, key: &str, value: Option<&str>, limit: Durat
 }
 
 /// `txmap-sympa PATH` as Sympa runs it: one argument, the environment cleared, as `user` (with
-/// `group`, no other group) when root, with node `i`'s config.
-fn hook_as(c: &TestCluster, i: usize, user: Option<(&str, &str)>) -> Output {
+/// `group`, no other group) when given, with node `i`'s config.
+fn hook_command(c: &TestCluster, i: usize, user: Option<(&str, &str)>) -> Command {
     let mut cmd = match user {
         Some((u, g)) => {
             let mut cmd = Command::new("setpriv");
@@ -70,23 +70,19 @@ fn hook_as(c: &TestCluster, i: usize, user: Option<(&str, &str)>) -> Output {
         .arg(format!("TXMAP_CONFIG={}", c.config(i).display()))
         .arg(&bins().txmap_sympa)
         .arg(c.source())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap()
+        .stdin(Stdio::null());
+    cmd
 }
 
-/// [`hook_as`] node 1, as the test's user, on a thread of its own.
+/// [`hook_command`], run to its end.
+fn hook_as(c: &TestCluster, i: usize, user: Option<(&str, &str)>) -> Output {
+    hook_command(c, i, user).output().unwrap()
+}
+
+/// [`hook_command`] of node 1, as the test's user, on a thread of its own.
 fn spawn_hook(c: &TestCluster) -> std::thread::JoinHandle<Output> {
-    let (cfg, src) = (c.config(1), c.source());
-    std::thread::spawn(move || {
-        Command::new("env")
-            .args(["-i", "PATH=/bin:/usr/bin"])
-            .arg(format!("TXMAP_CONFIG={}", cfg.display()))
-            .arg(&bins().txmap_sympa)
-            .arg(src)
-            .output()
-            .unwrap()
-    })
+    let mut cmd = hook_command(c, 1, None);
+    std::thread::spawn(move || cmd.output().unwrap())
 }
 
 fn line(name: &str) -> String {

@@ -70,8 +70,16 @@ fn hook_within(
     arg: &Path,
     limit: Duration,
 ) -> (Option<i32>, String, Duration) {
+    output_within(spawn_hook(c, 1, user, group, arg), limit)
+}
+
+/// Waits for `child`, killing it after `limit`: its exit code (None: it was still running),
+/// its output, and how long it ran.
+fn output_within(
+    mut child: std::process::Child,
+    limit: Duration,
+) -> (Option<i32>, String, Duration) {
     let started = Instant::now();
-    let mut child = spawn_hook(c, 1, user, group, arg);
     loop {
         if let Ok(Some(_)) = child.try_wait() {
             let out = child.wait_with_output().unwrap();
@@ -739,7 +747,7 @@ fn a_txmap_commit_run_by_root_leaves_a_non_root_txmapd_able_to_serve_the_hook() 
 
 /// `txmap` run by root, with a timeout (None: it was still running and was killed).
 fn root_txmap_within(c: &TestCluster, args: &[&str], limit: Duration) -> (Option<i32>, String) {
-    let mut child = Command::new(&bins().txmap)
+    let child = Command::new(&bins().txmap)
         .arg("--config")
         .arg(c.config(1))
         .args(args)
@@ -748,19 +756,8 @@ fn root_txmap_within(c: &TestCluster, args: &[&str], limit: Duration) -> (Option
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    loop {
-        if let Ok(Some(_)) = child.try_wait() {
-            let out = child.wait_with_output().unwrap();
-            return (out.status.code(), describe(&out));
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            return (None, describe(&out));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let (code, text, _) = output_within(child, limit);
+    (code, text)
 }
 
 #[test]

@@ -398,7 +398,7 @@ impl Node {
             });
         if covered {
             if let Some(order) = a.order {
-                self.covered_requests(table, order);
+                cover_requests(&self.cfg, table, order);
             }
         }
         let resp = LocalResponse::Done {
@@ -412,24 +412,6 @@ impl Node {
         };
         *run = Some((a.seq, resp.clone()));
         resp
-    }
-
-    /// Every request of `table` up to `order` is served or durably pending: publishes the mark,
-    /// then removes their files (the one at `order` only once the mark is published, so that
-    /// the hook's next order stays above it).
-    fn covered_requests(&self, table: &str, order: u64) {
-        let dir = HookSettings::requests_dir(&self.cfg.state_dir);
-        let published = match txmap_common::requests::publish_seen(&dir, table, order) {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(%table, dir = %dir.display(), error = %e, "cannot publish the requests served; the newest stays queued (it is not distributed twice: its content is pending or served)");
-                false
-            }
-        };
-        let queued = txmap_common::requests::queued(&dir, table);
-        for q in txmap_common::requests::after_cover(&queued, order, published) {
-            remove_request(&q.path);
-        }
     }
 
     /// Turns requests queued by `txmap-sympa` that no running request covers (queued while this
@@ -533,6 +515,24 @@ impl Node {
 static ADOPTING: std::sync::Mutex<std::collections::BTreeSet<String>> =
     std::sync::Mutex::new(std::collections::BTreeSet::new());
 
+/// Every request of `table` up to `order` is served or durably pending: publishes the mark,
+/// then removes their files (the one at `order` only once the mark is published, so that the
+/// hook's next order stays above it).
+fn cover_requests(cfg: &Config, table: &str, order: u64) {
+    let dir = HookSettings::requests_dir(&cfg.state_dir);
+    let published = match txmap_common::requests::publish_seen(&dir, table, order) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(%table, dir = %dir.display(), error = %e, "cannot publish the requests served or pending; the newest stays queued (it is not distributed twice: its content is pending or served)");
+            false
+        }
+    };
+    let queued = txmap_common::requests::queued(&dir, table);
+    for q in txmap_common::requests::after_cover(&queued, order, published) {
+        remove_request(&q.path);
+    }
+}
+
 /// Removes a request's file (a failure is only logged: the published mark keeps it from ever
 /// being distributed again, and the next pass removes it).
 fn remove_request(path: &Path) {
@@ -609,17 +609,7 @@ fn adopt_one(cfg: &Config, table_name: &str, q: &txmap_common::requests::Queued)
         log.set_pending(&rec)
     })();
     match r {
-        Ok(()) => {
-            let dir = HookSettings::requests_dir(&cfg.state_dir);
-            let published = txmap_common::requests::publish_seen(&dir, table_name, q.order);
-            if let Err(e) = &published {
-                warn!(table = %table_name, error = %e, "cannot publish the requests adopted; the newest stays queued");
-            }
-            let queued = txmap_common::requests::queued(&dir, table_name);
-            for o in txmap_common::requests::after_cover(&queued, q.order, published.is_ok()) {
-                remove_request(&o.path);
-            }
-        }
+        Ok(()) => cover_requests(cfg, table_name, q.order),
         Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
             warn!(table = %table_name, path = %q.path.display(), error = %e, "queued request refused; set aside as .refused");
             set_aside(&q.path);
